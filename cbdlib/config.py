@@ -1,0 +1,285 @@
+"""One parameter schema for YAML files, ``cbdlib.train``, ``cbdlib run -p`` and notebooks.
+
+``Params`` holds what a user states; ``resolve`` turns it into the settings a run
+actually uses (smoke profile applied, ``lr`` and the projection size filled in).
+Both are plain dataclasses so they print, compare and serialise as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import CBDError
+
+DATASETS = ("digits", "cifar10", "cifar100", "folder", "splitfile")
+SCHEDULES = ("cifar_lt", "cosine")
+TEACHER_KINDS = ("vanilla", "aug")
+
+# Method names of the contract, in the order tables list them.
+ONE_STAGE_BASELINES = ("ce", "ce_cb", "balanced_softmax")
+DECOUPLED_BASELINES = ("crt", "lws", "tau_norm", "ncm")
+STUDENTS = ("cbd", "cbd_ens")
+
+
+@dataclass
+class Params:
+    """Every key a run understands. Comments give the meaning; YAML files use the same names."""
+
+    run_name: str = "default"            # folder name under CBD_RESULTS_DIR
+    dataset: str = "digits"              # digits | cifar10 | cifar100 | folder | splitfile
+    data: Optional[str] = None           # path to the data (None: CBD_CIFAR10 / CBD_CIFAR100, or embedded)
+    imbalance_ratio: float = 10.0        # n_max / n_min of the long-tailed training subset (>= 1)
+    profile: str = "exp"                 # exp | step
+    lt_seed: int = 0                     # draws the long-tailed subset (and digits' train/test split)
+    val_per_class: int = 10              # balanced validation images per class (tau is chosen on these)
+    image_size: int = 32                 # folder / splitfile images are resized to this (CIFAR is 32)
+    arch: str = "resnet32"               # resnet32 | resnet20 | resnet8 | resnet_tiny | resnet18/50/101/152
+    epochs: int = 200                    # epochs for every model trained from scratch
+    decoupled_epochs: int = 10           # classifier re-training epochs for cRT and LWS
+    batch_size: int = 128                # global batch size
+    lr: Optional[float] = None           # learning rate used; None: 0.1 (cifar_lt) or 0.1 * batch/256 (cosine)
+    weight_decay: float = 2e-4
+    momentum: float = 0.9
+    schedule: str = "cifar_lt"           # cifar_lt (warm-up, x0.01 at 80%, x0.0001 at 90%) | cosine (official CBD)
+    warmup_epochs: int = 5               # linear warm-up of the cifar_lt schedule
+    teachers: list = field(default_factory=lambda: ["vanilla:1", "vanilla:2", "aug:1", "aug:2"])
+    seeds: list = field(default_factory=lambda: [1])   # training seeds on the one long-tailed subset
+    alpha: float = 0.4                   # weight of the distillation term
+    beta: float = 100.0                  # scale of the distillation term
+    cosine_scale: float = 20.0           # fixed scale s of the cosine classifier
+    learnable_scale: bool = False        # learn s instead (off in the paper)
+    projection: bool = True              # student projection (linear + ReLU) before its classifier
+    projection_dim: Optional[int] = None  # None: sum of the teachers' feature sizes
+    logit_distill_weight: float = 0.0    # ablation: weight of a KL term on teacher logits (0 = paper)
+    logit_distill_temperature: float = 4.0
+    methods: Optional[list] = None       # None: every method; else a subset of the contract's names
+    eval_batch_size: int = 512
+    num_workers: int = 0                 # DataLoader workers (only the streaming path uses them)
+    tsne_samples: int = 2000             # test images embedded by t-SNE in notebook 04
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    smoke: Optional[bool] = None         # None: follow CBD_SMOKE; True/False override it
+    overwrite: bool = False              # allow replacing a run folder made with other parameters
+
+
+# What the smoke profile changes: tiny model, 1-2 epochs, a handful of images.
+SMOKE_SETTINGS = {
+    "arch": "resnet_tiny",
+    "epochs": 2,
+    "decoupled_epochs": 1,
+    "batch_size": 64,
+    "seeds": [1],
+    "tsne_samples": 200,
+    "eval_batch_size": 256,
+}
+SMOKE_MAX_PER_CLASS = 60      # training images per class at most under smoke (n_max)
+SMOKE_TEST_PER_CLASS = 30     # test images per class at most under smoke
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Params)]
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether a YAML-parsed value fits a field's annotation (ints are accepted for floats)."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is list:
+        return isinstance(value, list)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+_HINTS = typing.get_type_hints(Params)
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_value(key: str, value: Any) -> Any:
+    """Validate one key/value pair against the schema; returns the value (ints widened to float)."""
+    if key not in _HINTS:
+        close = [n for n in field_names() if n.startswith(key[:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise CBDError(f"unknown parameter {key!r}{hint}; known parameters: {', '.join(field_names())}")
+    hint = _HINTS[key]
+    if not _type_ok(value, hint):
+        raise CBDError(f"parameter {key!r} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+    return value
+
+
+def make_params(values: dict) -> Params:
+    """Build ``Params`` from a mapping, checking every key and type, then the values' meaning."""
+    checked = {k: check_value(k, v) for k, v in values.items()}
+    params = Params(**checked)
+    validate(params)
+    return params
+
+
+def validate(p: Params) -> None:
+    if p.dataset not in DATASETS:
+        raise CBDError(f"unknown dataset {p.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if p.imbalance_ratio < 1:
+        raise CBDError(f"imbalance_ratio must be >= 1, got {p.imbalance_ratio}")
+    if p.profile not in ("exp", "step"):
+        raise CBDError(f"profile must be 'exp' or 'step', got {p.profile!r}")
+    if p.schedule not in SCHEDULES:
+        raise CBDError(f"schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(p, name) < 1:
+            raise CBDError(f"{name} must be >= 1, got {getattr(p, name)}")
+    if not 0.0 <= p.alpha <= 1.0:
+        raise CBDError(f"alpha must be in [0, 1], got {p.alpha}")
+    parse_teachers(p.teachers)
+    if not p.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in p.seeds):
+        raise CBDError(f"seeds must be a non-empty list of integers, got {p.seeds!r}")
+    if len(set(p.seeds)) != len(p.seeds):
+        raise CBDError(f"seeds must be distinct, got {p.seeds!r}")
+    if p.methods is not None:
+        unknown = [m for m in p.methods if m not in all_method_names(p.teachers) and m not in ("teachers",)]
+        if unknown:
+            raise CBDError(f"unknown method(s) {unknown}; known: {', '.join(all_method_names(p.teachers))}")
+
+
+def parse_teachers(teachers: list) -> list[tuple[str, int]]:
+    """``["vanilla:1", "aug:2"]`` -> ``[("vanilla", 1), ("aug", 2)]``."""
+    if not isinstance(teachers, list) or not teachers:
+        raise CBDError(f"teachers must be a non-empty list like ['vanilla:1', 'aug:1'], got {teachers!r}")
+    parsed = []
+    for spec in teachers:
+        kind, _, seed = str(spec).partition(":")
+        if kind not in TEACHER_KINDS or not seed.isdigit():
+            raise CBDError(f"teacher {spec!r} must look like 'vanilla:1' or 'aug:2'")
+        parsed.append((kind, int(seed)))
+    if len(set(parsed)) != len(parsed):
+        raise CBDError(f"teachers repeat: {teachers!r}")
+    if not any(kind == "vanilla" for kind, _ in parsed):
+        raise CBDError("teachers need at least one 'vanilla:N' teacher (CBD uses one vanilla teacher)")
+    return parsed
+
+
+def teacher_method_name(kind: str, seed: int) -> str:
+    return f"teacher_{kind}_{seed}"
+
+
+def all_method_names(teachers: list) -> list[str]:
+    names = [teacher_method_name(k, s) for k, s in parse_teachers(teachers)]
+    return names + ["teacher_ensemble", *ONE_STAGE_BASELINES, *DECOUPLED_BASELINES, *STUDENTS]
+
+
+def load_params_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CBDError(f"parameter file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CBDError(f"parameter file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(values, dict):
+        raise CBDError(f"parameter file {path} must hold a mapping of key: value")
+    return values
+
+
+def load_params(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Params:
+    values = load_params_file(path) if path else {}
+    values.update(overrides or {})
+    return make_params(values)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (``-p seeds=[1,2]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise CBDError(f"-p expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def smoke_enabled(smoke: Optional[bool]) -> bool:
+    """``None`` follows the CBD_SMOKE environment variable; a literal True/False overrides it."""
+    if smoke is not None:
+        return bool(smoke)
+    return os.environ.get("CBD_SMOKE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class Settings:
+    """What a run actually uses: the parameters after smoke and derived values are applied."""
+
+    params: Params
+    smoke: bool
+    lr: float
+    teachers: list          # [(kind, seed), ...]
+    methods: list           # method names this run produces
+    max_train_per_class: Optional[int]
+    max_test_per_class: Optional[int]
+
+    def __getattr__(self, name: str) -> Any:  # settings read like params
+        return getattr(self.__dict__["params"], name)
+
+
+def resolve(params: Params) -> Settings:
+    """Apply the smoke profile and compute derived values (lr, method list)."""
+    validate(params)
+    smoke = smoke_enabled(params.smoke)
+    values = dataclasses.asdict(params)
+    if smoke:
+        values.update(SMOKE_SETTINGS)
+    values["smoke"] = smoke
+    effective = Params(**values)
+    if effective.lr is not None:
+        lr = effective.lr
+    elif effective.schedule == "cosine":
+        lr = 0.1 * effective.batch_size / 256
+    else:
+        lr = 0.1 * effective.batch_size / 128
+    teachers = parse_teachers(effective.teachers)
+    methods = effective.methods or all_method_names(effective.teachers)
+    return Settings(
+        params=effective,
+        smoke=smoke,
+        lr=lr,
+        teachers=teachers,
+        methods=list(methods),
+        max_train_per_class=SMOKE_MAX_PER_CLASS if smoke else None,
+        max_test_per_class=SMOKE_TEST_PER_CLASS if smoke else None,
+    )
+
+
+def params_to_dict(params: Params) -> dict:
+    return dataclasses.asdict(params)
+
+
+def project_root() -> Path:
+    """The checkout's root (the folder holding ``cbdlib/``), found from the package."""
+    return Path(__file__).resolve().parent.parent
+
+
+def params_dir() -> Path:
+    return project_root() / "notebooks" / "params"

@@ -1,0 +1,107 @@
+"""Long-tailed subsets: per-class counts, the seeded draw, and the balanced validation reserve."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..errors import CBDError
+
+log = logging.getLogger(__name__)
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float, profile: str = "exp") -> list[int]:
+    """Images per class of a long-tailed subset, class 0 the largest.
+
+    "exp": ``int(n_max * (1/IR) ** (i/(C-1)))`` (Cao et al., LDAM; CIFAR-10 IR 100 gives
+    5000 2997 1796 1077 645 387 232 139 83 50). "step": the first half of the classes
+    keep ``n_max``, the rest get ``int(n_max / IR)``.
+    """
+    if imbalance_ratio < 1:
+        raise CBDError(f"imbalance ratio must be >= 1, got {imbalance_ratio}")
+    if num_classes < 1 or n_max < 1:
+        raise CBDError(f"need n_max >= 1 and num_classes >= 1, got {n_max} and {num_classes}")
+    if profile == "exp":
+        if num_classes == 1:
+            return [int(n_max)]
+        return [int(n_max * (1.0 / imbalance_ratio) ** (i / (num_classes - 1))) for i in range(num_classes)]
+    if profile == "step":
+        half = num_classes // 2
+        return [int(n_max) if i < half else int(n_max / imbalance_ratio) for i in range(num_classes)]
+    raise CBDError(f"profile must be 'exp' or 'step', got {profile!r}")
+
+
+def class_permutations(labels: np.ndarray, num_classes: int, lt_seed: int) -> list[np.ndarray]:
+    """One seeded permutation of each class's indices; subset and validation are read off these."""
+    rng = np.random.default_rng(lt_seed)  # a local generator: no global seeding
+    return [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+
+
+def split_pool(
+    labels: np.ndarray,
+    num_classes: int,
+    imbalance_ratio: float,
+    profile: str,
+    lt_seed: int,
+    val_per_class: int,
+    reserve_first: bool,
+    max_per_class: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Choose the long-tailed training subset and a balanced validation set from a training pool.
+
+    Each class's images are permuted once with ``lt_seed``: the subset takes the first
+    ``n_i`` of the permutation, the validation set the last ``val_per_class``.
+    With ``reserve_first`` (digits) the validation images are removed before ``n_max`` is
+    fixed, so they never overlap the subset. Otherwise (CIFAR, whose published counts start
+    at the full class size) ``n_max`` is the smallest class pool and the validation images
+    are the ones the subset leaves unused; a class whose subset takes its whole pool (only
+    CIFAR's head class at imbalance 1..) shares its validation images with its training
+    images, and the returned notes say how many.
+
+    ``imbalance_ratio == 1`` keeps every pool image (an already long-tailed source).
+    Returns (train_indices, val_indices, notes).
+    """
+    perms = class_permutations(labels, num_classes, lt_seed)
+    pool_sizes = np.array([len(p) for p in perms])
+    empty = np.flatnonzero(pool_sizes == 0)
+    if len(empty):
+        raise CBDError(f"class(es) {empty.tolist()} have no training images")
+    reserve = val_per_class if reserve_first else 0
+    if reserve and pool_sizes.min() <= reserve:
+        raise CBDError(f"val_per_class={val_per_class} leaves no training image in the smallest class ({pool_sizes.min()} images)")
+    available = pool_sizes - reserve
+    if imbalance_ratio == 1:
+        counts = available.tolist()
+    else:
+        n_max = int(available.min())
+        if max_per_class is not None:
+            n_max = min(n_max, max_per_class)
+        counts = long_tail_counts(n_max, num_classes, imbalance_ratio, profile)
+    if max_per_class is not None:
+        counts = [min(c, max_per_class) for c in counts]
+    zero = [c for c, n in enumerate(counts) if n < 1]
+    if zero:
+        raise CBDError(
+            f"imbalance ratio {imbalance_ratio} leaves class(es) {zero} with no images; "
+            f"lower the ratio or use a dataset with more images per class"
+        )
+    train, val, overlap = [], [], 0
+    for c, perm in enumerate(perms):
+        if reserve_first:
+            train.append(perm[: counts[c]])
+            val.append(perm[len(perm) - val_per_class:])
+        else:
+            train.append(perm[: counts[c]])
+            v = min(val_per_class, len(perm))
+            val.append(perm[len(perm) - v:])
+            overlap += max(0, counts[c] + v - len(perm))
+    notes = {"val_overlap_images": int(overlap), "val_reserved_first": bool(reserve_first)}
+    if overlap:
+        log.info("%d validation images are also in the training subset (classes that use their whole pool)", overlap)
+    return np.concatenate(train), np.concatenate(val), notes
+
+
+def cap_per_class(labels: np.ndarray, num_classes: int, max_per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices keeping at most ``max_per_class`` images of each class (smoke runs cap the test set)."""
+    perms = class_permutations(labels, num_classes, seed)
+    return np.sort(np.concatenate([p[:max_per_class] for p in perms]))

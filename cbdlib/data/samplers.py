@@ -1,0 +1,269 @@
+"""Sampling strategies for long-tailed training (Kang et al., ICLR 2020, "Decoupling").
+
+With class counts ``n_j`` and an exponent ``q`` in [0, 1], class ``j`` is drawn with
+probability ``p_j = n_j**q / sum_k n_k**q`` and then an image uniformly within it:
+
+* ``instance``        q = 1, every image equally likely; done as a random permutation
+                      per epoch, so each image appears exactly once.
+* ``class_balanced``  q = 0, every (non-empty) class equally likely.
+* ``sqrt``            q = 1/2.
+* ``progressive``     ``p_j(t) = (1 - t/T) p_j^instance + (t/T) p_j^balanced`` at epoch t
+                      of T total (t/T is clamped to [0, 1] past the end).
+
+Every non-instance epoch is ``N`` draws (``N`` = training-set size) with replacement.
+
+Two forms share one core: :class:`IndexSampler` returns a whole epoch of indices as one
+int64 tensor (on the training device, for on-device batching), and
+:class:`StrategySampler` wraps it as a ``torch.utils.data.Sampler`` for ``DataLoader``.
+
+An epoch's indices depend only on ``(generator_seed, epoch, strategy, labels)`` and the
+device type (CPU and CUDA generators produce different streams), never on how many
+epochs were drawn before, so a resumed run sees the same epochs as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from ..errors import CBDError
+
+STRATEGIES = ("instance", "class_balanced", "sqrt", "progressive")
+
+LabelsLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
+
+__all__ = ["STRATEGIES", "IndexSampler", "StrategySampler", "make_sampler"]
+
+
+def _normalise_strategy(strategy: str) -> str:
+    """Return the canonical strategy name or raise CBDError."""
+    if not isinstance(strategy, str):
+        raise CBDError(f"sampling strategy must be a string, got {type(strategy).__name__}")
+    name = strategy.strip().lower().replace("-", "_")
+    if name not in STRATEGIES:
+        raise CBDError(f"unknown sampling strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    return name
+
+
+def _labels_to_tensor(labels: LabelsLike) -> torch.Tensor:
+    """Validate labels (1-D, non-empty, non-negative integers) and return an int64 CPU tensor."""
+    if isinstance(labels, torch.Tensor):
+        t = labels.detach().cpu()
+    else:
+        try:
+            arr = np.asarray(labels)
+        except Exception as exc:  # ragged lists and the like
+            raise CBDError(f"labels cannot be read as an array: {exc}") from None
+        if arr.dtype == object:
+            raise CBDError("labels must be an array of integers")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    # bool is technically integral but almost certainly a mistake here
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise CBDError(f"labels must have an integer dtype, got {t.dtype}")
+    if t.dim() != 1:
+        raise CBDError(f"labels must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise CBDError("labels are empty: cannot sample from an empty training set")
+    t = t.to(torch.int64)
+    if int(t.min()) < 0:
+        raise CBDError(f"labels must be non-negative, found {int(t.min())}")
+    return t
+
+
+def _epoch_seed(generator_seed: int, epoch: int) -> int:
+    """Mix (seed, epoch) into one 63-bit seed; SeedSequence avoids collisions like (0, 1) vs (1, 0)."""
+    ss = np.random.SeedSequence([int(generator_seed) % (1 << 64), int(epoch)])
+    lo, hi = (int(x) for x in ss.generate_state(2, dtype=np.uint32))
+    return ((hi << 32) | lo) & ((1 << 63) - 1)
+
+
+class IndexSampler:
+    """Whole-epoch index generator for one sampling strategy.
+
+    Args:
+        labels: class label of every training image (1-D integers, torch or numpy).
+        strategy: one of :data:`STRATEGIES`.
+        num_classes: number of classes (default ``max(labels) + 1``); classes without
+            images get probability 0.
+        total_epochs: ``T`` of the progressive schedule (ignored by other strategies).
+        generator_seed: base seed; each epoch's generator is seeded from (seed, epoch).
+        device: where the indices are produced and returned. On CUDA the draws happen
+            on the GPU with a CUDA generator; on any other device they are drawn on the
+            CPU and moved.
+    """
+
+    def __init__(
+        self,
+        labels: LabelsLike,
+        strategy: str = "instance",
+        *,
+        num_classes: int | None = None,
+        total_epochs: int = 1,
+        generator_seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.strategy = _normalise_strategy(strategy)
+        labels_t = _labels_to_tensor(labels)
+        max_label = int(labels_t.max())
+        if num_classes is None:
+            num_classes = max_label + 1
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+            raise CBDError(f"num_classes must be an integer, got {num_classes!r}")
+        num_classes = int(num_classes)
+        if num_classes <= max_label:
+            raise CBDError(f"num_classes={num_classes} but labels go up to {max_label}")
+        if isinstance(total_epochs, bool) or not isinstance(total_epochs, (int, np.integer)) or total_epochs < 1:
+            raise CBDError(f"total_epochs must be a positive integer, got {total_epochs!r}")
+        if isinstance(generator_seed, bool) or not isinstance(generator_seed, (int, np.integer)):
+            raise CBDError(f"generator_seed must be an integer, got {generator_seed!r}")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise CBDError(f"invalid device {device!r}: {exc}") from None
+
+        self.num_classes = num_classes
+        self.total_epochs = int(total_epochs)
+        self.generator_seed = int(generator_seed)
+        self._n = int(labels_t.numel())
+
+        counts = torch.bincount(labels_t, minlength=num_classes)
+        # Kept on the CPU (float64) for the probability formulas.
+        self.class_counts = counts.clone()
+        self._counts_f64 = counts.to(torch.float64)
+        # Images sorted by class: class c occupies order[start[c] : start[c] + count[c]].
+        order = torch.argsort(labels_t, stable=True)
+        start = torch.cumsum(counts, 0) - counts
+
+        # Draws happen here: the CUDA device itself, otherwise the CPU.
+        self._draw_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self._order = order.to(self._draw_device)
+        self._start = start.to(self._draw_device)
+        self._count = counts.to(self._draw_device)
+
+        # Fixed endpoint distributions, computed once.
+        n = self._counts_f64
+        self._p_instance = n / n.sum()
+        nonempty = (n > 0).to(torch.float64)
+        self._p_balanced = nonempty / nonempty.sum()
+        sq = torch.sqrt(n)
+        self._p_sqrt = sq / sq.sum()
+
+    def __len__(self) -> int:
+        """Number of indices per epoch (the training-set size N)."""
+        return self._n
+
+    def __repr__(self) -> str:
+        return (f"IndexSampler(strategy={self.strategy!r}, N={self._n}, num_classes={self.num_classes}, "
+                f"total_epochs={self.total_epochs}, generator_seed={self.generator_seed}, device={str(self.device)!r})")
+
+    @staticmethod
+    def _check_epoch(epoch: int) -> int:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise CBDError(f"epoch must be a non-negative integer, got {epoch!r}")
+        return int(epoch)
+
+    def progress(self, epoch: int) -> float:
+        """Weight ``t/T`` of the balanced distribution in the progressive schedule, clamped to [0, 1]."""
+        epoch = self._check_epoch(epoch)
+        return min(1.0, epoch / self.total_epochs)
+
+    def class_probabilities(self, epoch: int = 0) -> torch.Tensor:
+        """Target class distribution ``p_j`` for ``epoch`` (float64 CPU tensor of length num_classes)."""
+        epoch = self._check_epoch(epoch)
+        if self.strategy == "instance":
+            p = self._p_instance
+        elif self.strategy == "class_balanced":
+            p = self._p_balanced
+        elif self.strategy == "sqrt":
+            p = self._p_sqrt
+        else:
+            w = self.progress(epoch)
+            p = (1.0 - w) * self._p_instance + w * self._p_balanced
+        return p.clone()
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        """A fresh generator for this epoch, on the draw device (so resume needs no saved state)."""
+        g = torch.Generator(device=self._draw_device)
+        g.manual_seed(_epoch_seed(self.generator_seed, epoch))
+        return g
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """The ``N`` dataset indices of ``epoch`` (int64 tensor on ``device``)."""
+        epoch = self._check_epoch(epoch)
+        g = self._generator(epoch)
+        dev = self._draw_device
+        if self.strategy == "instance":
+            idx = torch.randperm(self._n, generator=g, device=dev)
+        else:
+            p = self.class_probabilities(epoch).to(dev)
+            cls = torch.multinomial(p, self._n, replacement=True, generator=g)
+            cnt = self._count[cls]
+            # float64 so that u * count stays exact enough for classes of any realistic size
+            u = torch.rand(self._n, generator=g, device=dev, dtype=torch.float64)
+            off = (u * cnt.to(torch.float64)).to(torch.int64)
+            # guard the u*count == count rounding edge; clamp_min keeps an impossible empty-class draw in range
+            off = torch.minimum(off, (cnt - 1).clamp_min(0))
+            idx = self._order[self._start[cls] + off]
+        if idx.device != self.device:
+            idx = idx.to(self.device)
+        return idx
+
+
+class StrategySampler(Sampler[int]):
+    """``torch.utils.data.Sampler`` over :class:`IndexSampler`, for use with ``DataLoader``.
+
+    Call :meth:`set_epoch` before each epoch (as with ``DistributedSampler``); iterating
+    yields python ints of ``epoch_indices(epoch)``. Indices are produced on the CPU
+    unless ``device`` says otherwise.
+    """
+
+    def __init__(
+        self,
+        labels: LabelsLike,
+        strategy: str = "instance",
+        *,
+        num_classes: int | None = None,
+        total_epochs: int = 1,
+        generator_seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.index_sampler = IndexSampler(
+            labels, strategy, num_classes=num_classes, total_epochs=total_epochs,
+            generator_seed=generator_seed, device=device,
+        )
+        self.epoch = 0
+
+    @property
+    def strategy(self) -> str:
+        return self.index_sampler.strategy
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select which epoch the next iteration yields."""
+        self.epoch = IndexSampler._check_epoch(epoch)
+
+    def class_probabilities(self, epoch: int | None = None) -> torch.Tensor:
+        """Target class distribution for ``epoch`` (default: the current one)."""
+        return self.index_sampler.class_probabilities(self.epoch if epoch is None else epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        # One bulk transfer + tolist is far cheaper than per-element .item()
+        return iter(self.index_sampler.epoch_indices(self.epoch).cpu().tolist())
+
+    def __len__(self) -> int:
+        return len(self.index_sampler)
+
+
+def make_sampler(strategy: str, labels: LabelsLike, *, dataloader: bool = False, **kw) -> IndexSampler | StrategySampler:
+    """Build a sampler for ``strategy``: an :class:`IndexSampler`, or a :class:`StrategySampler`
+    when ``dataloader=True``. Other keywords go to the constructor."""
+    unknown = sorted(set(kw) - _SAMPLER_KEYWORDS)
+    if unknown:
+        raise CBDError(f"make_sampler: unknown keyword(s) {', '.join(unknown)}")
+    cls = StrategySampler if dataloader else IndexSampler
+    return cls(labels, strategy, **kw)
+
+
+_SAMPLER_KEYWORDS = frozenset({"num_classes", "total_epochs", "generator_seed", "device"})

@@ -1,0 +1,290 @@
+"""An experiment's stages: teachers, one-stage baselines, decoupled baselines, CBD students.
+
+Stage 1 (``teachers``): cosine-classifier teachers with instance sampling, "vanilla"
+(crop + flip) or "aug" (+ colour jitter, grayscale), each with its own seed.
+``one_stage``: ``ce`` (linear, instance), ``ce_cb`` (linear, class-balanced),
+``balanced_softmax``. ``decoupled``: ``crt``, ``lws``, ``tau_norm`` (tau chosen on the
+balanced validation set), ``ncm``, all on ``ce``'s backbone. ``students``: ``cbd`` (one
+vanilla teacher) and ``cbd_ens`` (all teachers), trained from scratch with
+class-balanced sampling and feature distillation.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt
+from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Settings, teacher_method_name
+from ..data import LongTailData, load_for_settings
+from ..errors import CBDError
+from ..metrics import accuracy_record, balanced_accuracy
+from ..models import LinearClassifier, LWSClassifier, ModelSpec, NCMClassifier, Network, TauNormClassifier, feature_dim_of
+from .. import runs
+from .loop import DeviceData, Job, derive_seed, fit, init_model, predict, report, resolve_device
+from .schedule import warmup_epochs_for
+
+log = logging.getLogger("cbdlib")
+
+STAGES = ("teachers", "one_stage", "decoupled", "students")
+# Names accepted by ``python -m cbdlib.train --stage`` and the notebooks.
+STAGE_GROUPS = {
+    "teachers": ("teachers",),
+    "one_stage": ("one_stage",),
+    "decoupled": ("decoupled",),
+    "students": ("students",),
+    "student": ("students",),
+    "baselines": ("one_stage", "decoupled"),
+    "all": STAGES,
+}
+TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0 .. 2.0
+
+
+class Experiment:
+    """One run folder: its data on the device, and the stages that fill it."""
+
+    def __init__(self, settings: Settings, out_dir: str | Path, *, data: LongTailData | None = None, quiet: bool | None = None):
+        self.settings = settings
+        self.out = runs.prepare_run_dir(out_dir, settings)
+        self.device = resolve_device(settings.device)
+        self.quiet = settings.smoke if quiet is None else quiet
+        self.data = data if data is not None else load_for_settings(settings)
+        self.device_data = DeviceData.from_long_tail(self.data, self.device)
+        self.test_images = torch.from_numpy(np.ascontiguousarray(self.data.test_images))
+        self.splits = self.data.splits
+        self.prov = runs.provenance(self.device)
+        self.stage_times: dict[str, float] = {}
+        self._logits_cache: dict[tuple[int, str], np.ndarray] = {}
+
+    # --- bookkeeping -------------------------------------------------------------------
+    @property
+    def wanted(self) -> set:
+        return set(self.settings.methods)
+
+    def data_identity(self) -> dict:
+        """What a checkpoint must agree on to be used in this run."""
+        s = self.settings
+        return {"dataset": s.dataset, "num_classes": self.data.num_classes, "image_shape": list(self.data.image_shape),
+                "class_counts": self.data.class_counts, "lt_seed": s.lt_seed, "imbalance_ratio": s.imbalance_ratio,
+                "profile": s.profile}
+
+    def meta(self, method: str, seed: int) -> dict:
+        return {**self.data_identity(), "method": method, "train_seed": seed, "mean": list(self.data.mean),
+                "std": list(self.data.std), "class_names": self.data.class_names, "data": self.settings.data,
+                "val_per_class": self.settings.val_per_class, "image_size": self.settings.image_size,
+                "smoke": self.settings.smoke}
+
+    def job(self, name: str, seed: int, spec: ModelSpec, **kw) -> Job:
+        s = self.settings
+        values = dict(name=name, train_seed=seed, spec=spec, epochs=s.epochs, schedule=s.schedule, lr=s.lr,
+                      warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, weight_decay=s.weight_decay,
+                      momentum=s.momentum, alpha=s.alpha, beta=s.beta)
+        values.update(kw)
+        return Job(**values)
+
+    def spec(self, classifier: str, projection_dim: int | None = None) -> ModelSpec:
+        s = self.settings
+        return ModelSpec(arch=s.arch, num_classes=self.data.num_classes, classifier=classifier,
+                         cosine_scale=s.cosine_scale, learnable_scale=s.learnable_scale, projection_dim=projection_dim)
+
+    # --- running -----------------------------------------------------------------------
+    def run(self, stage: str = "all") -> dict:
+        if stage not in STAGE_GROUPS:
+            raise CBDError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_GROUPS)}")
+        for part in STAGE_GROUPS[stage]:
+            t0 = time.perf_counter()
+            for seed in self.settings.seeds:
+                getattr(self, f"_run_{part}")(seed)
+            self.stage_times[part] = self.stage_times.get(part, 0.0) + time.perf_counter() - t0
+            report(f"stage {part} done in {self.stage_times[part]:.1f} s")
+        return self.write_metrics()
+
+    def _train(self, job: Job, model: Network, stage: str, teachers=None) -> Network:
+        return fit(job, model, self.device_data, device=self.device,
+                   checkpoint_path=runs.checkpoint_path(self.out, job.train_seed, job.name),
+                   history_path=self.out / "history.jsonl", meta=self.meta(job.name, job.train_seed),
+                   stage=stage, teachers=teachers, quiet=self.quiet)
+
+    def evaluate(self, model: Network, method: str, seed: int, extra: dict | None = None, save_features: bool = False) -> dict:
+        features, logits = predict(model, self.test_images, self.data.mean, self.data.std, self.device,
+                                   self.settings.eval_batch_size)
+        self._logits_cache[(seed, method)] = logits
+        if save_features:
+            runs.save_features(self.out, seed, method, features, self.data.test_labels, self.settings.tsne_samples)
+        return self.record(logits, method, seed, extra)
+
+    def record(self, logits: np.ndarray, method: str, seed: int, extra: dict | None = None) -> dict:
+        record = accuracy_record(logits, self.data.test_labels, self.splits)
+        record.update({"method": method, "seed": seed, **(extra or {})})
+        runs.save_evaluation(self.out, seed, method, record)
+        report(f"{method} seed {seed}: test top-1 {record['all']:.4f}")
+        return record
+
+    def write_metrics(self) -> dict:
+        metrics = runs.build_metrics(
+            runs.load_evaluations(self.out), dataset=self.settings.dataset,
+            imbalance_ratio=self.settings.imbalance_ratio, class_counts=self.data.class_counts, splits=self.splits,
+            seeds=self.settings.seeds, prov=self.prov)
+        metrics["stage_times_s"] = {k: round(v, 2) for k, v in self.stage_times.items()}
+        runs.write_metrics(self.out, metrics, self.data.class_names)
+        return metrics
+
+    def load_trained(self, method: str, seed: int) -> Network:
+        """A finished model of this run, checked against the run's data before use."""
+        path = runs.checkpoint_path(self.out, seed, method)
+        if not path.exists():
+            raise CBDError(f"{method} (seed {seed}) has not been trained in {self.out}; run its stage first")
+        return load_model(path, self.data_identity(), self.device)
+
+    # --- stage 1 -----------------------------------------------------------------------
+    def teacher_names(self) -> list[str]:
+        return [teacher_method_name(kind, tseed) for kind, tseed in self.settings.teachers]
+
+    def _run_teachers(self, seed: int) -> None:
+        names = self.teacher_names()
+        for (kind, _), name in zip(self.settings.teachers, names):
+            model = init_model(self.spec("cosine"), derive_seed(name, seed))
+            job = self.job(name, seed, self.spec("cosine"), sampling="instance", augment=kind)
+            model = self._train(job, model, "teachers")
+            self.evaluate(model, name, seed, save_features=(name == names[0]))
+        if "teacher_ensemble" in self.wanted:
+            logits = [self._teacher_logits(name, seed) for name in names]
+            self.record(np.mean(logits, axis=0), "teacher_ensemble", seed, {"members": names})
+
+    def _teacher_logits(self, name: str, seed: int) -> np.ndarray:
+        if (seed, name) not in self._logits_cache:
+            model = self.load_trained(name, seed)
+            self._logits_cache[(seed, name)] = predict(model, self.test_images, self.data.mean, self.data.std,
+                                                       self.device, self.settings.eval_batch_size)[1]
+        return self._logits_cache[(seed, name)]
+
+    # --- one-stage baselines ---------------------------------------------------------
+    def _run_one_stage(self, seed: int) -> None:
+        recipes = {"ce": dict(sampling="instance", loss="ce"),
+                   "ce_cb": dict(sampling="class_balanced", loss="ce"),
+                   "balanced_softmax": dict(sampling="instance", loss="balanced_softmax")}
+        needed = [m for m in ONE_STAGE_BASELINES if m in self.wanted]
+        if "ce" not in needed and any(m in self.wanted for m in DECOUPLED_BASELINES):
+            needed.insert(0, "ce")  # the decoupled baselines stand on ce's backbone
+        for name in needed:
+            model = init_model(self.spec("linear"), derive_seed(name, seed))
+            model = self._train(self.job(name, seed, self.spec("linear"), **recipes[name]), model, "one_stage")
+            self.evaluate(model, name, seed, save_features=(name == "ce"))
+
+    # --- decoupled baselines (Kang et al. 2020) --------------------------------------
+    def _run_decoupled(self, seed: int) -> None:
+        needed = [m for m in DECOUPLED_BASELINES if m in self.wanted]
+        if not needed:
+            return
+        base = self.load_trained("ce", seed)
+        classifier_epochs = self.settings.decoupled_epochs
+        for name in ("crt", "lws"):
+            if name not in needed:
+                continue
+            model = copy.deepcopy(base)
+            if name == "crt":
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derive_seed(name, seed))
+                    model.classifier = LinearClassifier(base.feature_dim, self.data.num_classes).to(self.device)
+                spec = self.spec("linear")
+            else:
+                model.classifier = LWSClassifier(copy.deepcopy(base.classifier))
+                spec = self.spec("lws")
+            for p in model.backbone.parameters():
+                p.requires_grad_(False)
+            job = self.job(name, seed, spec, sampling="class_balanced", epochs=classifier_epochs,
+                           schedule="cosine", warmup_epochs=0, train_backbone=False)
+            model = self._train(job, model, "decoupled")
+            self.evaluate(model, name, seed)
+        if "tau_norm" in needed:
+            self._tau_norm(base, seed)
+        if "ncm" in needed:
+            self._ncm(base, seed)
+
+    def _features(self, model: Network, images) -> np.ndarray:
+        return predict(model, images, self.data.mean, self.data.std, self.device, self.settings.eval_batch_size)[0]
+
+    def _tau_norm(self, base: Network, seed: int) -> None:
+        weight = base.classifier.weight.detach().float().cpu()
+        val_features = torch.from_numpy(self._features(base, self.data.val_images))
+        scores = []
+        for tau in TAU_GRID:  # chosen on the balanced validation set, never on test
+            logits = val_features @ TauNormClassifier(weight, tau).weight.t()
+            scores.append(balanced_accuracy(logits.numpy(), self.data.val_labels))
+        best = int(np.argmax(scores))  # ties: the smallest tau
+        tau = TAU_GRID[best]
+        model = copy.deepcopy(base)
+        model.classifier = TauNormClassifier(weight, tau).to(self.device)
+        spec = self.spec("tau_norm")
+        spec.tau = tau
+        self._save_derived(model, spec, "tau_norm", seed)
+        self.evaluate(model, "tau_norm", seed, {"tau": tau, "tau_val_balanced_acc": scores[best],
+                                                "tau_grid": list(TAU_GRID)})
+
+    def _ncm(self, base: Network, seed: int) -> None:
+        features = torch.from_numpy(self._features(base, self.data.train_images))
+        labels = torch.from_numpy(self.data.train_labels)
+        means = torch.zeros(self.data.num_classes, features.shape[1])
+        means.index_add_(0, labels, torch.nn.functional.normalize(features, dim=1))
+        model = copy.deepcopy(base)
+        model.classifier = NCMClassifier(means).to(self.device)
+        self._save_derived(model, self.spec("ncm"), "ncm", seed)
+        self.evaluate(model, "ncm", seed)
+
+    def _save_derived(self, model: Network, spec: ModelSpec, name: str, seed: int) -> None:
+        """Models built without training (tau-norm, NCM) are saved too, so they can be re-evaluated."""
+        ckpt.save_checkpoint(runs.checkpoint_path(self.out, seed, name), spec=spec.to_dict(),
+                             meta={**self.meta(name, seed), "epoch": 0, "complete": True, "job": None},
+                             model=model.state_dict())
+
+    # --- stage 2: class-balanced distillation ----------------------------------------
+    def _run_students(self, seed: int) -> None:
+        vanilla = [n for (kind, _), n in zip(self.settings.teachers, self.teacher_names()) if kind == "vanilla"]
+        plans = {"cbd": vanilla[:1], "cbd_ens": self.teacher_names()}
+        for name in STUDENTS:
+            if name not in self.wanted:
+                continue
+            teachers = [self.load_trained(t, seed) for t in plans[name]]
+            for teacher in teachers:
+                teacher.eval()
+                for p in teacher.parameters():
+                    p.requires_grad_(False)
+            projection_dim = None
+            if self.settings.projection:
+                projection_dim = self.settings.projection_dim or sum(t.feature_dim for t in teachers)
+            spec = self.spec("cosine", projection_dim)
+            model = init_model(spec, derive_seed(name, seed))  # from scratch, not from a teacher
+            job = self.job(name, seed, spec, sampling="class_balanced", loss="cbd", teachers=plans[name],
+                           logit_distill_weight=self.settings.logit_distill_weight,
+                           logit_distill_temperature=self.settings.logit_distill_temperature)
+            model = self._train(job, model, "students", teachers=teachers)
+            self.evaluate(model, name, seed, {"teachers": plans[name]}, save_features=(name == "cbd_ens"))
+
+
+def load_model(path: str | Path, expected: dict | None = None, device: torch.device | str = "cpu") -> Network:
+    """Rebuild a model from its checkpoint (spec + strict weights), refusing a data mismatch."""
+    from ..models import build_model
+
+    state = ckpt.load_checkpoint(path, fallback=True)
+    if expected:
+        ckpt.check_compatible(state["meta"], expected, f"checkpoint {Path(path).name}")
+    if not state["meta"].get("complete", False):
+        raise CBDError(f"checkpoint {path} is from an unfinished run (epoch {state['meta'].get('epoch', 0) + 1}); finish its stage first")
+    spec = ModelSpec(**state["spec"])
+    model = build_model(spec)
+    ckpt.load_state_strict(model, state["model"], f"checkpoint {path}")
+    model.to(device).eval()
+    model.meta = state["meta"]
+    return model
+
+
+def train_stage(settings: Settings, out_dir: str | Path, stage: str = "all", **kw) -> dict:
+    """Run one stage (or all) of an experiment into ``out_dir``; returns the merged metrics."""
+    return Experiment(settings, out_dir, **kw).run(stage)
+
+
+__all__ = ["Experiment", "STAGES", "STAGE_GROUPS", "load_model", "train_stage", "warmup_epochs_for", "feature_dim_of"]

@@ -1,0 +1,35 @@
+"""Re-evaluate a saved model (``python -m cbdlib evaluate --checkpoint FILE``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .data import load_long_tail
+from .engine import load_model, predict, resolve_device
+from .errors import CBDError
+from .metrics import accuracy_record
+
+
+def evaluate_checkpoint(path: str | Path, data: str | None = None, device: str = "auto") -> dict:
+    """Rebuild the model and its test set from what the checkpoint records, and evaluate it."""
+    meta = ckpt.load_checkpoint(path)["meta"]
+    for key in ("dataset", "imbalance_ratio", "lt_seed"):
+        if key not in meta:
+            raise CBDError(f"checkpoint {path} does not record {key!r}; it was not written by cbdlib")
+    from .config import SMOKE_MAX_PER_CLASS, SMOKE_TEST_PER_CLASS
+
+    smoke = bool(meta.get("smoke"))
+    lt = load_long_tail(
+        meta["dataset"], data if data is not None else meta.get("data"), imbalance_ratio=meta["imbalance_ratio"],
+        profile=meta.get("profile", "exp"), lt_seed=meta["lt_seed"], val_per_class=meta.get("val_per_class", 10),
+        image_size=meta.get("image_size", 32), max_train_per_class=SMOKE_MAX_PER_CLASS if smoke else None,
+        max_test_per_class=SMOKE_TEST_PER_CLASS if smoke else None,
+    )
+    dev = resolve_device(device)
+    expected = {"dataset": meta["dataset"], "num_classes": lt.num_classes, "class_counts": lt.class_counts}
+    model = load_model(path, expected, dev)
+    _, logits = predict(model, lt.test_images, lt.mean, lt.std, dev)
+    record = accuracy_record(logits, lt.test_labels, lt.splits)
+    record.pop("confusion")
+    return {"method": meta.get("method"), "seed": meta.get("train_seed"), "dataset": meta["dataset"],
+            "checkpoint": str(path), "test_images": int(len(lt.test_labels)), **record}
