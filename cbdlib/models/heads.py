@@ -16,7 +16,9 @@ class CosineClassifier(nn.Module):
     def __init__(self, in_features: int, num_classes: int, scale: float = 20.0, learnable_scale: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        nn.init.normal_(self.weight, std=0.01)
+        # Unit-scale rows: the normalisation divides gradients by |w|, so tiny initial
+        # weights would turn every step into a huge jump of the class directions.
+        nn.init.normal_(self.weight, std=in_features ** -0.5)
         scale_tensor = torch.tensor(float(scale))
         if learnable_scale:
             self.scale = nn.Parameter(scale_tensor)

@@ -1,0 +1,197 @@
+"""The training engine on real digits-LT data: stages, sampling, frozen teachers, resume, checkpoints."""
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from cbdlib import CBDError
+from cbdlib import checkpoint as ckpt
+from cbdlib.config import all_method_names, make_params, resolve
+from cbdlib.data import load_long_tail
+from cbdlib.engine import Experiment, load_model, loop
+from cbdlib.runs import checkpoint_path, validate_metrics
+
+TINY = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=12, decoupled_epochs=3,
+            batch_size=32, lr=0.05, teachers=["vanilla:1", "vanilla:2", "aug:1", "aug:2"], seeds=[1],
+            device="cpu", smoke=False, tsne_samples=100, warmup_epochs=1)
+
+
+def tiny_settings(**changes):
+    return resolve(make_params({**TINY, **changes}))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("run")
+    exp = Experiment(tiny_settings(), out, data=digits, quiet=True)
+    metrics = exp.run("all")
+    return out, metrics
+
+
+@pytest.mark.slow
+def test_every_method_is_trained_evaluated_and_above_chance(finished_run):
+    out, metrics = finished_run
+    validate_metrics(metrics)
+    assert set(metrics["methods"]) == set(all_method_names(TINY["teachers"]))
+    chance = 1 / 10
+    for name, record in metrics["methods"].items():
+        assert record["all"] > chance + 0.1, (name, record["all"])
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["methods"]["cbd_ens"]["all"] == metrics["methods"]["cbd_ens"]["all"]
+    assert metrics["std"]["cbd_ens"]["all"] == 0.0  # one seed
+    assert (out / "per_class.csv").read_text().count("\n") == 1 + 10 * len(metrics["methods"])
+
+
+@pytest.mark.slow
+def test_tau_is_chosen_on_validation_and_recorded(finished_run):
+    out, _ = finished_run
+    record = json.loads((out / "evaluations" / "seed_1" / "tau_norm.json").read_text())
+    assert record["tau"] in record["tau_grid"]
+
+
+@pytest.mark.slow
+def test_history_holds_ce_and_distillation_terms(finished_run):
+    out, _ = finished_run
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    student = [r for r in rows if r["model"] == "cbd_ens"]
+    assert len(student) == TINY["epochs"]
+    assert all(r["distill"] is not None and r["ce"] > 0 for r in student)
+    assert all(r["distill"] is None for r in rows if r["model"] == "ce")
+
+
+@pytest.mark.slow
+def test_saved_models_reload_and_give_the_same_accuracy(finished_run, digits):
+    out, metrics = finished_run
+    for method in ("cbd_ens", "tau_norm", "ncm", "lws"):
+        model = load_model(checkpoint_path(out, 1, method))
+        _, logits = loop.predict(model, digits.test_images, digits.mean, digits.std, torch.device("cpu"))
+        assert (logits.argmax(1) == digits.test_labels).mean() == pytest.approx(metrics["methods"][method]["all"])
+
+
+def _record_labels(monkeypatch):
+    seen = []
+    original = loop._step_loss
+
+    def spy(job, model, x, labels, *args):
+        seen.append((job.name, labels.tolist()))
+        return original(job, model, x, labels, *args)
+
+    monkeypatch.setattr(loop, "_step_loss", spy)
+    return seen
+
+
+def test_stage2_batches_are_class_balanced_and_stage1_batches_follow_the_data(tmp_path, digits, monkeypatch):
+    seen = _record_labels(monkeypatch)
+    settings = tiny_settings(epochs=6, teachers=["vanilla:1"], methods=["teacher_vanilla_1", "cbd"])
+    Experiment(settings, tmp_path, data=digits, quiet=True).run("all")
+    counts = np.array(digits.class_counts, float)
+
+    def frequencies(name):
+        c = Counter(label for n, labels in seen if n == name for label in labels)
+        total = sum(c.values())
+        return np.array([c[k] / total for k in range(10)]), total
+
+    teacher_freq, n = frequencies("teacher_vanilla_1")
+    assert np.abs(teacher_freq - counts / counts.sum()).max() < 0.02  # instance sampling: the data's shares
+    student_freq, n = frequencies("cbd")
+    sigma = np.sqrt(0.1 * 0.9 / n)
+    assert np.abs(student_freq - 0.1).max() < 5 * sigma  # class-balanced: every class 1/10
+    assert student_freq.min() > 2 * teacher_freq.min()
+
+
+def test_teachers_stay_bit_identical_during_distillation(tmp_path, digits, monkeypatch):
+    settings = tiny_settings(epochs=2, teachers=["vanilla:1", "aug:1"], methods=["cbd_ens"])
+    exp = Experiment(settings, tmp_path, data=digits, quiet=True)
+    exp.run("teachers")
+    before = {n: {k: v.clone() for k, v in exp.load_trained(n, 1).state_dict().items()} for n in exp.teacher_names()}
+    used = []
+    original = loop._step_loss
+
+    def spy(job, model, x, labels, teachers, *args):
+        used.extend(teachers)
+        assert all(not t.training for t in teachers)
+        return original(job, model, x, labels, teachers, *args)
+
+    monkeypatch.setattr(loop, "_step_loss", spy)
+    exp.run("students")
+    assert used, "the student saw no teacher"
+    for teacher, name in zip(used[:2], exp.teacher_names()):
+        after = teacher.state_dict()
+        assert all(torch.equal(before[name][k], after[k]) for k in after)  # BN statistics included
+        assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, digits, monkeypatch):
+    settings = tiny_settings(epochs=4, teachers=["vanilla:1"], methods=["teacher_vanilla_1"])
+    Experiment(settings, tmp_path / "straight", data=digits, quiet=True).run("teachers")
+
+    calls = {"n": 0}
+    original = loop._step_loss
+
+    def crash_in_epoch_three(*args):
+        calls["n"] += 1
+        if calls["n"] == 2 * (len(digits.train_labels) // 32) + 3:
+            raise KeyboardInterrupt  # stands for a kill mid-epoch
+        return original(*args)
+
+    monkeypatch.setattr(loop, "_step_loss", crash_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(settings, tmp_path / "resumed", data=digits, quiet=True).run("teachers")
+    partial = ckpt.load_checkpoint(checkpoint_path(tmp_path / "resumed", 1, "teacher_vanilla_1"))
+    assert partial["meta"]["epoch"] == 1 and not partial["meta"]["complete"]
+    monkeypatch.setattr(loop, "_step_loss", original)
+    Experiment(settings, tmp_path / "resumed", data=digits, quiet=True).run("teachers")
+    a = load_model(checkpoint_path(tmp_path / "straight", 1, "teacher_vanilla_1")).state_dict()
+    b = load_model(checkpoint_path(tmp_path / "resumed", 1, "teacher_vanilla_1")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_teacher_from_another_dataset_is_refused(tmp_path, digits):
+    settings = tiny_settings(epochs=1, teachers=["vanilla:1"], methods=["teacher_vanilla_1", "cbd"])
+    exp = Experiment(settings, tmp_path, data=digits, quiet=True)
+    exp.run("teachers")
+    path = checkpoint_path(tmp_path, 1, "teacher_vanilla_1")
+    state = ckpt.load_checkpoint(path)
+    state["meta"]["num_classes"] = 100
+    state["meta"]["dataset"] = "cifar100"
+    path.unlink()
+    ckpt.save_checkpoint(path, spec=state["spec"], meta=state["meta"], model=state["model"])
+    with pytest.raises(CBDError, match=r"trained with dataset='cifar100', but this run has dataset='digits'"):
+        exp.run("students")
+
+
+def test_a_corrupt_checkpoint_is_refused_with_a_clear_error(tmp_path, digits):
+    settings = tiny_settings(epochs=1, teachers=["vanilla:1"], methods=["teacher_vanilla_1"])
+    Experiment(settings, tmp_path, data=digits, quiet=True).run("teachers")
+    path = checkpoint_path(tmp_path, 1, "teacher_vanilla_1")
+    path.write_bytes(path.read_bytes()[:2000])  # truncated
+    with pytest.raises(CBDError, match="cannot load checkpoint"):
+        load_model(path)
+
+
+def test_different_parameters_are_refused_unless_overwrite(tmp_path, digits):
+    Experiment(tiny_settings(epochs=1, methods=["ce"]), tmp_path, data=digits, quiet=True).run("one_stage")
+    with pytest.raises(CBDError, match="different parameters.*epochs: 1 -> 2"):
+        Experiment(tiny_settings(epochs=2, methods=["ce"]), tmp_path, data=digits, quiet=True)
+    exp = Experiment(tiny_settings(epochs=2, methods=["ce"], overwrite=True), tmp_path, data=digits, quiet=True)
+    assert not (tmp_path / "metrics.json").exists()  # the old run's outputs are gone
+    exp.run("one_stage")
+
+
+def test_student_before_teachers_names_the_missing_stage(tmp_path, digits):
+    exp = Experiment(tiny_settings(epochs=1, methods=["cbd"]), tmp_path, data=digits, quiet=True)
+    with pytest.raises(CBDError, match="has not been trained.*run its stage first"):
+        exp.run("students")
+
+
+def test_non_finite_loss_stops_with_stage_step_and_model(tmp_path, digits):
+    settings = tiny_settings(epochs=2, methods=["ce"], lr=1e30)
+    with pytest.raises(CBDError, match=r"non-finite loss in stage one_stage, model ce \(seed 1\), epoch 1"):
+        Experiment(settings, tmp_path, data=digits, quiet=True).run("one_stage")
