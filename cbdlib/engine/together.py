@@ -1,0 +1,319 @@
+"""Several models trained in one batched step (grouped convolutions), each as if alone.
+
+Models of one 32x32 architecture that share a schedule (the stage-1 teachers and the
+one-stage baselines of every seed, or the stage-2 students) are packed into one
+``GroupedCifarResNet``. Each keeps its own seed, index sampling, augmentation, head and
+loss; the summed loss gives every model exactly its own gradient, SGD is elementwise, and
+BatchNorm statistics are per channel, hence per model. Checkpoints are written per model
+in the same format as ``loop.fit``, so a model can be resumed or evaluated on its own.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import checkpoint as ckpt
+from ..augment import BatchAugmenter, aug_config, vanilla_config
+from ..data.samplers import IndexSampler
+from ..distill import feature_distillation_loss, logit_distillation_loss
+from ..errors import CBDError
+from ..io import append_line
+from ..models import CIFAR_ARCHS, Network
+from ..models.grouped import GroupedCifarResNet, pack_state_dicts, unpack_state_dict
+from .loop import DeviceData, Job, _balanced_val_accuracy, _non_finite, derive_seed, make_generator, progress_enabled, report
+from .schedule import lr_at
+
+# Jobs must agree on these to share one optimiser step.
+SHARED_FIELDS = ("epochs", "batch_size", "schedule", "lr", "warmup_epochs", "weight_decay", "momentum")
+
+
+def can_train_together(jobs: list[Job]) -> bool:
+    if len(jobs) < 2:
+        return False
+    first = jobs[0]
+    return (first.spec.arch in CIFAR_ARCHS
+            and all(j.spec.arch == first.spec.arch and j.train_backbone for j in jobs)
+            and all(getattr(j, f) == getattr(first, f) for j in jobs for f in SHARED_FIELDS))
+
+
+class TeacherFeatures(nn.Module):
+    """The frozen teachers' pooled features for one batch, in one grouped forward when possible."""
+
+    def __init__(self, teachers: list[Network]):
+        super().__init__()
+        self.count = len(teachers)
+        archs = {type(t.backbone) for t in teachers}
+        dims = {t.backbone_dim for t in teachers}
+        self.grouped = None
+        from ..models.resnet_cifar import CifarResNet
+
+        if len(teachers) > 1 and archs == {CifarResNet} and len(dims) == 1 and all(t.projection is None for t in teachers):
+            try:
+                self.grouped = GroupedCifarResNet.from_models([t.backbone for t in teachers]).eval()
+                self.grouped.requires_grad_(False)
+            except RuntimeError:  # different depths: fall back to one forward per teacher
+                self.grouped = None
+        self.teachers = nn.ModuleList(teachers)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.grouped is not None:
+            features = self.grouped(x.repeat(1, self.count, 1, 1))
+            return [features[:, k] for k in range(self.count)]
+        return [t(x)[0] for t in self.teachers]
+
+    @torch.no_grad()
+    def logits(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.classifier(f) for t, f in zip(self.teachers, features)]
+
+
+def job_loss(job: Job, features, logits, labels, log_prior, teacher_features=None, teacher_logits=None):
+    """(loss, ce, distill) of one model's batch, as the paper and the baselines define them."""
+    logits = logits.float()
+    zero = logits.new_zeros(())
+    if job.loss == "balanced_softmax":
+        ce = F.cross_entropy(logits + log_prior, labels)
+        return ce, ce, zero
+    ce = F.cross_entropy(logits, labels)
+    if job.loss == "ce":
+        return ce, ce, zero
+    if job.loss != "cbd":
+        raise CBDError(f"unknown loss {job.loss!r}")
+    targets = [t.float() for t in teacher_features]
+    if features.shape[1] != sum(t.shape[1] for t in targets) and len(targets) > 1:
+        # No projection: distil towards the normalised mean of the teachers' normalised features.
+        targets = [torch.stack([F.normalize(t, dim=1) for t in targets]).mean(0)]
+    distill = feature_distillation_loss(features.float(), targets)
+    loss = (1.0 - job.alpha) * ce + job.alpha * job.beta * distill
+    if job.logit_distill_weight > 0 and teacher_logits is not None:
+        loss = loss + job.logit_distill_weight * logit_distillation_loss(logits, teacher_logits, job.logit_distill_temperature)
+    return loss, ce, distill
+
+
+def checkpoint_interval(epochs: int) -> int:
+    """Every epoch for short runs; about 20 checkpoints for long ones (resume stays exact)."""
+    return max(1, epochs // 20)
+
+
+class _Group(nn.Module):
+    def __init__(self, models: list[Network]):
+        super().__init__()
+        self.backbone = GroupedCifarResNet.from_models([m.backbone for m in models])
+        self.projections = nn.ModuleList([m.projection if m.projection is not None else nn.Identity() for m in models])
+        self.heads = nn.ModuleList([m.classifier for m in models])
+
+    def param_lists(self) -> tuple[list, list[list]]:
+        """Grouped backbone parameters, and each model's own (projection + head) parameters."""
+        own = [list(p.parameters()) + list(h.parameters()) for p, h in zip(self.projections, self.heads)]
+        return list(self.backbone.parameters()), own
+
+
+def _individual_optimizer_state(model: Network, job: Job, buffers: list[torch.Tensor | None]) -> dict:
+    """An SGD state dict exactly as ``loop.fit`` saves it for ``model`` alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
+    for p, buf in zip(params, buffers):
+        if buf is not None:
+            opt.state[p]["momentum_buffer"] = buf.detach().clone()
+    return opt.state_dict()
+
+
+def _buffers_from_state(model: Network, job: Job, state: dict) -> list[torch.Tensor | None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
+    opt.load_state_dict(state)
+    return [opt.state.get(p, {}).get("momentum_buffer") for p in params]
+
+
+def fit_together(
+    jobs: list[Job],
+    models: list[Network],
+    data: DeviceData,
+    *,
+    device: torch.device,
+    checkpoint_paths: list[Path],
+    history_path: Path | None,
+    metas: list[dict],
+    stage: str,
+    teachers: list[list[Network] | None] | None = None,
+    quiet: bool = False,
+    check_every: int = 50,
+) -> list[Network]:
+    """Train ``models`` for ``jobs`` in one batched step per iteration; returns the trained models."""
+    if not can_train_together(jobs):
+        raise CBDError("these models cannot share a step (different architecture or schedule)")
+    teachers = teachers or [None] * len(jobs)
+    start_epoch, resume_buffers = _resume_point(jobs, models, checkpoint_paths)
+    if start_epoch is None:  # every model already finished
+        return models
+    for m in models:
+        m.to(device)
+    group = _Group(models).to(device)
+    if device.type == "cuda":
+        group.to(memory_format=torch.channels_last)
+    backbone_params, own_params = group.param_lists()
+    optimizer = torch.optim.SGD(backbone_params + [p for ps in own_params for p in ps], lr=jobs[0].lr,
+                                momentum=jobs[0].momentum, weight_decay=jobs[0].weight_decay,
+                                foreach=device.type == "cuda" or None)
+    if resume_buffers is not None:
+        _restore_buffers(optimizer, backbone_params, own_params, models, resume_buffers, device)
+
+    first = jobs[0]
+    size = data.train_images.shape[1]
+    augmenters = [BatchAugmenter(aug_config(size) if j.augment == "aug" else vanilla_config(size), data.mean, data.std,
+                                 channels_last=device.type == "cuda") for j in jobs]
+    samplers = [IndexSampler(data.train_labels, j.sampling, num_classes=data.num_classes, total_epochs=j.epochs,
+                             generator_seed=j.seed, device=device) for j in jobs]
+    teacher_features = [TeacherFeatures(t).to(device) if t else None for t in teachers]
+    n = len(samplers[0])
+    batch_size = min(first.batch_size, n)
+    steps = n // batch_size
+    log_prior = torch.log(data.class_counts.clamp_min(1) / data.class_counts.sum())
+    use_amp = device.type == "cuda"
+    k_models = len(jobs)
+    every = checkpoint_interval(first.epochs)
+
+    bar = None
+    if progress_enabled(quiet):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=first.epochs, initial=start_epoch, desc=f"{k_models} models together", leave=False)
+    try:
+        for epoch in range(start_epoch, first.epochs):
+            t0 = time.perf_counter()
+            group.train()
+            indices = [s.epoch_indices(epoch) for s in samplers]
+            generators = [make_generator(device, derive_seed(j.seed, "augment", epoch)) for j in jobs]
+            sums = torch.zeros(k_models, 4, device=device)
+            lr = first.lr
+            for step in range(steps):
+                lr = lr_at(first.schedule, first.lr, epoch, step, steps, first.epochs, first.warmup_epochs)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                batches = [idx[step * batch_size:(step + 1) * batch_size] for idx in indices]
+                labels = [data.train_labels[b] for b in batches]
+                xs = [aug(data.train_images[b], gen) for aug, b, gen in zip(augmenters, batches, generators)]
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    pooled = group.backbone(torch.cat(xs, dim=1))
+                    feats = [group.projections[k](pooled[:, k]) for k in range(k_models)]
+                losses, stats = [], []
+                for k, job in enumerate(jobs):
+                    logits = group.heads[k](feats[k]).float()
+                    t_feats = t_logits = None
+                    if job.loss == "cbd":
+                        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                            t_feats = teacher_features[k](xs[k])
+                        if job.logit_distill_weight > 0:
+                            t_logits = teacher_features[k].logits(t_feats)
+                    loss, ce, distill = job_loss(job, feats[k], logits, labels[k], log_prior, t_feats, t_logits)
+                    losses.append(loss)
+                    stats.append(torch.stack([loss.detach(), ce.detach(), distill.detach(),
+                                              (logits.detach().argmax(1) == labels[k]).sum().float()]))
+                optimizer.zero_grad(set_to_none=True)
+                torch.stack(losses).sum().backward()
+                optimizer.step()
+                sums += torch.stack(stats)
+                if (step + 1) % check_every == 0 and not bool(torch.isfinite(sums[:, 0]).all()):
+                    bad = int((~torch.isfinite(sums[:, 0])).nonzero()[0])
+                    _non_finite(jobs[bad], stage, epoch, step)
+            totals = sums.tolist()  # one host sync per epoch
+            for k, job in enumerate(jobs):
+                if not np.isfinite(totals[k][0]):
+                    _non_finite(job, stage, epoch, steps - 1)
+            _write_back(group, models)
+            complete = epoch + 1 == first.epochs
+            save_now = complete or (epoch + 1) % every == 0
+            buffers = _split_buffers(optimizer, backbone_params, own_params, k_models) if save_now and not complete else None
+            elapsed = time.perf_counter() - t0
+            for k, job in enumerate(jobs):
+                val_acc = _balanced_val_accuracy(models[k], data, device)
+                record = {"model": job.name, "seed": job.train_seed, "stage": stage, "epoch": epoch + 1,
+                          "loss": totals[k][0] / steps, "ce": totals[k][1] / steps,
+                          "distill": totals[k][2] / steps if job.loss == "cbd" else None,
+                          "train_acc": totals[k][3] / (steps * batch_size), "val_acc": val_acc, "lr": lr,
+                          "time_s": round(elapsed / k_models, 3), "trained_with": k_models}
+                if save_now:
+                    ckpt.save_checkpoint(
+                        checkpoint_paths[k], spec=job.spec.to_dict(),
+                        meta={**metas[k], "job": job.identity(), "epoch": epoch, "complete": complete},
+                        model=models[k].state_dict(),
+                        optimizer=None if complete else _individual_optimizer_state(models[k], job, buffers[k]))
+                if history_path is not None:
+                    append_line(history_path, json.dumps(record))
+                report(f"{job.name} seed {job.train_seed} epoch {epoch + 1}/{job.epochs}: loss {record['loss']:.4f}, "
+                       f"train acc {record['train_acc']:.3f}, val acc {val_acc:.3f}, lr {lr:.4g}", bar)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return models
+
+
+def _write_back(group: _Group, models: list[Network]) -> None:
+    """Copy the grouped weights into the individual models (for evaluation and checkpoints)."""
+    state = group.backbone.state_dict()
+    with torch.no_grad():
+        for k, m in enumerate(models):
+            m.backbone.load_state_dict(unpack_state_dict(state, len(models), k))
+
+
+def _split_buffers(optimizer, backbone_params, own_params, k_models) -> list[list]:
+    """Each model's momentum buffers, in the order of ``model.parameters()``."""
+    def buf(p):
+        return optimizer.state.get(p, {}).get("momentum_buffer")
+
+    per_model = []
+    for k in range(k_models):
+        backbone = [None if buf(p) is None else buf(p).chunk(k_models, 0)[k] if p.dim() > 0 else buf(p)
+                    for p in backbone_params]
+        per_model.append(backbone + [buf(p) for p in own_params[k]])
+    return per_model
+
+
+def _restore_buffers(optimizer, backbone_params, own_params, models, buffers, device) -> None:
+    k_models = len(models)
+    for i, p in enumerate(backbone_params):
+        parts = [buffers[k][i] for k in range(k_models)]
+        if any(b is None for b in parts):
+            continue
+        optimizer.state[p]["momentum_buffer"] = (torch.cat(parts, 0) if p.dim() > 0 else parts[0]).to(device)
+    n_backbone = len(backbone_params)
+    for k in range(k_models):
+        for j, p in enumerate(own_params[k]):
+            b = buffers[k][n_backbone + j]
+            if b is not None:
+                optimizer.state[p]["momentum_buffer"] = b.to(device)
+
+
+def _resume_point(jobs, models, paths) -> tuple[int | None, list | None]:
+    """The common epoch to continue from; None when all are done. Mixed progress is an error."""
+    states = []
+    for job, model, path in zip(jobs, models, paths):
+        if path.exists() or ckpt.previous_path(path).exists():
+            state = ckpt.load_checkpoint(path, fallback=True)
+            if state["meta"].get("job") != job.identity():
+                raise CBDError(f"checkpoint {path} was made by a different job; delete it or use overwrite: true")
+            ckpt.load_state_strict(model, state["model"], f"checkpoint {path}")
+            states.append(state)
+        else:
+            states.append(None)
+    if all(s is not None and s["meta"]["complete"] for s in states):
+        for job in jobs:
+            report(f"{job.name} (seed {job.train_seed}): already trained")
+        return None, None
+    epochs = {(-1 if s is None else (jobs[0].epochs if s["meta"]["complete"] else s["meta"]["epoch"])) for s in states}
+    if len(epochs) != 1:
+        raise CBDError("models of one group stopped at different epochs; train them separately (train_together: false)")
+    last = epochs.pop()
+    if last < 0:
+        return 0, None
+    report(f"{len(jobs)} models: resuming together from the checkpoint of epoch {last + 1}/{jobs[0].epochs}")
+    buffers = [_buffers_from_state(m, j, s["optimizer"]) for m, j, s in zip(models, jobs, states)]
+    return last + 1, buffers

@@ -1,0 +1,116 @@
+"""Models trained together (grouped convolutions) match the same models trained one at a time."""
+import json
+
+import pytest
+import torch
+
+from cbdlib.data import load_long_tail
+from cbdlib.engine import loop
+from cbdlib.engine.together import TeacherFeatures, can_train_together, fit_together
+from cbdlib.models import ModelSpec
+from cbdlib.models.grouped import GroupedCifarResNet
+from cbdlib.models.resnet_cifar import CifarResNet
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data():
+    lt = load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
+    return loop.DeviceData.from_long_tail(lt, CPU)
+
+
+def _jobs():
+    # A gentle lr: at 0.05 a perturbation of 1e-7 in the weights alone grows to 0.5% in one epoch
+    # (cosine heads amplify float noise), which would hide a real difference.
+    common = dict(train_seed=1, epochs=2, batch_size=32, lr=0.01, warmup_epochs=1)
+    cosine = ModelSpec("resnet_tiny", 10, "cosine")
+    linear = ModelSpec("resnet_tiny", 10, "linear")
+    return [loop.Job(name="teacher_vanilla_1", spec=cosine, augment="vanilla", **common),
+            loop.Job(name="teacher_aug_1", spec=cosine, augment="aug", **common),
+            loop.Job(name="ce_cb", spec=linear, sampling="class_balanced", **common),
+            loop.Job(name="balanced_softmax", spec=linear, loss="balanced_softmax", **common)]
+
+
+def _history(path):
+    return {(r["model"], r["epoch"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_grouped_forward_equals_separate_forwards():
+    torch.manual_seed(0)
+    nets = [CifarResNet(1, (8, 16, 32)) for _ in range(3)]
+    grouped = GroupedCifarResNet.from_models(nets)
+    xs = [torch.randn(4, 3, 12, 12) for _ in nets]
+    out = grouped(torch.cat(xs, 1))
+    for k, net in enumerate(nets):
+        torch.testing.assert_close(out[:, k], net(xs[k]), atol=1e-5, rtol=1e-5)
+        for key, value in grouped.unpack(k).items():  # train-mode BN statistics, per model
+            torch.testing.assert_close(value, net.state_dict()[key])
+
+
+def test_training_together_matches_training_alone(tmp_path, data):
+    jobs = _jobs()
+    assert can_train_together(jobs)
+    meta = {"dataset": "digits"}
+    alone = []
+    for job in jobs:
+        model = loop.init_model(job.spec, job.seed)
+        loop.fit(job, model, data, device=CPU, checkpoint_path=tmp_path / "alone" / f"{job.name}.pt",
+                 history_path=tmp_path / "alone.jsonl", meta=meta, stage="teachers", quiet=True)
+        alone.append(model)
+    models = [loop.init_model(j.spec, j.seed) for j in jobs]
+    fit_together(jobs, models, data, device=CPU, checkpoint_paths=[tmp_path / "together" / f"{j.name}.pt" for j in jobs],
+                 history_path=tmp_path / "together.jsonl", metas=[meta] * 4, stage="teachers", quiet=True)
+    a, b = _history(tmp_path / "alone.jsonl"), _history(tmp_path / "together.jsonl")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key]["loss"] == pytest.approx(a[key]["loss"], rel=1e-3, abs=1e-4), key
+    for m_alone, m_together in zip(alone, models):
+        sa, st = m_alone.state_dict(), m_together.state_dict()
+        for key in sa:
+            if "running" in key:  # BatchNorm statistics updated per model
+                torch.testing.assert_close(st[key], sa[key], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(st["classifier.weight"], sa["classifier.weight"], atol=2e-3, rtol=2e-3)
+
+
+def test_resume_together_equals_uninterrupted(tmp_path, data, monkeypatch):
+    jobs = _jobs()[:2]
+    meta = {"dataset": "digits"}
+
+    def run(folder, **kw):
+        models = [loop.init_model(j.spec, j.seed) for j in jobs]
+        fit_together(jobs, models, data, device=CPU, checkpoint_paths=[folder / f"{j.name}.pt" for j in jobs],
+                     history_path=None, metas=[meta] * 2, stage="teachers", quiet=True)
+        return models
+
+    straight = run(tmp_path / "a")
+    # Interrupt in epoch 2: the first epoch's checkpoints remain.
+    import cbdlib.engine.together as together
+
+    original = together.job_loss
+    calls = {"n": 0}
+
+    def crash(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] > 2 * (len(data.train_labels) // 32) + 2:
+            raise KeyboardInterrupt
+        return original(*args, **kw)
+
+    monkeypatch.setattr(together, "job_loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr(together, "job_loss", original)
+    resumed = run(tmp_path / "b")
+    for m1, m2 in zip(straight, resumed):
+        for key, value in m1.state_dict().items():
+            torch.testing.assert_close(m2.state_dict()[key], value, atol=1e-6, rtol=1e-6)
+
+
+def test_teacher_features_in_one_grouped_forward():
+    torch.manual_seed(1)
+    teachers = [loop.init_model(ModelSpec("resnet_tiny", 10, "cosine"), s).eval() for s in range(3)]
+    batched = TeacherFeatures(teachers)
+    assert batched.grouped is not None
+    x = torch.randn(5, 3, 8, 8)
+    for got, teacher in zip(batched(x), teachers):
+        torch.testing.assert_close(got, teacher(x)[0], atol=1e-5, rtol=1e-5)
