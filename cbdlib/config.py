@@ -17,7 +17,7 @@ import yaml
 
 from .errors import CBDError
 
-DATASETS = ("digits", "cifar10", "cifar100", "folder", "splitfile")
+DATASETS = ("digits", "cifar10", "cifar100", "folder", "splitfile", "imagenet_lt", "places_lt", "inat2018")
 SCHEDULES = ("cifar_lt", "cosine")
 TEACHER_KINDS = ("vanilla", "aug")
 
@@ -32,13 +32,13 @@ class Params:
     """Every key a run understands. Comments give the meaning; YAML files use the same names."""
 
     run_name: str = "default"            # folder name under CBD_RESULTS_DIR
-    dataset: str = "digits"              # digits | cifar10 | cifar100 | folder | splitfile
+    dataset: str = "digits"              # digits | cifar10 | cifar100 | folder | splitfile | imagenet_lt | places_lt | inat2018
     data: Optional[str] = None           # path to the data (None: CBD_CIFAR10 / CBD_CIFAR100, or embedded)
     imbalance_ratio: float = 10.0        # n_max / n_min of the long-tailed training subset (>= 1)
     profile: str = "exp"                 # exp | step
     lt_seed: int = 0                     # draws the long-tailed subset (and digits' train/test split)
     val_per_class: int = 10              # balanced validation images per class (tau is chosen on these)
-    image_size: int = 32                 # folder / splitfile images are resized to this (CIFAR is 32)
+    image_size: int = 32                 # folder / splitfile images are resized to this (CIFAR is 32); the crop side of imagenet_lt / places_lt / inat2018 (224)
     arch: str = "resnet32"               # resnet32 | resnet20 | resnet8 | resnet_tiny | resnet18/50/101/152
     epochs: int = 200                    # epochs for every model trained from scratch
     decoupled_epochs: int = 10           # classifier re-training epochs for cRT and LWS
@@ -61,6 +61,7 @@ class Params:
     methods: Optional[list] = None       # None: every method; else a subset of the contract's names
     eval_batch_size: int = 512
     num_workers: int = 0                 # DataLoader workers (only the streaming path uses them)
+    sync_bn: bool = False                # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     tsne_samples: int = 2000             # test images embedded by t-SNE in notebook 04
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     smoke: Optional[bool] = None         # None: follow CBD_SMOKE; True/False override it
@@ -73,7 +74,6 @@ SMOKE_SETTINGS = {
     "epochs": 2,
     "decoupled_epochs": 1,
     "batch_size": 64,
-    "seeds": [1],
     "tsne_samples": 200,
     "eval_batch_size": 256,
 }
@@ -251,6 +251,7 @@ def resolve(params: Params) -> Settings:
     values = dataclasses.asdict(params)
     if smoke:
         values.update(SMOKE_SETTINGS)
+        values["seeds"] = list(params.seeds[:1])  # one seed, the first one asked for
     values["smoke"] = smoke
     effective = Params(**values)
     if effective.lr is not None:
