@@ -124,6 +124,9 @@ def _sns():
 def _style():
     """Temporary whitegrid style; nothing global is left changed."""
     sns = _sns()
+    # Load the backend first: if it first loads inside rc_context (Jupyter's inline backend
+    # does), leaving the context switches interactive display off for later figures.
+    _plt()._get_backend_mod()
     with sns.axes_style("whitegrid"), matplotlib.rc_context({"axes.titleweight": "bold"}):
         yield
 

@@ -78,7 +78,8 @@ def split_pool(
             n_max = min(n_max, max_per_class)
         counts = long_tail_counts(n_max, num_classes, imbalance_ratio, profile)
     if max_per_class is not None:
-        counts = [min(c, max_per_class) for c in counts]
+        # Smoke caps shrink the profile; keep every class (CIFAR at IR 100 would round to 0).
+        counts = [max(1, min(c, max_per_class)) for c in counts]
     zero = [c for c, n in enumerate(counts) if n < 1]
     if zero:
         raise CBDError(
