@@ -54,6 +54,14 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _ablate(args) -> int:
+    from .ablation import run_ablation
+
+    result = run_ablation(args.run_dir, epochs=args.epochs, seed=args.seed)
+    print(f"wrote {args.run_dir}/ablation/ablation.md ({len(result['rows'])} students)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cbdlib", description="Class-Balanced Distillation workbook")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("run_dirs", nargs="+")
     agg.add_argument("--out", required=True)
     agg.set_defaults(func=_aggregate)
+
+    ab = sub.add_parser("ablate", help="CBD-ENS students with alpha, beta, teachers or projection changed")
+    ab.add_argument("run_dir", help="a run folder whose teachers are trained")
+    ab.add_argument("--epochs", type=int, default=None, help="epochs per student (default: a quarter of the run's)")
+    ab.add_argument("--seed", type=int, default=None, help="training seed whose teachers are used (default: the first)")
+    ab.set_defaults(func=_ablate)
 
     ev = sub.add_parser("evaluate", help="re-evaluate a saved model on its test set")
     ev.add_argument("--checkpoint", required=True)

@@ -63,7 +63,8 @@ def prepare_run_dir(out_dir: str | os.PathLike, settings: Settings) -> Path:
     wanted = effective_params(settings)
     params_file = out / "params.yaml"
     if params_file.exists():
-        stored = yaml.safe_load(params_file.read_text()) or {}
+        # Fields added to the schema after the run was made count at their defaults.
+        stored = {**dataclasses.asdict(Params()), **(yaml.safe_load(params_file.read_text()) or {})}
         differences = sorted(k for k in set(_identity(stored)) | set(_identity(wanted)) if stored.get(k) != wanted.get(k))
         if differences:
             if not settings.overwrite:

@@ -1,0 +1,108 @@
+"""``python -m cbdlib ablate RUN_DIR``: CBD-ENS students with one setting changed, on a finished run's teachers.
+
+Varies alpha (0, 0.4, 0.8), beta (10, 100), the teachers (1 vanilla / 2 vanilla / all)
+and the projection (with / without), one seed, a short schedule: every row is labelled
+with what it changed and how long it trained. Rows go to ``RUN_DIR/ablation/`` and never
+into ``metrics.json``, whose methods are the full-schedule results.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .config import Settings, make_params, resolve, teacher_method_name
+from .errors import CBDError
+from .io import write_json, write_text
+from .metrics import accuracy_record
+
+SPLIT_COLUMNS = ("all", "many", "medium", "few", "head", "mid", "tail")
+
+
+def variants(settings: Settings) -> list[tuple[str, dict]]:
+    """(label, changes) pairs; the paper's setting comes first and is not repeated."""
+    teachers = [teacher_method_name(k, s) for k, s in settings.teachers]
+    vanilla = [teacher_method_name(k, s) for k, s in settings.teachers if k == "vanilla"]
+    rows = [("paper (alpha 0.4, beta 100, all teachers, projection)", {}),
+            ("alpha 0 (no distillation)", {"alpha": 0.0}),
+            ("alpha 0.8", {"alpha": 0.8}),
+            ("beta 10", {"beta": 10.0}),
+            ("1 vanilla teacher (CBD)", {"teachers": vanilla[:1]})]
+    if len(vanilla) >= 2 and len(vanilla) < len(teachers):
+        rows.append(("2 vanilla teachers", {"teachers": vanilla[:2]}))
+    rows.append(("no projection", {"projection": False}))
+    return rows
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.split(" (")[0].lower()).strip("_")
+
+
+def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | None = None, quiet: bool | None = None) -> dict:
+    from .engine import Experiment
+    from .engine.loop import derive_seed, fit, init_model, predict
+
+    run_dir = Path(run_dir)
+    params_file = run_dir / "params.yaml"
+    if not params_file.exists():
+        raise CBDError(f"{run_dir} is not a run folder (no params.yaml); train its teachers first")
+    stored = yaml.safe_load(params_file.read_text())
+    settings = resolve(make_params(stored))
+    exp = Experiment(settings, run_dir, quiet=quiet)
+    seed = settings.seeds[0] if seed is None else seed
+    epochs = epochs or max(1, settings.epochs // 4)
+    out = run_dir / "ablation"
+    rows = []
+    all_teachers = exp.teacher_names()
+    for label, changes in variants(settings):
+        names = changes.get("teachers", all_teachers)
+        teachers = [exp.load_trained(n, seed) for n in names]
+        for t in teachers:
+            t.eval().requires_grad_(False)
+        projection = changes.get("projection", settings.projection)
+        projection_dim = (settings.projection_dim or sum(t.feature_dim for t in teachers)) if projection else None
+        spec = exp.spec("cosine", projection_dim)
+        slug = _slug(label)
+        name = f"ablation_{slug}"
+        job = exp.job(name, seed, spec, sampling="class_balanced", loss="cbd", teachers=names, epochs=epochs,
+                      alpha=changes.get("alpha", settings.alpha), beta=changes.get("beta", settings.beta))
+        model = init_model(spec, derive_seed("cbd_ens", seed))  # the same start for every row
+        model = fit(job, model, exp.device_data, device=exp.device,
+                    checkpoint_path=out / "checkpoints" / f"seed_{seed}" / f"{slug}.pt",
+                    history_path=out / "history.jsonl", meta=exp.meta(name, seed), stage="ablation",
+                    teachers=teachers, quiet=exp.quiet)
+        _, logits = predict(model, exp.data.test_images, exp.data.mean, exp.data.std, exp.device,
+                            settings.eval_batch_size)
+        record = accuracy_record(logits, exp.data.test_labels, exp.splits)
+        record.pop("confusion")
+        row = {"variant": label, "alpha": job.alpha, "beta": job.beta, "teachers": names, "projection": projection,
+               "epochs": epochs, "seed": seed, **record}
+        write_json(out / f"{slug}.json", row)
+        rows.append(row)
+    result = {"run": str(run_dir), "seed": seed, "epochs": epochs, "full_epochs": settings.epochs, "rows": rows}
+    write_json(out / "ablation.json", result)
+    write_text(out / "ablation.md", ablation_markdown(result))
+    return result
+
+
+def ablation_markdown(result: dict) -> str:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    lines = [f"Ablation of CBD-ENS: seed {result['seed']}, {result['epochs']} epochs per student "
+             f"(short schedule; the full runs use {result['full_epochs']}), teachers from the run's stage 1.",
+             "Without a projection the student distils the normalised mean of the teachers' normalised features.", "",
+             "| variant | alpha | beta | teachers | projection | " + " | ".join(SPLIT_COLUMNS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(SPLIT_COLUMNS)]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['alpha']:g} | {r['beta']:g} | {len(r['teachers'])} | "
+                     f"{'yes' if r['projection'] else 'no'} | " + " | ".join(pct(r[k]) for k in SPLIT_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_ablation(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "ablation" / "ablation.json"
+    if not path.exists():
+        raise CBDError(f"no ablation in {run_dir}; run python -m cbdlib ablate {run_dir}")
+    return json.loads(path.read_text())
