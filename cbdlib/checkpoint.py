@@ -12,12 +12,13 @@ import io
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from .errors import CBDError
-from .io import write_bytes
+from .io import remove_stale_temps, write_bytes
 
 log = logging.getLogger(__name__)
 FORMAT = "cbdlib-checkpoint-1"
@@ -54,32 +55,92 @@ def previous_path(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
+def _signature(path: Path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# Checkpoints this process wrote, as (inode, size, mtime): unchanged since, they need no re-check.
+_WRITTEN: dict[str, tuple] = {}
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` is a loadable, checksum-valid checkpoint (cheap for files written here)."""
+    signature = _signature(path)
+    if signature is None:
+        return False
+    if _WRITTEN.get(str(path)) == signature:
+        return True
+    try:
+        _read(path)
+    except CBDError:
+        return False
+    return True
+
+
 def save_checkpoint(path: str | os.PathLike, *, spec: dict, meta: dict, model: dict, optimizer: dict | None = None) -> None:
-    """Write atomically; the file being replaced becomes ``<name>.prev.pt``."""
+    """Write atomically; the good file being replaced becomes ``<name>.prev.pt``.
+
+    The new content reaches the disk before anything is renamed, so a failed write
+    (disk full) leaves both the current file and ``.prev.pt`` as they were. A current
+    file that is damaged is not rotated over a good ``.prev.pt``: it is just replaced.
+    """
     path = Path(path)
     content = {"format": FORMAT, "spec": spec, "meta": meta, "model": model, "optimizer": optimizer}
     content["sha256"] = content_sha256(content)
     buffer = io.BytesIO()
     torch.save(content, buffer)
+    remove_stale_temps(path)  # left by a writer killed mid-save
+    backup = None
     if path.exists():
-        os.replace(path, previous_path(path))
-    write_bytes(path, buffer.getvalue())
+        if _intact(path):
+            backup = previous_path(path)
+        else:
+            log.warning("%s is damaged; keeping %s as the last good checkpoint", path.name, previous_path(path).name)
+    write_bytes(path, buffer.getvalue(), backup=backup)
+    _WRITTEN[str(path)] = _signature(path)
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why ``torch.load`` refused a file."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"it would import {found.group(1)} when unpickled" if found else "it holds pickled objects"
+        return f"refused to unpickle it: {what}, which plain weights never need (nothing was run)"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if "PytorchStreamReader" in first or "zip archive" in first:
+        # torch's own sentence goes on about miniz internals; the first clause says it all.
+        return first.split(". ")[0][:150] + " (the file is truncated or is not a torch checkpoint)"
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"not a readable torch checkpoint ({detail[:150]})"
 
 
 def _read(path: Path) -> dict:
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise CBDError(f"cannot load checkpoint {path}: the file is empty")
         content = torch.load(path, map_location="cpu", weights_only=True)
+    except CBDError:
+        raise
     except FileNotFoundError:
         raise CBDError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CBDError(f"checkpoint {path} is a folder, not a file") from None
     except Exception as exc:  # unpickling refused, truncated zip, not a torch file ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
-            reason = "it holds pickled code or objects that are not plain weights (refused, nothing was run)"
-        raise CBDError(f"cannot load checkpoint {path}: {reason[:200]}") from None
+        raise CBDError(f"cannot load checkpoint {path}: {_reason(exc)}") from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CBDError(f"{path} is not a cbdlib checkpoint")
     stored = content.pop("sha256", None)
-    if stored != content_sha256(content):
+    try:
+        actual = content_sha256(content)
+    except Exception:  # a structure no cbdlib checkpoint has
+        actual = None
+    if stored is None or stored != actual:
         raise CBDError(f"checkpoint {path} fails its checksum (altered or damaged)")
     return content
 
@@ -93,7 +154,10 @@ def load_checkpoint(path: str | os.PathLike, *, fallback: bool = False) -> dict:
         prev = previous_path(path)
         if fallback and prev.exists():
             log.warning("%s; falling back to the previous checkpoint %s", error, prev.name)
-            return _read(prev)
+            try:
+                return _read(prev)
+            except CBDError as prev_error:
+                raise CBDError(f"{error}; the previous checkpoint is unusable too: {prev_error}") from None
         raise
 
 
@@ -107,7 +171,11 @@ def check_compatible(meta: dict, expected: dict, what: str) -> None:
 
 def load_state_strict(model: torch.nn.Module, state: dict, what: str) -> None:
     """Strict key matching: a missing or unexpected weight is an error, never silently dropped."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a weight of another shape (e.g. another class count)
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3] if line.strip())
+        raise CBDError(f"{what} does not match the model: {detail[:300] or 'weight shapes differ'}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CBDError(
             f"{what} does not match the model: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"

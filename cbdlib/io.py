@@ -1,12 +1,16 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename.
 
-A reader never sees half a file: either the old content or the new one.
+A reader never sees half a file: either the old content or the new one. A write that
+fails (disk full, folder not writable, ...) leaves the old file as it was, removes its
+temp file and raises a one-line ``CBDError``. A process killed mid-write can leave a
+``.<name>.<random>.tmp`` beside the target; ``remove_stale_temps`` clears those.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -14,13 +18,57 @@ from typing import Iterator
 from .errors import CBDError
 
 
+def _default_mode() -> int:
+    """What ``open(path, "w")`` would give a new file: 0o666 less the umask (mkstemp gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_NEW_FILE_MODE = _default_mode()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Delete temp files a killed writer of ``path`` left behind; returns how many.
+
+    Only call this where one process writes ``path`` (a run folder's own checkpoints).
+    """
+    path = Path(path)
+    removed = 0
+    if not path.parent.is_dir():
+        return 0
+    for stale in path.parent.glob(f"{_temp_prefix(path)}*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+            removed += 1
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (power loss); best effort, some file systems refuse it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator:
-    """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, backup: str | os.PathLike | None = None) -> Iterator:
+    """Open a temp file beside ``path``; on success fsync and rename it over ``path``.
+
+    With ``backup``, an existing ``path`` is renamed to ``backup`` only once the new
+    content is safely on disk, so a failed write never costs the old file.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise CBDError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
     try:
@@ -28,6 +76,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        try:
+            file_mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            file_mode = _NEW_FILE_MODE
+        os.chmod(tmp, file_mode)
+        if backup is not None and path.exists():
+            os.replace(path, backup)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -37,6 +92,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -44,8 +100,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as handle:
+def write_bytes(path: str | os.PathLike, data: bytes, *, backup: str | os.PathLike | None = None) -> None:
+    with atomic_open(path, "wb", backup=backup) as handle:
         handle.write(data)
 
 
@@ -54,8 +110,20 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
-    """Append one line (history logs); a torn last line is skipped by the readers."""
+    """Append one line (history logs); a torn last line is skipped by the readers.
+
+    A line torn by a kill is closed first, so it never swallows the line appended next.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        handle.write(line.rstrip("\n") + "\n")
+    data = (line.rstrip("\n") + "\n").encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            if end > 0:
+                handle.seek(end - 1)
+                if handle.read(1) != b"\n":
+                    data = b"\n" + data
+            handle.write(data)
+    except OSError as exc:
+        raise CBDError(f"could not append to {path}: {exc.strerror or exc}") from None
