@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,7 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 _HINTS = typing.get_type_hints(Params)
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(hint: Any) -> str:
@@ -123,6 +125,9 @@ def check_value(key: str, value: Any) -> Any:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise CBDError(f"unknown parameter {key!r}{hint}; known parameters: {', '.join(field_names())}")
     hint = _HINTS[key]
+    accepts_float = hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
+    if accepts_float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if not _type_ok(value, hint):
         raise CBDError(f"parameter {key!r} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
     if hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint)):

@@ -12,6 +12,7 @@ Layout of ``<run_name>/``::
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -57,35 +58,82 @@ def _identity(values: dict) -> dict:
     return {k: v for k, v in values.items() if k not in RESUMABLE_KEYS}
 
 
+def has_results(out: Path) -> bool:
+    """Whether a run folder holds anything trained (a failed start leaves only params.yaml)."""
+    return any((out / name).exists() for name in ("checkpoints", "evaluations", "metrics.json"))
+
+
 def prepare_run_dir(out_dir: str | os.PathLike, settings: Settings) -> Path:
     """Apply the run-folder rules: start, resume / add a stage, or refuse different parameters."""
     out = Path(out_dir)
-    wanted = effective_params(settings)
-    params_file = out / "params.yaml"
-    if params_file.exists():
-        # Fields added to the schema after the run was made count at their defaults.
-        stored = {**dataclasses.asdict(Params()), **(yaml.safe_load(params_file.read_text()) or {})}
-        differences = sorted(k for k in set(_identity(stored)) | set(_identity(wanted)) if stored.get(k) != wanted.get(k))
-        if differences:
-            if not settings.overwrite:
-                detail = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in differences[:4])
-                raise CBDError(
-                    f"{out} holds a run with different parameters ({detail}); "
-                    f"use another run_name or set overwrite: true to replace it"
-                )
-            clear_run_dir(out)
-    elif out.exists() and any(out.iterdir()) and any((out / d).exists() for d in ("checkpoints", "metrics.json")):
-        if not settings.overwrite:
-            raise CBDError(f"{out} holds results but no params.yaml; set overwrite: true to replace them")
-        clear_run_dir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CBDError(f"cannot create the run folder {out}: {exc.strerror or exc}") from None
     if not os.access(out, os.W_OK):
         raise CBDError(f"the run folder {out} is not writable")
-    write_text(params_file, yaml.safe_dump(wanted, sort_keys=False))
+    wanted = effective_params(settings)
+    params_file = out / "params.yaml"
+    with run_lock(out):
+        if params_file.exists() and has_results(out):
+            # Fields added to the schema after the run was made count at their defaults.
+            stored = {**dataclasses.asdict(Params()), **(yaml.safe_load(params_file.read_text()) or {})}
+            differences = sorted(k for k in set(_identity(stored)) | set(_identity(wanted))
+                                 if stored.get(k) != wanted.get(k))
+            if differences:
+                if not settings.overwrite:
+                    detail = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in differences[:4])
+                    raise CBDError(
+                        f"{out} holds a run with different parameters ({detail}); "
+                        f"use another run_name or set overwrite: true to replace it"
+                    )
+                clear_run_dir(out)
+        elif not params_file.exists() and has_results(out):
+            if not settings.overwrite:
+                raise CBDError(f"{out} holds results but no params.yaml; set overwrite: true to replace them")
+            clear_run_dir(out)
+        write_text(params_file, yaml.safe_dump(wanted, sort_keys=False))
     return out
+
+
+_HELD_LOCKS: dict[Path, list] = {}  # path -> [open lock file, depth]: re-entrant within a process
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike):
+    """Hold ``<run>/.lock`` while a process writes the run: a second process is refused at once.
+
+    The lock dies with its process (``flock``), so a killed run never leaves a stale one.
+    """
+    import fcntl
+
+    key = Path(out).resolve()
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key][1] -= 1
+        return
+    handle = open(key / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CBDError(f"{out} is in use by another process (pid {holder}); wait for it to finish or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _HELD_LOCKS[key] = [handle, 1]
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def clear_run_dir(out: Path) -> None:

@@ -753,9 +753,6 @@ def test_a_corrupt_jpeg_stops_the_command_before_any_result(tmp_path):
     assert temp_files(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a run that fails while loading its data leaves params.yaml, so the run "
-                                       "folder refuses the corrected parameters (fix: cbdlib/runs.py "
-                                       "prepare_run_dir, see docs/reliability.md)")
 def test_after_a_failed_start_the_corrected_run_is_accepted(tmp_path):
     bad = _image_tree(tmp_path / "bad")
     (bad / "train" / "bee" / "broken.jpg").write_bytes(os.urandom(300))
@@ -766,9 +763,6 @@ def test_after_a_failed_start_the_corrected_run_is_accepted(tmp_path):
     Experiment(resolve(make_params({**FOLDER_RUN, "data": str(good)})), out, quiet=True)
 
 
-@pytest.mark.xfail(strict=True, reason="a split-file label far above the others gives one error line listing "
-                                       "every empty class (thousands of characters) without naming the file "
-                                       "(fix: cbdlib/data/sources.py _load_splitfile, see docs/reliability.md)")
 def test_a_label_far_out_of_range_in_a_train_split_file_is_named_briefly(tmp_path):
     root = tmp_path / "lt"
     lines = []
@@ -850,9 +844,6 @@ def test_a_parameter_of_the_wrong_type_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="YAML 1.1 (PyYAML) reads 1e-3 as a string, so -p lr=1e-3 and 'lr: 1e-3' "
-                                       "are refused as 'must be float or null' (fix: cbdlib/config.py check_value, "
-                                       "see docs/reliability.md)")
 def test_an_exponent_without_a_dot_is_a_float():
     from cbdlib.config import load_params, parse_override
 

@@ -578,6 +578,15 @@ def _load_splitfile(folder: Path, image_size: int) -> tuple[ImageSet, ImageSet]:
             if not rows:
                 raise CBDError(f"split file {file} lists no images")
         num_classes = max(label for _, _, label in train) + 1
+        present = {label for _, _, label in train}
+        if len(present) < num_classes:
+            # A gap in the labels is most often one mistyped label far above the rest.
+            lineno = max(train, key=lambda row: row[2])[0]
+            missing = num_classes - len(present)
+            raise CBDError(
+                f"{train_file}, line {lineno}: label {num_classes - 1} leaves {missing} of {num_classes} classes "
+                f"without a training image (labels must run 0..C-1); is that line mistyped?"
+            )
         for lineno, _, label in test:
             if label >= num_classes:
                 raise CBDError(
