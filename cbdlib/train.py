@@ -2,6 +2,10 @@
 
 Trains the stage(s) of one experiment into DIR and writes ``DIR/metrics.json``. A rerun
 of the same command resumes from the last checkpoints; stages add to the same DIR.
+
+Distributed: ``torchrun --nproc_per_node=N -m cbdlib.train ...`` runs the same command
+on N processes (one GPU each, NCCL; gloo on CPUs). ``batch_size`` stays the global batch
+and ``lr`` is used as stated; rank 0 alone logs and writes.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import sys
 
 from .cli_util import exits_cleanly, setup_logging
 from .config import load_params, parse_override, resolve
+from .engine import distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_cleanly
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
     overrides = dict(parse_override(item) for item in args.param)
     settings = resolve(load_params(args.params, overrides))
+    distributed.init(cpu=settings.device == "cpu")  # torchrun: join the process group; a no-op otherwise
+    setup_logging(verbose=distributed.is_main())  # the other ranks only report warnings
     from .engine import train_stage
 
     metrics = train_stage(settings, args.out, args.stage)
-    print(f"wrote {args.out}/metrics.json ({len(metrics['methods'])} methods)", file=sys.stderr)
+    if distributed.is_main():
+        ranks = f" on {distributed.world_size()} processes" if distributed.is_distributed() else ""
+        print(f"wrote {args.out}/metrics.json ({len(metrics['methods'])} methods{ranks})", file=sys.stderr)
+    # After an error a rank just exits (torchrun then stops the others); here all ranks leave together.
+    distributed.cleanup()
     return 0
 
 

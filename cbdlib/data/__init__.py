@@ -3,6 +3,11 @@
 ``load_long_tail(settings)`` is the one call the notebooks and the engine use: it
 loads a source (cached), reserves a balanced validation set, draws the long-tailed
 training subset with ``lt_seed`` and keeps the test set balanced.
+
+The large benchmarks (``imagenet_lt``, ``places_lt``, ``inat2018``) are too big for
+memory: for them ``load_long_tail`` returns a :class:`cbdlib.data.large.LargeLongTail`
+of file lists (same labels and statistics, no pixels), and the engine streams their
+images through a DataLoader (:mod:`cbdlib.data.streaming`).
 """
 from __future__ import annotations
 
@@ -85,6 +90,15 @@ def load_long_tail(
     max_train_per_class: int | None = None,
     max_test_per_class: int | None = None,
 ) -> LongTailData:
+    """The long-tailed data of a run (a ``LargeLongTail`` of file lists for the large benchmarks)."""
+    from .large import LARGE_DATASETS
+
+    if dataset in LARGE_DATASETS:  # large-image datasets keep the DataLoader path
+        from .large import load_large
+
+        return load_large(dataset, data, imbalance_ratio=imbalance_ratio, lt_seed=lt_seed,
+                          val_per_class=val_per_class, image_size=image_size,
+                          max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
     from .sources import load_source  # Pillow and scikit-learn load only when data is needed
 
     pool, test = load_source(dataset, data, split_seed=lt_seed, image_size=image_size)

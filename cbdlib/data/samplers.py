@@ -16,6 +16,15 @@ Two forms share one core: :class:`IndexSampler` returns a whole epoch of indices
 int64 tensor (on the training device, for on-device batching), and
 :class:`StrategySampler` wraps it as a ``torch.utils.data.Sampler`` for ``DataLoader``.
 
+Distributed training splits ONE stream per epoch: every rank draws the same global
+``epoch_indices(epoch)`` (same seed, same epoch) and keeps ``indices[rank::world]``,
+truncated to ``N // world`` so all ranks take the same number of steps
+(:func:`shard_indices`, :class:`DistributedStrategySampler`). The shares are disjoint
+positions of the global stream, and with a global batch ``B`` divisible by ``world`` the
+``s``-th local batch of ``B // world`` indices of rank ``r`` is exactly
+``global_batch_s[r::world]``: the ranks together see the global batches of a
+one-process run.
+
 An epoch's indices depend only on ``(generator_seed, epoch, strategy, labels)`` and the
 device type (CPU and CUDA generators produce different streams), never on how many
 epochs were drawn before, so a resumed run sees the same epochs as an uninterrupted one.
@@ -26,6 +35,7 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from ..errors import CBDError
@@ -34,7 +44,8 @@ STRATEGIES = ("instance", "class_balanced", "sqrt", "progressive")
 
 LabelsLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
-__all__ = ["STRATEGIES", "IndexSampler", "StrategySampler", "make_sampler"]
+__all__ = ["STRATEGIES", "IndexSampler", "StrategySampler", "DistributedStrategySampler", "make_sampler",
+           "shard_indices"]
 
 
 def _normalise_strategy(strategy: str) -> str:
@@ -254,6 +265,67 @@ class StrategySampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.index_sampler)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise CBDError(f"world_size must be a positive integer, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise CBDError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
+
+
+def shard_indices(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s share of one epoch's global ``indices``: every ``world_size``-th
+    position from ``rank``, truncated to ``len(indices) // world_size`` for equal shares."""
+    _check_rank(rank, world_size)
+    if world_size == 1:
+        return indices
+    per_rank = len(indices) // world_size
+    return indices[rank::world_size][:per_rank]
+
+
+class DistributedStrategySampler(StrategySampler):
+    """A :class:`StrategySampler` that yields one rank's share of each epoch's global stream.
+
+    Every rank must be built with the same labels, strategy and ``generator_seed``; then
+    the ranks' shares of an epoch are disjoint and together are ``world_size * (N //
+    world_size)`` draws of one instance or class-balanced stream, reseeded per epoch
+    (call :meth:`set_epoch`). ``rank`` / ``world_size`` default to the process group's
+    (rank 0 of 1 without one).
+    """
+
+    def __init__(
+        self,
+        labels: LabelsLike,
+        strategy: str = "instance",
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_classes: int | None = None,
+        total_epochs: int = 1,
+        generator_seed: int = 0,
+    ) -> None:
+        super().__init__(labels, strategy, num_classes=num_classes, total_epochs=total_epochs,
+                         generator_seed=generator_seed, device="cpu")
+        grouped = dist.is_available() and dist.is_initialized()
+        if rank is None:
+            rank = dist.get_rank() if grouped else 0
+        if world_size is None:
+            world_size = dist.get_world_size() if grouped else 1
+        _check_rank(rank, world_size)
+        self.rank = rank
+        self.world_size = world_size
+
+    def local_indices(self, epoch: int | None = None) -> torch.Tensor:
+        """This rank's indices of ``epoch`` (default: the current one), int64 on the CPU."""
+        epoch = self.epoch if epoch is None else IndexSampler._check_epoch(epoch)
+        return shard_indices(self.index_sampler.epoch_indices(epoch), self.rank, self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.local_indices().tolist())
+
+    def __len__(self) -> int:
+        return len(self.index_sampler) // self.world_size
 
 
 def make_sampler(strategy: str, labels: LabelsLike, *, dataloader: bool = False, **kw) -> IndexSampler | StrategySampler:

@@ -5,6 +5,15 @@ Each epoch draws its indices and augmentation randomness from generators seeded 
 uninterrupted one would. Losses are accumulated on the device and read once per
 ``check_every`` steps (no host sync per step); a non-finite loss stops the run with
 the stage, step and model named, leaving the last good checkpoint in place.
+
+Two data paths feed the same loop: :class:`DeviceData` (small images resident on the
+device, batched augmentation) and ``cbdlib.data.streaming.StreamData`` (large images
+decoded by DataLoader workers). Both offer ``batches(job, ...)`` and ``predict(...)``.
+
+Under ``torchrun`` (see :mod:`cbdlib.engine.distributed`) the model is wrapped in DDP;
+``job.batch_size`` is the global batch and each rank trains on its share of every global
+batch (the ranks together see the batches of a one-process run). Rank 0 alone logs and
+writes checkpoints and history; every rank evaluates its share of the validation set.
 """
 from __future__ import annotations
 
@@ -23,11 +32,12 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from ..augment import BatchAugmenter, aug_config, vanilla_config
-from ..data.samplers import IndexSampler
+from ..data.samplers import IndexSampler, shard_indices
 from ..distill import feature_distillation_loss, logit_distillation_loss
 from ..errors import CBDError
 from ..io import append_line
 from ..models import ModelSpec, Network, build_model
+from . import distributed
 from .schedule import lr_at
 
 log = logging.getLogger("cbdlib")
@@ -97,6 +107,38 @@ class DeviceData:
             class_counts=counts,
         )
 
+    def batches(self, job: Job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1):
+        """A function ``epoch -> iterator`` of this rank's share of each global batch of
+        ``batch_size`` images: (normalised images, labels), ``steps`` batches per epoch."""
+        size = self.train_images.shape[1]
+        augmenter = BatchAugmenter(aug_config(size) if job.augment == "aug" else vanilla_config(size),
+                                   self.mean, self.std, channels_last=device.type == "cuda")
+        sampler = IndexSampler(self.train_labels, job.sampling, num_classes=self.num_classes,
+                               total_epochs=job.epochs, generator_seed=job.seed, device=device)
+        local = batch_size // world
+
+        def epoch_batches(epoch: int):
+            indices = shard_indices(sampler.epoch_indices(epoch), rank, world)
+            generator = make_generator(device, derive_seed(job.seed, "augment", epoch))
+            for step in range(steps):
+                batch = indices[step * local:(step + 1) * local]
+                # Every rank draws the global batch's random numbers and keeps its rows, so an
+                # image is augmented as it would be in one process.
+                u = augmenter.draw(batch_size, generator, device)[rank::world]
+                yield augmenter.apply(self.train_images[batch], u), self.train_labels[batch]
+
+        return epoch_batches
+
+    def predict(self, model: Network, split: str, device: torch.device, rank: int = 0, world: int = 1):
+        """(features, logits, labels) of the validation split (or this rank's ``rank::world`` share)."""
+        if split != "val":
+            raise CBDError(f"DeviceData holds the training and validation images only, not {split!r}")
+        images, labels = self.val_images[rank::world], self.val_labels[rank::world]
+        if len(labels) == 0:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), labels.cpu().numpy()
+        features, logits = predict(model, images, self.mean, self.std, device)
+        return features, logits, labels.cpu().numpy()
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -117,6 +159,9 @@ def progress_enabled(quiet: bool) -> bool:
 
 
 def report(message: str, bar=None) -> None:
+    """Log a line (rank 0 only under torchrun)."""
+    if not distributed.is_main():
+        return
     if bar is not None:
         bar.write(message)
     else:
@@ -170,13 +215,26 @@ def fit(
     teachers: Optional[list[Network]] = None,
     quiet: bool = False,
     check_every: int = 50,
+    sync_bn: bool = False,
 ) -> Network:
-    """Train ``model`` for ``job`` (resuming from ``checkpoint_path`` when it holds a partial run)."""
+    """Train ``model`` for ``job`` (resuming from ``checkpoint_path`` when it holds a partial run).
+
+    ``data`` is a :class:`DeviceData` or a ``StreamData``. Under torchrun every rank calls
+    this with the same arguments; ``sync_bn`` (CUDA, several ranks) takes BatchNorm
+    statistics over the global batch.
+    """
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    distributed.local_batch_size(job.batch_size)  # the global batch must split evenly over the ranks
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     if not job.train_backbone:
+        # Classifier re-training: everything else is frozen, so its forward builds no graph
+        # (and DDP sees only the classifier's parameters).
+        for name, p in model.named_parameters():
+            if not name.startswith("classifier."):
+                p.requires_grad_(False)
         params = [p for p in model.classifier.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay,
@@ -184,6 +242,7 @@ def fit(
     )
     start_epoch = 0
     if checkpoint_path.exists() or ckpt.previous_path(checkpoint_path).exists():
+        # Every rank loads the same checkpoint: rank 0 wrote it before the last barrier.
         state = ckpt.load_checkpoint(checkpoint_path, fallback=True)
         if state["meta"].get("job") != job.identity():
             raise CBDError(f"checkpoint {checkpoint_path} was made by a different job; delete it or use overwrite: true")
@@ -195,21 +254,19 @@ def fit(
         start_epoch = state["meta"]["epoch"] + 1
         report(f"{job.name} (seed {job.train_seed}): resuming from the checkpoint of epoch {start_epoch}/{job.epochs}")
 
-    augment_cfg = aug_config(data.train_images.shape[1]) if job.augment == "aug" else vanilla_config(data.train_images.shape[1])
-    augmenter = BatchAugmenter(augment_cfg, data.mean, data.std, channels_last=device.type == "cuda")
-    sampler = IndexSampler(
-        data.train_labels, job.sampling, num_classes=data.num_classes, total_epochs=job.epochs,
-        generator_seed=job.seed, device=device,
-    )
-    n = len(sampler)
-    batch_size = min(job.batch_size, n)
+    n = len(data.train_labels)
+    if n < world:
+        raise CBDError(f"{n} training images cannot be shared by {world} processes")
+    batch_size = min(job.batch_size, n - n % world)
     steps_per_epoch = n // batch_size  # the last partial batch is dropped: static shapes
+    epoch_batches = data.batches(job, batch_size, steps_per_epoch, device, rank, world)
+    train_model = distributed.wrap(model, device, sync_bn)  # DDP under torchrun, else the model itself
     log_prior = torch.log(data.class_counts.clamp_min(1) / data.class_counts.sum())
     teachers = teachers or []
     use_amp = device.type == "cuda"
 
     bar = None
-    if progress_enabled(quiet):
+    if progress_enabled(quiet or not main):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=job.epochs, initial=start_epoch, desc=f"{job.name} s{job.train_seed}", leave=False)
@@ -221,52 +278,51 @@ def fit(
                 model.backbone.eval()  # frozen BatchNorm statistics while re-training a classifier
                 if model.projection is not None:
                     model.projection.eval()
-            indices = sampler.epoch_indices(epoch)
-            generator = make_generator(device, derive_seed(job.seed, "augment", epoch))
             sums = torch.zeros(4, device=device)  # loss, ce, distill, correct
             lr = job.lr
-            for step in range(steps_per_epoch):
+            for step, (x, labels) in enumerate(epoch_batches(epoch)):
                 lr = lr_at(job.schedule, job.lr, epoch, step, steps_per_epoch, job.epochs, job.warmup_epochs)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = indices[step * batch_size:(step + 1) * batch_size]
-                labels = data.train_labels[batch]
-                x = augmenter(data.train_images[batch], generator)
-                loss, ce, distill, logits = _step_loss(job, model, x, labels, teachers, log_prior, use_amp)
+                loss, ce, distill, logits = _step_loss(job, train_model, x, labels, teachers, log_prior, use_amp)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 sums += torch.stack([loss.detach(), ce.detach(), distill.detach(),
                                      (logits.detach().argmax(1) == labels).sum().float()])
-                if (step + 1) % check_every == 0 and not bool(torch.isfinite(sums[0])):
+                if (step + 1) % check_every == 0 and not _finite_everywhere(sums[0]):
                     _non_finite(job, stage, epoch, step)
-            totals = sums.tolist()  # one host sync per epoch
+            totals = distributed.all_reduce_sum(sums).tolist()  # one host sync per epoch
             if not np.isfinite(totals[0]):
                 _non_finite(job, stage, epoch, steps_per_epoch - 1)
+            distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere
             val_acc = _balanced_val_accuracy(model, data, device)
+            mean_over = steps_per_epoch * world  # each rank added one mean loss per step
             record = {
                 "model": job.name, "seed": job.train_seed, "stage": stage, "epoch": epoch + 1,
-                "loss": totals[0] / steps_per_epoch, "ce": totals[1] / steps_per_epoch,
-                "distill": totals[2] / steps_per_epoch if job.loss == "cbd" else None,
+                "loss": totals[0] / mean_over, "ce": totals[1] / mean_over,
+                "distill": totals[2] / mean_over if job.loss == "cbd" else None,
                 "train_acc": totals[3] / (steps_per_epoch * batch_size), "val_acc": val_acc, "lr": lr,
                 "time_s": round(time.perf_counter() - t0, 3),
             }
             complete = epoch + 1 == job.epochs
-            ckpt.save_checkpoint(
-                checkpoint_path,
-                spec=job.spec.to_dict(),
-                meta={**meta, "job": job.identity(), "epoch": epoch, "complete": complete},
-                model=model.state_dict(),
-                optimizer=None if complete else optimizer.state_dict(),
-            )
-            if history_path is not None:
-                append_line(history_path, json.dumps(record))
+            if main:
+                ckpt.save_checkpoint(
+                    checkpoint_path,
+                    spec=job.spec.to_dict(),
+                    meta={**meta, "job": job.identity(), "epoch": epoch, "complete": complete},
+                    model=model.state_dict(),
+                    optimizer=None if complete else optimizer.state_dict(),
+                )
+                if history_path is not None:
+                    append_line(history_path, json.dumps(record))
             line = (f"{job.name} seed {job.train_seed} epoch {epoch + 1}/{job.epochs}: loss {record['loss']:.4f}"
                     + (f" (ce {record['ce']:.4f}, distill {record['distill']:.4f})" if job.loss == "cbd" else "")
                     + f", train acc {record['train_acc']:.3f}, val acc {val_acc:.3f}, lr {lr:.4g}")
             report(line, bar)
             if bar is not None:
                 bar.update(1)
+            distributed.barrier()  # the others wait until rank 0 has written the epoch
     finally:
         if bar is not None:
             bar.close()
@@ -274,16 +330,12 @@ def fit(
 
 
 def _step_loss(job: Job, model: Network, x, labels, teachers, log_prior, use_amp: bool):
+    """Loss terms of one (local) batch. ``model`` may be DDP-wrapped; with a frozen backbone
+    (``job.train_backbone`` False) its parameters do not require grad, so the forward
+    builds a graph for the classifier only."""
     device_type = x.device.type
     with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_amp):
-        if job.train_backbone:
-            features, logits = model(x)
-        else:
-            with torch.no_grad():
-                pooled = model.backbone(x)
-                if model.projection is not None:
-                    pooled = model.projection(pooled)
-            features, logits = pooled, model.classifier(pooled.float())
+        features, logits = model(x)
     logits = logits.float()
     zero = logits.new_zeros(())
     if job.loss == "balanced_softmax":
@@ -298,7 +350,7 @@ def _step_loss(job: Job, model: Network, x, labels, teachers, log_prior, use_amp
     with torch.no_grad(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_amp):
         outputs = [teacher(x) for teacher in teachers]
     teacher_features = [f.float() for f, _ in outputs]
-    if model.projection is None and len(teacher_features) > 1:
+    if distributed.unwrap(model).projection is None and len(teacher_features) > 1:
         # Without a projection the student's feature cannot match a concatenation:
         # distil towards the normalised mean of the teachers' normalised features.
         teacher_features = [torch.stack([F.normalize(t, dim=1) for t in teacher_features]).mean(0)]
@@ -317,10 +369,23 @@ def _non_finite(job: Job, stage: str, epoch: int, step: int):
     )
 
 
+def _finite_everywhere(value: torch.Tensor) -> bool:
+    """Whether ``value`` is finite on every rank, so that all ranks stop at the same step."""
+    return bool(torch.isfinite(distributed.all_reduce_sum(value.detach().clone())))
+
+
 def _balanced_val_accuracy(model: Network, data: DeviceData, device: torch.device) -> float:
+    """Mean per-class accuracy on the validation set (NaN without one); each rank predicts
+    its share and the per-class counts are summed over ranks."""
     if len(data.val_labels) == 0:
         return float("nan")
-    _, logits = predict(model, data.val_images, data.mean, data.std, device)
-    from ..metrics import balanced_accuracy
-
-    return balanced_accuracy(logits, data.val_labels.cpu().numpy())
+    _, logits, labels = data.predict(model, "val", device, distributed.rank(), distributed.world_size())
+    counts = torch.zeros(2, data.num_classes, dtype=torch.float64, device=device)  # images, correct
+    if len(labels):
+        labels = torch.from_numpy(labels)
+        correct = labels[torch.from_numpy(logits.argmax(1)) == labels]
+        counts[0] = torch.bincount(labels, minlength=data.num_classes).to(counts)
+        counts[1] = torch.bincount(correct, minlength=data.num_classes).to(counts)
+    total, correct = distributed.all_reduce_sum(counts)
+    seen = total > 0
+    return float((correct[seen] / total[seen]).mean())

@@ -7,6 +7,10 @@ Stage 1 (``teachers``): cosine-classifier teachers with instance sampling, "vani
 balanced validation set), ``ncm``, all on ``ce``'s backbone. ``students``: ``cbd`` (one
 vanilla teacher) and ``cbd_ens`` (all teachers), trained from scratch with
 class-balanced sampling and feature distillation.
+
+Under ``torchrun`` every rank builds the same ``Experiment`` and trains every model
+together (DDP); rank 0 alone prepares the run folder, evaluates on the test set, derives
+tau-norm / NCM and writes metrics, while the others wait at barriers.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from ..errors import CBDError
 from ..metrics import accuracy_record, balanced_accuracy
 from ..models import LinearClassifier, LWSClassifier, ModelSpec, NCMClassifier, Network, TauNormClassifier, feature_dim_of
 from .. import runs
+from . import distributed
 from .loop import DeviceData, Job, derive_seed, fit, init_model, predict, report, resolve_device
 from .schedule import warmup_epochs_for
 
@@ -49,12 +54,24 @@ class Experiment:
 
     def __init__(self, settings: Settings, out_dir: str | Path, *, data: LongTailData | None = None, quiet: bool | None = None):
         self.settings = settings
-        self.out = runs.prepare_run_dir(out_dir, settings)
-        self.device = resolve_device(settings.device)
+        distributed.init(cpu=settings.device == "cpu")  # a no-op outside torchrun (or when already joined)
+        self.main = distributed.is_main()
+        distributed.local_batch_size(settings.batch_size)  # a global batch the ranks cannot share stops here
+        # Rank 0 checks (and may clear) the run folder; the others wait until it is ready.
+        self.out = runs.prepare_run_dir(out_dir, settings) if self.main else Path(out_dir)
+        distributed.barrier()
+        self.device = distributed.device_for(resolve_device(settings.device))
         self.quiet = settings.smoke if quiet is None else quiet
         self.data = data if data is not None else load_for_settings(settings)
-        self.device_data = DeviceData.from_long_tail(self.data, self.device)
-        self.test_images = torch.from_numpy(np.ascontiguousarray(self.data.test_images))
+        if getattr(self.data, "streaming", False):  # large images: decoded by DataLoader workers
+            from ..data.streaming import StreamData
+
+            self.device_data = StreamData(self.data, self.device, num_workers=settings.num_workers,
+                                          eval_batch_size=settings.eval_batch_size)
+            self.test_images = None
+        else:  # small images: resident on the device
+            self.device_data = DeviceData.from_long_tail(self.data, self.device)
+            self.test_images = torch.from_numpy(np.ascontiguousarray(self.data.test_images))
         self.splits = self.data.splits
         self.prov = runs.provenance(self.device)
         self.stage_times: dict[str, float] = {}
@@ -101,17 +118,30 @@ class Experiment:
                 getattr(self, f"_run_{part}")(seed)
             self.stage_times[part] = self.stage_times.get(part, 0.0) + time.perf_counter() - t0
             report(f"stage {part} done in {self.stage_times[part]:.1f} s")
-        return self.write_metrics()
+        metrics = self.write_metrics() if self.main else {}
+        distributed.barrier()
+        return metrics
 
     def _train(self, job: Job, model: Network, stage: str, teachers=None) -> Network:
         return fit(job, model, self.device_data, device=self.device,
                    checkpoint_path=runs.checkpoint_path(self.out, job.train_seed, job.name),
                    history_path=self.out / "history.jsonl", meta=self.meta(job.name, job.train_seed),
-                   stage=stage, teachers=teachers, quiet=self.quiet)
+                   stage=stage, teachers=teachers, quiet=self.quiet, sync_bn=self.settings.sync_bn)
 
-    def evaluate(self, model: Network, method: str, seed: int, extra: dict | None = None, save_features: bool = False) -> dict:
-        features, logits = predict(model, self.test_images, self.data.mean, self.data.std, self.device,
-                                   self.settings.eval_batch_size)
+    def _predict(self, model: Network, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features, logits) of the train, val or test images, without augmentation."""
+        if self.test_images is None:
+            features, logits, _ = self.device_data.predict(model, split, self.device)
+            return features, logits
+        images = {"train": self.data.train_images, "val": self.data.val_images, "test": self.test_images}[split]
+        return predict(model, images, self.data.mean, self.data.std, self.device, self.settings.eval_batch_size)
+
+    def evaluate(self, model: Network, method: str, seed: int, extra: dict | None = None,
+                 save_features: bool = False) -> dict | None:
+        """Test metrics of a model, saved in the run folder (rank 0 only; None elsewhere)."""
+        if not self.main:
+            return None
+        features, logits = self._predict(model, "test")
         self._logits_cache[(seed, method)] = logits
         if save_features:
             runs.save_features(self.out, seed, method, features, self.data.test_labels, self.settings.tsne_samples)
@@ -151,15 +181,13 @@ class Experiment:
             job = self.job(name, seed, self.spec("cosine"), sampling="instance", augment=kind)
             model = self._train(job, model, "teachers")
             self.evaluate(model, name, seed, save_features=(name == names[0]))
-        if "teacher_ensemble" in self.wanted:
+        if "teacher_ensemble" in self.wanted and self.main:
             logits = [self._teacher_logits(name, seed) for name in names]
             self.record(np.mean(logits, axis=0), "teacher_ensemble", seed, {"members": names})
 
     def _teacher_logits(self, name: str, seed: int) -> np.ndarray:
         if (seed, name) not in self._logits_cache:
-            model = self.load_trained(name, seed)
-            self._logits_cache[(seed, name)] = predict(model, self.test_images, self.data.mean, self.data.std,
-                                                       self.device, self.settings.eval_batch_size)[1]
+            self._logits_cache[(seed, name)] = self._predict(self.load_trained(name, seed), "test")[1]
         return self._logits_cache[(seed, name)]
 
     # --- one-stage baselines ---------------------------------------------------------
@@ -200,17 +228,16 @@ class Experiment:
                            schedule="cosine", warmup_epochs=0, train_backbone=False)
             model = self._train(job, model, "decoupled")
             self.evaluate(model, name, seed)
+        if not self.main:  # tau-norm and NCM train nothing: rank 0 derives and evaluates them
+            return
         if "tau_norm" in needed:
             self._tau_norm(base, seed)
         if "ncm" in needed:
             self._ncm(base, seed)
 
-    def _features(self, model: Network, images) -> np.ndarray:
-        return predict(model, images, self.data.mean, self.data.std, self.device, self.settings.eval_batch_size)[0]
-
     def _tau_norm(self, base: Network, seed: int) -> None:
         weight = base.classifier.weight.detach().float().cpu()
-        val_features = torch.from_numpy(self._features(base, self.data.val_images))
+        val_features = torch.from_numpy(self._predict(base, "val")[0])
         scores = []
         for tau in TAU_GRID:  # chosen on the balanced validation set, never on test
             logits = val_features @ TauNormClassifier(weight, tau).weight.t()
@@ -226,7 +253,7 @@ class Experiment:
                                                 "tau_grid": list(TAU_GRID)})
 
     def _ncm(self, base: Network, seed: int) -> None:
-        features = torch.from_numpy(self._features(base, self.data.train_images))
+        features = torch.from_numpy(self._predict(base, "train")[0])
         labels = torch.from_numpy(self.data.train_labels)
         means = torch.zeros(self.data.num_classes, features.shape[1])
         means.index_add_(0, labels, torch.nn.functional.normalize(features, dim=1))
