@@ -126,7 +126,8 @@ def params_file(tmp_path, **values) -> Path:
 
 # --- run -----------------------------------------------------------------------------------
 
-def test_run_routes_keys_and_writes_summary_and_index(tmp_path, results, notebooks, capsys):
+def test_run_routes_keys_and_writes_summary_and_index(tmp_path, results, notebooks, capsys, monkeypatch):
+    monkeypatch.delenv("CBD_SMOKE", raising=False)  # smoke would replace epochs=3 by its own
     path = params_file(tmp_path, epochs=3)
     run = pipeline.run_pipeline(path, {"tsne_points": 50, "label": "hi", "seeds": [1, 2]}, progress=False,
                                 notebooks_dir=notebooks)

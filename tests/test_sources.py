@@ -377,7 +377,7 @@ def test_cached_arrays_roundtrip(private_cache):
 def test_splitfile_loads_and_falls_back_to_val(tmp_path, caplog):
     root = split_dataset(
         tmp_path / "lt",
-        ["train/a/1.jpg 0", "", "train/b/2.jpg 3", "train/b/3.jpg 1"],
+        ["train/a/1.jpg 0", "", "train/b/2.jpg 3", "train/b/3.jpg 1", "train/b/4.jpg 2"],
         ["val/x.jpg 2", "val/y.png 0"],
         test_name="LT_val.txt",
     )
@@ -385,9 +385,10 @@ def test_splitfile_loads_and_falls_back_to_val(tmp_path, caplog):
         train, test = load_source("splitfile", root, image_size=6)
     assert "LT_val.txt" in caplog.text
     assert train.class_names == ["0", "1", "2", "3"]
-    assert train.labels.tolist() == [0, 3, 1] and test.labels.tolist() == [2, 0]
-    assert train.images.shape == (3, 6, 6, 3) and np.all(test.images == [40, 50, 60])
-    assert parse_split_file(root / "LT_train.txt") == [("train/a/1.jpg", 0), ("train/b/2.jpg", 3), ("train/b/3.jpg", 1)]
+    assert train.labels.tolist() == [0, 3, 1, 2] and test.labels.tolist() == [2, 0]
+    assert train.images.shape == (4, 6, 6, 3) and np.all(test.images == [40, 50, 60])
+    assert parse_split_file(root / "LT_train.txt") == [("train/a/1.jpg", 0), ("train/b/2.jpg", 3), ("train/b/3.jpg", 1),
+                                                       ("train/b/4.jpg", 2)]
 
 
 def test_splitfile_paths_relative_to_split_folder(tmp_path):

@@ -114,3 +114,25 @@ def test_teacher_features_in_one_grouped_forward():
     x = torch.randn(5, 3, 8, 8)
     for got, teacher in zip(batched(x), teachers):
         torch.testing.assert_close(got, teacher(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_an_experiment_trains_stage_one_together_with_the_same_results(tmp_path):
+    """The stage integration: per-model checkpoints, evaluations and history as when trained alone."""
+    from cbdlib.config import make_params, resolve
+    from cbdlib.engine import Experiment
+
+    settings = resolve(make_params(dict(dataset="digits", arch="resnet_tiny", epochs=1, batch_size=32, lr=0.01,
+                                        teachers=["vanilla:1", "aug:1"], seeds=[1, 2], device="cpu", smoke=False,
+                                        methods=["teacher_vanilla_1", "teacher_aug_1", "teacher_ensemble", "ce"])))
+    results = {}
+    for mode in (False, True):
+        exp = Experiment(settings, tmp_path / str(mode), quiet=True)
+        exp.together = mode
+        results[mode] = exp.run("all")
+        rows = [json.loads(line) for line in (tmp_path / str(mode) / "history.jsonl").read_text().splitlines()]
+        assert all(("trained_with" in r) == mode for r in rows)
+    alone, together = results[False]["methods"], results[True]["methods"]
+    assert alone.keys() == together.keys() == {"teacher_vanilla_1", "teacher_aug_1", "teacher_ensemble", "ce"}
+    for name in alone:
+        assert together[name]["seeds"] == [1, 2]
+        assert abs(together[name]["all"] - alone[name]["all"]) <= 0.03, name  # float noise only

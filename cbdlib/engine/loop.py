@@ -365,7 +365,8 @@ def _step_loss(job: Job, model: Network, x, labels, teachers, log_prior, use_amp
 def _non_finite(job: Job, stage: str, epoch: int, step: int):
     raise NonFiniteLoss(
         f"non-finite loss in stage {stage}, model {job.name} (seed {job.train_seed}), epoch {epoch + 1}, "
-        f"by step {step + 1}; the last good checkpoint is kept"
+        f"by step {step + 1}; "
+        + ("the checkpoint of the previous epoch is kept" if epoch > 0 else "no epoch had finished, so no checkpoint was written")
     )
 
 

@@ -14,7 +14,9 @@ tau-norm / NCM and writes metrics, while the others wait at barriers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from .. import runs
 from . import distributed
 from .loop import DeviceData, Job, derive_seed, fit, init_model, predict, report, resolve_device
 from .schedule import warmup_epochs_for
+from .together import can_train_together, fit_together
 
 log = logging.getLogger("cbdlib")
 
@@ -75,6 +78,10 @@ class Experiment:
         self.splits = self.data.splits
         self.prov = runs.provenance(self.device)
         self.stage_times: dict[str, float] = {}
+        # Stage-1 models share one grouped step on a GPU; on a CPU grouped convolutions are
+        # slower than separate ones, and DDP / streaming runs train one model at a time.
+        self.together = (self.device.type == "cuda" and not distributed.is_distributed()
+                         and self.test_images is not None)
         self._logits_cache: dict[tuple[int, str], np.ndarray] = {}
 
     # --- bookkeeping -------------------------------------------------------------------
@@ -112,13 +119,16 @@ class Experiment:
     def run(self, stage: str = "all") -> dict:
         if stage not in STAGE_GROUPS:
             raise CBDError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_GROUPS)}")
-        for part in STAGE_GROUPS[stage]:
-            t0 = time.perf_counter()
-            for seed in self.settings.seeds:
-                getattr(self, f"_run_{part}")(seed)
-            self.stage_times[part] = self.stage_times.get(part, 0.0) + time.perf_counter() - t0
-            report(f"stage {part} done in {self.stage_times[part]:.1f} s")
-        metrics = self.write_metrics() if self.main else {}
+        # One writer per run folder: a second process is refused while this one trains.
+        with runs.run_lock(self.out) if self.main else contextlib.nullcontext():
+            for part in STAGE_GROUPS[stage]:
+                t0 = time.perf_counter()
+                if not self._train_together(part):
+                    for seed in self.settings.seeds:
+                        getattr(self, f"_run_{part}")(seed)
+                self.stage_times[part] = self.stage_times.get(part, 0.0) + time.perf_counter() - t0
+                report(f"stage {part} done in {self.stage_times[part]:.1f} s")
+            metrics = self.write_metrics() if self.main else {}
         distributed.barrier()
         return metrics
 
@@ -159,7 +169,10 @@ class Experiment:
             runs.load_evaluations(self.out), dataset=self.settings.dataset,
             imbalance_ratio=self.settings.imbalance_ratio, class_counts=self.data.class_counts, splits=self.splits,
             seeds=self.settings.seeds, prov=self.prov)
-        metrics["stage_times_s"] = {k: round(v, 2) for k, v in self.stage_times.items()}
+        previous = {}
+        if (self.out / "metrics.json").exists():
+            previous = json.loads((self.out / "metrics.json").read_text()).get("stage_times_s", {})
+        metrics["stage_times_s"] = {**previous, **{k: round(v, 2) for k, v in self.stage_times.items()}}
         runs.write_metrics(self.out, metrics, self.data.class_names)
         return metrics
 
@@ -174,13 +187,15 @@ class Experiment:
     def teacher_names(self) -> list[str]:
         return [teacher_method_name(kind, tseed) for kind, tseed in self.settings.teachers]
 
-    def _run_teachers(self, seed: int) -> None:
+    def _teacher_jobs(self, seed: int) -> list[Job]:
+        return [self.job(name, seed, self.spec("cosine"), sampling="instance", augment=kind)
+                for (kind, _), name in zip(self.settings.teachers, self.teacher_names())]
+
+    def _run_teachers(self, seed: int, trained: dict | None = None) -> None:
         names = self.teacher_names()
-        for (kind, _), name in zip(self.settings.teachers, names):
-            model = init_model(self.spec("cosine"), derive_seed(name, seed))
-            job = self.job(name, seed, self.spec("cosine"), sampling="instance", augment=kind)
-            model = self._train(job, model, "teachers")
-            self.evaluate(model, name, seed, save_features=(name == names[0]))
+        for job in self._teacher_jobs(seed):
+            model = trained[job.name] if trained else self._train(job, init_model(job.spec, job.seed), "teachers")
+            self.evaluate(model, job.name, seed, save_features=(job.name == names[0]))
         if "teacher_ensemble" in self.wanted and self.main:
             logits = [self._teacher_logits(name, seed) for name in names]
             self.record(np.mean(logits, axis=0), "teacher_ensemble", seed, {"members": names})
@@ -191,17 +206,37 @@ class Experiment:
         return self._logits_cache[(seed, name)]
 
     # --- one-stage baselines ---------------------------------------------------------
-    def _run_one_stage(self, seed: int) -> None:
+    def _one_stage_jobs(self, seed: int) -> list[Job]:
         recipes = {"ce": dict(sampling="instance", loss="ce"),
                    "ce_cb": dict(sampling="class_balanced", loss="ce"),
                    "balanced_softmax": dict(sampling="instance", loss="balanced_softmax")}
         needed = [m for m in ONE_STAGE_BASELINES if m in self.wanted]
         if "ce" not in needed and any(m in self.wanted for m in DECOUPLED_BASELINES):
             needed.insert(0, "ce")  # the decoupled baselines stand on ce's backbone
-        for name in needed:
-            model = init_model(self.spec("linear"), derive_seed(name, seed))
-            model = self._train(self.job(name, seed, self.spec("linear"), **recipes[name]), model, "one_stage")
-            self.evaluate(model, name, seed, save_features=(name == "ce"))
+        return [self.job(name, seed, self.spec("linear"), **recipes[name]) for name in needed]
+
+    def _run_one_stage(self, seed: int, trained: dict | None = None) -> None:
+        for job in self._one_stage_jobs(seed):
+            model = trained[job.name] if trained else self._train(job, init_model(job.spec, job.seed), "one_stage")
+            self.evaluate(model, job.name, seed, save_features=(job.name == "ce"))
+
+    def _train_together(self, part: str) -> bool:
+        """Stage-1 models of every seed in one grouped step (see ``together.py``); False if not applicable."""
+        if not self.together or part not in ("teachers", "one_stage"):
+            return False
+        plan = self._teacher_jobs if part == "teachers" else self._one_stage_jobs
+        jobs = [job for seed in self.settings.seeds for job in plan(seed)]
+        if not can_train_together(jobs):
+            return False
+        models = fit_together(
+            jobs, [init_model(j.spec, j.seed) for j in jobs], self.device_data, device=self.device,
+            checkpoint_paths=[runs.checkpoint_path(self.out, j.train_seed, j.name) for j in jobs],
+            history_path=self.out / "history.jsonl", metas=[self.meta(j.name, j.train_seed) for j in jobs],
+            stage=part, quiet=self.quiet)
+        runner = self._run_teachers if part == "teachers" else self._run_one_stage
+        for seed in self.settings.seeds:
+            runner(seed, {j.name: m for j, m in zip(jobs, models) if j.train_seed == seed})
+        return True
 
     # --- decoupled baselines (Kang et al. 2020) --------------------------------------
     def _run_decoupled(self, seed: int) -> None:
