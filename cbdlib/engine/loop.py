@@ -28,15 +28,15 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from ..augment import BatchAugmenter, aug_config, vanilla_config
 from ..data.samplers import IndexSampler, shard_indices
-from ..distill import feature_distillation_loss, logit_distillation_loss
 from ..errors import CBDError
 from ..io import append_line
 from ..models import ModelSpec, Network, build_model
+from ..models.grouped import TeacherFeatures
+from .losses import job_loss
 from . import distributed
 from .schedule import lr_at
 
@@ -263,6 +263,8 @@ def fit(
     train_model = distributed.wrap(model, device, sync_bn)  # DDP under torchrun, else the model itself
     log_prior = torch.log(data.class_counts.clamp_min(1) / data.class_counts.sum())
     teachers = teachers or []
+    # The frozen teachers' forwards: one grouped forward on a GPU (several launches saved per step).
+    teacher_forward = TeacherFeatures(teachers, grouped=device.type == "cuda").to(device) if teachers else None
     use_amp = device.type == "cuda"
 
     bar = None
@@ -284,7 +286,8 @@ def fit(
                 lr = lr_at(job.schedule, job.lr, epoch, step, steps_per_epoch, job.epochs, job.warmup_epochs)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, ce, distill, logits = _step_loss(job, train_model, x, labels, teachers, log_prior, use_amp)
+                loss, ce, distill, logits = _step_loss(job, train_model, x, labels, teachers, log_prior, use_amp,
+                                                     teacher_forward)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -329,37 +332,23 @@ def fit(
     return model
 
 
-def _step_loss(job: Job, model: Network, x, labels, teachers, log_prior, use_amp: bool):
+def _step_loss(job: Job, model: Network, x, labels, teachers, log_prior, use_amp: bool, teacher_forward=None):
     """Loss terms of one (local) batch. ``model`` may be DDP-wrapped; with a frozen backbone
     (``job.train_backbone`` False) its parameters do not require grad, so the forward
-    builds a graph for the classifier only."""
+    builds a graph for the classifier only. ``teachers`` are the frozen teachers, whose
+    features ``teacher_forward`` (a ``TeacherFeatures``) computes in one go."""
     device_type = x.device.type
     with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_amp):
         features, logits = model(x)
-    logits = logits.float()
-    zero = logits.new_zeros(())
-    if job.loss == "balanced_softmax":
-        # Ren et al. 2020: train on logits shifted by the log class prior, predict with plain logits.
-        ce = F.cross_entropy(logits + log_prior, labels)
-        return ce, ce, zero, logits
-    ce = F.cross_entropy(logits, labels)
-    if job.loss == "ce":
-        return ce, ce, zero, logits
-    if job.loss != "cbd":
-        raise CBDError(f"unknown loss {job.loss!r}")
-    with torch.no_grad(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_amp):
-        outputs = [teacher(x) for teacher in teachers]
-    teacher_features = [f.float() for f, _ in outputs]
-    if distributed.unwrap(model).projection is None and len(teacher_features) > 1:
-        # Without a projection the student's feature cannot match a concatenation:
-        # distil towards the normalised mean of the teachers' normalised features.
-        teacher_features = [torch.stack([F.normalize(t, dim=1) for t in teacher_features]).mean(0)]
-    distill = feature_distillation_loss(features.float(), teacher_features)
-    loss = (1.0 - job.alpha) * ce + job.alpha * job.beta * distill
-    if job.logit_distill_weight > 0:
-        loss = loss + job.logit_distill_weight * logit_distillation_loss(
-            logits, [z for _, z in outputs], job.logit_distill_temperature)
-    return loss, ce, distill, logits
+    teacher_features = teacher_logits = None
+    if job.loss == "cbd":
+        forward = teacher_forward if teacher_forward is not None else TeacherFeatures(teachers, grouped=False)
+        with torch.no_grad(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_amp):
+            teacher_features = forward(x)
+            if job.logit_distill_weight > 0:
+                teacher_logits = forward.logits(teacher_features)
+    loss, ce, distill = job_loss(job, features, logits, labels, log_prior, teacher_features, teacher_logits)
+    return loss, ce, distill, logits.float()
 
 
 def _non_finite(job: Job, stage: str, epoch: int, step: int):

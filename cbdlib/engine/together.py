@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from ..augment import BatchAugmenter, aug_config, vanilla_config
 from ..data.samplers import IndexSampler
-from ..distill import feature_distillation_loss, logit_distillation_loss
 from ..errors import CBDError
 from ..io import append_line
 from ..models import CIFAR_ARCHS, Network
-from ..models.grouped import GroupedCifarResNet, pack_state_dicts, unpack_state_dict
+from ..models.grouped import GroupedCifarResNet, TeacherFeatures, unpack_state_dict
+from .losses import job_loss
 from .loop import DeviceData, Job, _balanced_val_accuracy, _non_finite, derive_seed, make_generator, progress_enabled, report
 from .schedule import lr_at
 
@@ -40,60 +39,6 @@ def can_train_together(jobs: list[Job]) -> bool:
     return (first.spec.arch in CIFAR_ARCHS
             and all(j.spec.arch == first.spec.arch and j.train_backbone for j in jobs)
             and all(getattr(j, f) == getattr(first, f) for j in jobs for f in SHARED_FIELDS))
-
-
-class TeacherFeatures(nn.Module):
-    """The frozen teachers' pooled features for one batch, in one grouped forward when possible."""
-
-    def __init__(self, teachers: list[Network]):
-        super().__init__()
-        self.count = len(teachers)
-        archs = {type(t.backbone) for t in teachers}
-        dims = {t.backbone_dim for t in teachers}
-        self.grouped = None
-        from ..models.resnet_cifar import CifarResNet
-
-        if len(teachers) > 1 and archs == {CifarResNet} and len(dims) == 1 and all(t.projection is None for t in teachers):
-            try:
-                self.grouped = GroupedCifarResNet.from_models([t.backbone for t in teachers]).eval()
-                self.grouped.requires_grad_(False)
-            except RuntimeError:  # different depths: fall back to one forward per teacher
-                self.grouped = None
-        self.teachers = nn.ModuleList(teachers)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.grouped is not None:
-            features = self.grouped(x.repeat(1, self.count, 1, 1))
-            return [features[:, k] for k in range(self.count)]
-        return [t(x)[0] for t in self.teachers]
-
-    @torch.no_grad()
-    def logits(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.classifier(f) for t, f in zip(self.teachers, features)]
-
-
-def job_loss(job: Job, features, logits, labels, log_prior, teacher_features=None, teacher_logits=None):
-    """(loss, ce, distill) of one model's batch, as the paper and the baselines define them."""
-    logits = logits.float()
-    zero = logits.new_zeros(())
-    if job.loss == "balanced_softmax":
-        ce = F.cross_entropy(logits + log_prior, labels)
-        return ce, ce, zero
-    ce = F.cross_entropy(logits, labels)
-    if job.loss == "ce":
-        return ce, ce, zero
-    if job.loss != "cbd":
-        raise CBDError(f"unknown loss {job.loss!r}")
-    targets = [t.float() for t in teacher_features]
-    if features.shape[1] != sum(t.shape[1] for t in targets) and len(targets) > 1:
-        # No projection: distil towards the normalised mean of the teachers' normalised features.
-        targets = [torch.stack([F.normalize(t, dim=1) for t in targets]).mean(0)]
-    distill = feature_distillation_loss(features.float(), targets)
-    loss = (1.0 - job.alpha) * ce + job.alpha * job.beta * distill
-    if job.logit_distill_weight > 0 and teacher_logits is not None:
-        loss = loss + job.logit_distill_weight * logit_distillation_loss(logits, teacher_logits, job.logit_distill_temperature)
-    return loss, ce, distill
 
 
 def checkpoint_interval(epochs: int) -> int:

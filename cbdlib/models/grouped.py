@@ -9,11 +9,16 @@ unpacking are ``torch.cat`` and ``chunk``. One module, so DDP can wrap it as it 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .resnet_cifar import CifarResNet
+
+if TYPE_CHECKING:
+    from . import Network
 
 
 class GroupedPadShortcut(nn.Module):
@@ -101,3 +106,32 @@ def pack_state_dicts(states: list[dict]) -> dict:
 def unpack_state_dict(state: dict, groups: int, index: int) -> dict:
     return {key: (value.clone() if value.dim() == 0 else value.chunk(groups, dim=0)[index].clone())
             for key, value in state.items()}
+
+
+class TeacherFeatures(nn.Module):
+    """The frozen teachers' pooled features for one batch, in one grouped forward when possible."""
+
+    def __init__(self, teachers: list[Network], grouped: bool = True):
+        super().__init__()
+        self.count = len(teachers)
+        archs = {type(t.backbone) for t in teachers}
+        dims = {t.backbone_dim for t in teachers}
+        self.grouped = None
+        if grouped and len(teachers) > 1 and archs == {CifarResNet} and len(dims) == 1 and all(t.projection is None for t in teachers):
+            try:
+                self.grouped = GroupedCifarResNet.from_models([t.backbone for t in teachers]).eval()
+                self.grouped.requires_grad_(False)
+            except RuntimeError:  # different depths: fall back to one forward per teacher
+                self.grouped = None
+        self.teachers = nn.ModuleList(teachers)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.grouped is not None:
+            features = self.grouped(x.repeat(1, self.count, 1, 1))
+            return [features[:, k] for k in range(self.count)]
+        return [t(x)[0] for t in self.teachers]
+
+    @torch.no_grad()
+    def logits(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.classifier(f) for t, f in zip(self.teachers, features)]
