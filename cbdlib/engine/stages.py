@@ -29,11 +29,10 @@ from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Setting
 from ..data import LongTailData, load_for_settings
 from ..errors import CBDError
 from ..metrics import accuracy_record, balanced_accuracy
-from ..models import LinearClassifier, LWSClassifier, ModelSpec, NCMClassifier, Network, TauNormClassifier, feature_dim_of
+from ..models import LinearClassifier, LWSClassifier, ModelSpec, NCMClassifier, Network, TauNormClassifier
 from .. import runs
 from . import distributed
 from .loop import DeviceData, Job, derive_seed, fit, init_model, predict, report, resolve_device
-from .schedule import warmup_epochs_for
 from .together import can_train_together, fit_together
 
 log = logging.getLogger("cbdlib")
@@ -349,4 +348,4 @@ def train_stage(settings: Settings, out_dir: str | Path, stage: str = "all", **k
     return Experiment(settings, out_dir, **kw).run(stage)
 
 
-__all__ = ["Experiment", "STAGES", "STAGE_GROUPS", "load_model", "train_stage", "warmup_epochs_for", "feature_dim_of"]
+__all__ = ["Experiment", "STAGES", "STAGE_GROUPS", "load_model", "train_stage"]

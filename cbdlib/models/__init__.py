@@ -83,12 +83,6 @@ def build_backbone(arch: str) -> tuple[nn.Module, int]:
     raise CBDError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
-def feature_dim_of(arch: str) -> int:
-    if arch in CIFAR_ARCHS:
-        return CIFAR_ARCHS[arch][1][-1]
-    return {"resnet18": 512}.get(arch, 2048) if arch in TORCHVISION_ARCHS else build_backbone(arch)[1]
-
-
 def build_classifier(spec: ModelSpec, in_features: int) -> nn.Module:
     c = spec.num_classes
     if spec.classifier == "cosine":
@@ -112,6 +106,6 @@ def build_model(spec: ModelSpec) -> Network:
 
 
 __all__ = [
-    "ARCHS", "ModelSpec", "Network", "build_model", "build_backbone", "feature_dim_of",
+    "ARCHS", "ModelSpec", "Network", "build_model", "build_backbone",
     "CosineClassifier", "LinearClassifier", "LWSClassifier", "NCMClassifier", "TauNormClassifier", "Projection",
 ]
