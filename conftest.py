@@ -3,8 +3,9 @@
 Set here, at import time, before any test or nbval kernel starts (kernels inherit the
 environment of the pytest process):
 
-* ``CBD_RESULTS_DIR``: a fresh temporary folder for the session (unless already set), so
-  test runs never write into the project's ``results/``; it is removed at the end.
+* ``CBD_RESULTS_DIR``: a fresh temporary folder for the session, even when the user has
+  set one, so smoke runs of the tests never meet (or are refused by) real run folders;
+  it is removed at the end.
 * ``MPLBACKEND=Agg``: no display needed.
 
 nbval collects ``notebooks/`` in alphabetical order, 01 -> 04, so 04 reads the run folder
@@ -16,12 +17,9 @@ import tempfile
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-_CREATED_RESULTS_DIR = None
-if not os.environ.get("CBD_RESULTS_DIR"):
-    _CREATED_RESULTS_DIR = tempfile.mkdtemp(prefix="cbd-test-results-")
-    os.environ["CBD_RESULTS_DIR"] = _CREATED_RESULTS_DIR
+_CREATED_RESULTS_DIR = tempfile.mkdtemp(prefix="cbd-test-results-")
+os.environ["CBD_RESULTS_DIR"] = _CREATED_RESULTS_DIR
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _CREATED_RESULTS_DIR:
-        shutil.rmtree(_CREATED_RESULTS_DIR, ignore_errors=True)
+    shutil.rmtree(_CREATED_RESULTS_DIR, ignore_errors=True)
