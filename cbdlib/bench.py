@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .cli_util import exits_cleanly, setup_logging
+from .data.longtail import long_tail_counts
 from .engine import loop
 from .engine.together import fit_together
 from .models import ModelSpec
@@ -39,7 +40,9 @@ PROFILES = {
 
 def synthetic_data(images: int, device: torch.device, num_classes: int = 10, seed: int = 0) -> loop.DeviceData:
     rng = np.random.default_rng(seed)
-    counts = [int(images * w) for w in np.exp(-np.linspace(0, np.log(100), num_classes)) / np.exp(-np.linspace(0, np.log(100), num_classes)).sum()]
+    # CIFAR-LT's exponential profile at IR 100, scaled to about ``images`` in all.
+    profile = long_tail_counts(5000, num_classes, 100)
+    counts = [max(1, round(c * images / sum(profile))) for c in profile]
     labels = np.repeat(np.arange(num_classes), counts)
     pixels = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
     return loop.DeviceData(

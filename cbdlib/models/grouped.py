@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .resnet_cifar import CifarResNet
 
@@ -21,62 +20,11 @@ if TYPE_CHECKING:
     from . import Network
 
 
-class GroupedPadShortcut(nn.Module):
-    def __init__(self, groups: int, in_channels: int, out_channels: int):
-        super().__init__()
-        self.groups, self.in_channels = groups, in_channels
-        self.extra = (out_channels - in_channels) // 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        x = x[:, :, ::2, ::2].reshape(b, self.groups, self.in_channels, (h + 1) // 2, (w + 1) // 2)
-        x = F.pad(x, (0, 0, 0, 0, self.extra, self.extra))
-        return x.reshape(b, -1, x.shape[-2], x.shape[-1])
-
-
-class GroupedBasicBlock(nn.Module):
-    def __init__(self, groups: int, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        k = groups
-        self.conv1 = nn.Conv2d(k * in_channels, k * out_channels, 3, stride, 1, groups=k, bias=False)
-        self.bn1 = nn.BatchNorm2d(k * out_channels)
-        self.conv2 = nn.Conv2d(k * out_channels, k * out_channels, 3, 1, 1, groups=k, bias=False)
-        self.bn2 = nn.BatchNorm2d(k * out_channels)
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut: nn.Module = GroupedPadShortcut(k, in_channels, out_channels)
-        else:
-            self.shortcut = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class GroupedCifarResNet(nn.Module):
+class GroupedCifarResNet(CifarResNet):
     """K ``CifarResNet`` backbones in one; ``forward`` maps (B, 3K, H, W) to (B, K, C)."""
 
     def __init__(self, groups: int, blocks_per_stage: int, widths=(16, 32, 64)):
-        super().__init__()
-        k = self.groups = groups
-        self.conv = nn.Conv2d(3 * k, k * widths[0], 3, 1, 1, groups=k, bias=False)
-        self.bn = nn.BatchNorm2d(k * widths[0])
-        stages, in_ch = [], widths[0]
-        for i, width in enumerate(widths):
-            blocks = []
-            for b in range(blocks_per_stage):
-                stride = 2 if (i > 0 and b == 0) else 1
-                blocks.append(GroupedBasicBlock(k, in_ch, width, stride))
-                in_ch = width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.feature_dim = widths[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.stages(x)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return pooled.view(x.shape[0], self.groups, self.feature_dim)
+        super().__init__(blocks_per_stage, widths, groups)
 
     @classmethod
     def from_models(cls, backbones: list[CifarResNet]) -> "GroupedCifarResNet":
