@@ -71,7 +71,7 @@ def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | Non
         model = fit(job, model, exp.device_data, device=exp.device,
                     checkpoint_path=out / "checkpoints" / f"seed_{seed}" / f"{slug}.pt",
                     history_path=out / "history.jsonl", meta=exp.meta(name, seed), stage="ablation",
-                    teachers=teachers, quiet=exp.quiet)
+                    teachers=teachers, quiet=exp.quiet, precision=exp.precision, use_compile=settings.compile)
         _, logits = predict(model, exp.data.test_images, exp.data.mean, exp.data.std, exp.device,
                             settings.eval_batch_size)
         record = accuracy_record(logits, exp.data.test_labels, exp.splits)

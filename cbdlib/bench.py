@@ -1,14 +1,18 @@
-"""``python -m cbdlib.bench [--device cpu|cuda] [--json FILE]``: the engine against a naive loop.
+"""``python -m cbdlib.bench [--device cpu|cuda] [--size tiny|full] [--json FILE]``: the engine against a naive loop.
 
 Measured in one run on one device:
-(a) images/s of a ResNet training step for a naive reference written here (DataLoader +
-    PIL transforms + fp32) and for the engine (data on the device, batched augmentation,
-    bf16 and channels_last on CUDA), and their ratio;
+(a) images/s of a ResNet training step at batch 128 for a naive reference written here and
+    pinned (torch DataLoader + PIL transforms, float32, eager, default memory format, the
+    engine's thread count; its DataLoader worker count is reported) and for the engine as a
+    long run uses it (data on the device, batched augmentation, the precision policy,
+    channels_last, ``torch.compile`` where the engine would compile), and their ratio;
 (b) one epoch of four models trained together against one model alone;
 (c) the wall time of a full CBD-ENS CIFAR-10-LT experiment (4 teachers + student, 200
     epochs each), extrapolated from the measured epochs and labelled so.
-Data are random uint8 images of CIFAR-10-LT's size (12,406 training images); speed does
-not depend on pixel values. ``--device cpu`` uses tiny sizes.
+Data are random uint8 images of CIFAR-10-LT's size (12,406 training images, IR 100); speed
+does not depend on pixel values. ``--size full`` times ResNet-32 (the top-level keys) and
+ResNet-8 (``by_arch``); ``--size tiny`` (the default with ``--device cpu``) runs in seconds
+for the tests.
 """
 from __future__ import annotations
 
@@ -25,17 +29,23 @@ import torch
 from .cli_util import exits_cleanly, setup_logging
 from .data.longtail import long_tail_counts
 from .engine import loop
+from .engine.compiled import should_compile
+from .engine.precision import resolve_precision
 from .engine.together import fit_together
 from .models import ModelSpec
 
 FULL_EPOCHS = 200
 CIFAR10_LT_IMAGES = 12406
 
-# Sizes per device: (arch, batch size, training images, naive steps timed)
+# Sizes: (arch, batch size, training images, naive steps timed, extra architectures).
+# ``together_images`` caps the four-models-together epoch on a CPU, where grouped convolutions
+# are slow and the engine does not train models together (the timed epoch is scaled up).
 PROFILES = {
-    "cuda": dict(arch="resnet32", batch_size=128, images=CIFAR10_LT_IMAGES, naive_steps=60, workers=8),
-    "cpu": dict(arch="resnet_tiny", batch_size=32, images=320, naive_steps=6, workers=0),
+    "tiny": dict(arch="resnet_tiny", batch_size=32, images=320, naive_steps=6, by_arch=(), together_images=None),
+    "full": dict(arch="resnet32", batch_size=128, images=CIFAR10_LT_IMAGES, naive_steps=40, by_arch=("resnet8",),
+                 together_images=2560),
 }
+NAIVE_WORKERS = {"cuda": 8, "cpu": 0}  # DataLoader workers of the naive reference (2 cores: the main process)
 
 
 def synthetic_data(images: int, device: torch.device, num_classes: int = 10, seed: int = 0) -> loop.DeviceData:
@@ -112,71 +122,135 @@ def _epoch_seconds(history: Path, model: str, epoch: int) -> float:
     return sum(r["time_s"] * r.get("trained_with", 1) for r in rows if r["model"] == model and r["epoch"] == epoch)
 
 
-def run_benchmark(device_name: str) -> dict:
+def _subset(data: loop.DeviceData, images: int | None) -> loop.DeviceData:
+    if images is None or images >= len(data.train_labels):
+        return data
+    keep = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))[:images]
+    keep = keep.to(data.train_labels.device)
+    labels = data.train_labels[keep]
+    return loop.DeviceData(train_images=data.train_images[keep], train_labels=labels, val_images=data.val_images,
+                           val_labels=data.val_labels, mean=data.mean, std=data.std, num_classes=data.num_classes,
+                           class_counts=torch.bincount(labels, minlength=data.num_classes).float())
+
+
+def measure_arch(arch: str, data: loop.DeviceData, batch: int, naive_steps: int, device: torch.device,
+                 precision: str, use_compile: bool, tmp: Path) -> dict:
+    """Naive and engine images/s of one architecture; the engine's one-model epoch in seconds."""
+    workers = NAIVE_WORKERS["cuda" if device.type == "cuda" else "cpu"]
+    print(f"{arch}: naive reference (batch {batch}, DataLoader with {workers} workers + PIL, fp32, eager) ...",
+          file=sys.stderr)
+    naive = naive_images_per_second(data, arch, batch, naive_steps, workers, device)
+    print(f"{arch}: engine, one model ({precision}{', compiled' if use_compile else ''}; 2 epochs, the second "
+          f"timed) ...", file=sys.stderr)
+    cosine = ModelSpec(arch, data.num_classes, "cosine")
+    job = _job(f"teacher_vanilla_{arch}", cosine, batch, 2)
+    history = tmp / f"{arch}.jsonl"
+    t0 = time.perf_counter()
+    model = loop.fit(job, loop.init_model(cosine, job.seed), data, device=device, checkpoint_path=tmp / f"{arch}.pt",
+                     history_path=history, meta={}, stage="bench", quiet=True, precision=precision,
+                     use_compile=use_compile)
+    first = _epoch_seconds(history, job.name, 1)
+    one = _epoch_seconds(history, job.name, 2)
+    steps = len(data.train_labels) // batch
+    engine = steps * batch / one
+    return {"naive_img_per_s": naive, "engine_img_per_s": engine, "speedup": engine / naive, "naive_workers": workers,
+            "one_model_s": one, "first_epoch_s": first, "engine_total_s": time.perf_counter() - t0, "model": model}
+
+
+def run_benchmark(device_name: str, size: str | None = None) -> dict:
     device = loop.resolve_device(device_name)
-    profile = PROFILES["cuda" if device.type == "cuda" else "cpu"]
+    size = size or ("full" if device.type == "cuda" else "tiny")
+    profile = PROFILES[size]
     arch, batch = profile["arch"], profile["batch_size"]
     data = synthetic_data(profile["images"], device)
     steps_per_epoch = len(data.train_labels) // batch
-    result = {"device": None, "torch": torch.__version__, "arch": arch, "batch_size": batch,
-              "train_images": int(len(data.train_labels)), "compile": False}
+    precision = resolve_precision("auto", device)
+    # Compile where a long run would: a full-size experiment's jobs have thousands of steps.
+    use_compile = should_compile(None, device, steps_per_epoch * FULL_EPOCHS) and size == "full"
     from .runs import device_description, git_commit
 
-    result["device"] = device_description(device)
-    result["git_commit"] = git_commit()
-
-    print(f"naive reference ({arch}, batch {batch}, DataLoader + PIL, fp32) ...", file=sys.stderr)
-    result["naive_img_per_s"] = naive_images_per_second(data, arch, batch, profile["naive_steps"], profile["workers"], device)
-
-    cosine = ModelSpec(arch, data.num_classes, "cosine")
+    result = {"device": device_description(device), "torch": torch.__version__, "git_commit": git_commit(),
+              "size": size, "arch": arch, "batch_size": batch, "train_images": int(len(data.train_labels)),
+              "precision": precision, "compile": use_compile, "threads": torch.get_num_threads(),
+              "channels_last": loop.use_channels_last(device)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        history = tmp / "history.jsonl"
-        print("engine, one model (2 epochs; the second is timed) ...", file=sys.stderr)
-        job = _job("teacher_vanilla_1", cosine, batch, 2)
-        teacher = loop.fit(job, loop.init_model(cosine, job.seed), data, device=device, checkpoint_path=tmp / "one.pt",
-                           history_path=history, meta={}, stage="bench", quiet=True)
-        one = _epoch_seconds(history, "teacher_vanilla_1", 2)
-        result["engine_img_per_s"] = steps_per_epoch * batch / one
-        result["speedup"] = result["engine_img_per_s"] / result["naive_img_per_s"]
-        result["one_model_s"] = one
+        main = measure_arch(arch, data, batch, profile["naive_steps"], device, precision, use_compile, tmp)
+        teacher = main.pop("model")
+        result.update(main)
+        result["by_arch"] = {}
+        for other in profile["by_arch"]:
+            extra = measure_arch(other, data, batch, profile["naive_steps"], device, precision, use_compile, tmp)
+            extra.pop("model")
+            result["by_arch"][other] = extra
+        one = result["one_model_s"]
 
-        print("engine, four models together (2 epochs; the second is timed) ...", file=sys.stderr)
+        together_data = _subset(data, profile["together_images"] if device.type != "cuda" else None)
+        scale_together = len(data.train_labels) / len(together_data.train_labels)
+        print(f"engine, four models together (2 epochs of {len(together_data.train_labels)} images; the second "
+              f"timed) ...", file=sys.stderr)
+        cosine = ModelSpec(arch, data.num_classes, "cosine")
         jobs = [_job(f"teacher_{kind}_{s}", cosine, batch, 2, augment=kind) for kind in ("vanilla", "aug") for s in (1, 2)]
-        teachers = fit_together(jobs, [loop.init_model(cosine, j.seed) for j in jobs], data, device=device,
-                                checkpoint_paths=[tmp / f"{j.name}.pt" for j in jobs], history_path=tmp / "together.jsonl",
-                                metas=[{}] * 4, stage="bench", quiet=True)
-        four = _epoch_seconds(tmp / "together.jsonl", jobs[0].name, 2)  # the whole grouped epoch
+        fit_together(jobs, [loop.init_model(cosine, j.seed) for j in jobs], together_data, device=device,
+                     checkpoint_paths=[tmp / f"{j.name}.pt" for j in jobs], history_path=tmp / "together.jsonl",
+                     metas=[{}] * 4, stage="bench", quiet=True, precision=precision)
+        four = _epoch_seconds(tmp / "together.jsonl", jobs[0].name, 2) * scale_together
         result["four_together_s"] = four
         result["together_ratio"] = four / one
+        result["together_note"] = ("epoch of 4 grouped models" + (f", timed on {len(together_data.train_labels)} "
+                                   f"images and scaled x{scale_together:.2f}" if scale_together != 1 else ""))
 
-        print("engine, CBD-ENS student with 4 teachers (2 epochs; the second is timed) ...", file=sys.stderr)
+        print("engine, CBD-ENS student with 4 teachers (2 epochs; the second timed) ...", file=sys.stderr)
         student_spec = ModelSpec(arch, data.num_classes, "cosine", projection_dim=4 * teacher.feature_dim)
         student_job = _job("cbd_ens", student_spec, batch, 2, sampling="class_balanced", loss="cbd")
-        for t in teachers:
-            t.eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)
+        teachers = [teacher] * 4  # the speed of four frozen teachers; their weights do not matter here
+        history = tmp / "student.jsonl"
         loop.fit(student_job, loop.init_model(student_spec, 7), data, device=device, checkpoint_path=tmp / "s.pt",
-                 history_path=history, meta={}, stage="bench", teachers=teachers, quiet=True)
+                 history_path=history, meta={}, stage="bench", teachers=teachers, quiet=True, precision=precision,
+                 use_compile=use_compile)
         student = _epoch_seconds(history, "cbd_ens", 2)
-    scale = CIFAR10_LT_IMAGES / len(data.train_labels)  # CPU profile runs a fraction of the images
+    scale = CIFAR10_LT_IMAGES / len(data.train_labels)  # the tiny profile runs a fraction of the images
+    # Four teachers: one grouped step on CUDA (as the engine trains them), one after another elsewhere.
+    teachers_epoch = four if device.type == "cuda" else 4 * one
     result["student_epoch_s"] = student
-    result["full_cbd_ens_s"] = FULL_EPOCHS * (four + student) * scale
+    result["full_cbd_ens_s"] = FULL_EPOCHS * (teachers_epoch + student) * scale
     result["full_cbd_ens_extrapolated"] = True
-    result["full_cbd_ens_note"] = (f"{FULL_EPOCHS} epochs x (measured epoch of 4 teachers together + measured student "
-                                   f"epoch), scaled to {CIFAR10_LT_IMAGES} images; extrapolated, not run end to end")
+    result["full_cbd_ens_note"] = (f"{FULL_EPOCHS} epochs x (measured epoch of the 4 teachers "
+                                   f"{'together' if device.type == 'cuda' else 'one after another'} + measured "
+                                   f"student epoch), scaled to {CIFAR10_LT_IMAGES} images; extrapolated, not run "
+                                   f"end to end")
     return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The headline figures in words (stderr), the JSON object going to stdout."""
+    lines = [f"{result['device']}, torch {result['torch']}, {result['threads']} threads, precision "
+             f"{result['precision']}, compile {result['compile']}"]
+    for arch, r in [(result["arch"], result), *result.get("by_arch", {}).items()]:
+        lines.append(f"{arch} batch {result['batch_size']}: naive {r['naive_img_per_s']:.0f} img/s "
+                     f"({r['naive_workers']} workers), engine {r['engine_img_per_s']:.0f} img/s: "
+                     f"speedup {r['speedup']:.2f}x")
+    lines.append(f"4 models together: {result['together_ratio']:.2f}x one model's epoch; full CBD-ENS "
+                 f"experiment (extrapolated): {result['full_cbd_ens_s'] / 60:.0f} min")
+    return lines
 
 
 @exits_cleanly
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cbdlib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--size", default=None, choices=tuple(PROFILES),
+                        help="tiny: seconds (the default on a CPU); full: CIFAR-10-LT sizes, ResNet-32 and ResNet-8 "
+                             "(the default on a GPU; about 8 minutes on a 2-core CPU)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     setup_logging(verbose=False)
-    result = run_benchmark(args.device)
+    result = run_benchmark(args.device, args.size)
     text = json.dumps(result, indent=2)
     print(text)
+    for line in summary_lines(result):
+        print(line, file=sys.stderr)
     if args.json:
         from .io import write_text
 

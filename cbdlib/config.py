@@ -20,6 +20,7 @@ from .errors import CBDError
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "splitfile", "imagenet_lt", "places_lt", "inat2018")
 SCHEDULES = ("cifar_lt", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")
 TEACHER_KINDS = ("vanilla", "aug")
 
 # Method names of the contract, in the order tables list them.
@@ -65,6 +66,8 @@ class Params:
     sync_bn: bool = False                # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     tsne_samples: int = 2000             # test images embedded by t-SNE in notebook 04
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    precision: str = "auto"              # auto (bf16 autocast where the CPU/GPU computes bf16 natively, else fp32) | bf16 | fp32
+    compile: Optional[bool] = None       # torch.compile the training step; None: when a job has enough steps to repay it
     smoke: Optional[bool] = None         # None: follow CBD_SMOKE; True/False override it
     overwrite: bool = False              # allow replacing a run folder made with other parameters
 
@@ -151,6 +154,8 @@ def validate(p: Params) -> None:
         raise CBDError(f"imbalance_ratio must be >= 1, got {p.imbalance_ratio}")
     if p.profile not in ("exp", "step"):
         raise CBDError(f"profile must be 'exp' or 'step', got {p.profile!r}")
+    if p.precision not in PRECISIONS:
+        raise CBDError(f"precision must be one of {', '.join(PRECISIONS)}, got {p.precision!r}")
     if p.schedule not in SCHEDULES:
         raise CBDError(f"schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}")
     for name in ("epochs", "batch_size", "eval_batch_size"):

@@ -223,17 +223,13 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
 
     command = format_command(params_path, overrides)
     log.info("run %s -> %s (%d notebooks)", params.run_name, run_dir, len(notebooks))
-    show = bool(progress) and _is_tty() and not settings.smoke
     timings: dict[str, float] = {}
-    bar = _progress_bar(len(notebooks), show)
-    with _logs_above(bar, show):
+    with _followed(run_dir, progress_mode(progress, settings.smoke)):
         for nb in notebooks:
-            bar.set_description(nb.name)
             log.info("running %s ...", nb.name)
-            seconds = execute_notebook(nb, run_dir, notebook_parameters(nb, params, extra), show)
+            seconds = execute_notebook(nb, run_dir, notebook_parameters(nb, params, extra))
             timings[nb.name] = seconds
             log.info("%s done in %s", nb.name, format_seconds(seconds))
-            bar.update(1)
     wall_s = time.perf_counter() - started
 
     metrics = _read_metrics(run_dir, required=False)
@@ -249,7 +245,7 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     return run_dir
 
 
-def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict, progress_bar: bool) -> float:
+def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict) -> float:
     """Run one notebook with papermill into the run folder; returns its wall time in seconds."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -259,7 +255,8 @@ def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict, progress_bar
     try:
         with _quiet_logger("papermill"):
             papermill.execute_notebook(str(nb.path), str(output), parameters=parameters, kernel_name="python3",
-                                       cwd=str(nb.path.parent), progress_bar=progress_bar, log_output=False)
+                                       cwd=str(nb.path.parent), progress_bar=False, log_output=False,
+                                       config=kernel_config())
     except PapermillExecutionError as exc:
         raise CBDError(f"{nb.name} failed in cell {exc.exec_count}: {_error_line(exc.ename, exc.evalue)}; "
                        f"the partly executed notebook is {output}") from None
@@ -298,29 +295,57 @@ def _quiet_logger(name: str):
         logger.setLevel(level)
 
 
+def kernel_config():
+    """The kernels' configuration: CurveZMQ keys provisioned by the kernel manager where
+    jupyter_client and the kernel support them, so the kernels' local sockets are encrypted
+    (and ipykernel does not warn that they are not)."""
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+
+    config = Config()
+    if KernelManager.class_traits().get("transport_encryption") is not None:
+        import zmq
+
+        if zmq.has("curve"):
+            config.KernelManager.transport_encryption = "auto"
+    return config
+
+
 def _is_tty() -> bool:
     return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
-def _progress_bar(total: int, show: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="notebook", disable=not show, file=sys.stderr, position=0, leave=True)
+def progress_mode(progress: bool, smoke: bool) -> str | None:
+    """``bar`` in a terminal, ``lines`` otherwise (CI, nohup), None when asked for none or smoke."""
+    if not progress or smoke:
+        return None
+    return "bar" if _is_tty() else "lines"
 
 
 @contextlib.contextmanager
-def _logs_above(bar, show: bool):
-    """While the bar is shown, log lines go through ``tqdm.write`` so they print above it."""
+def _followed(run_dir: Path, mode: str | None):
+    """Follow the run folder's history while the notebooks run (see ``cbdlib.progress``); the
+    kernels, told so by ``CBD_PROGRESS``, then print one line per model and no bars."""
+    from .progress import PROGRESS_ENV, RunFollower
+
+    previous = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "parent"
+    follower = RunFollower(run_dir, mode).start() if mode is not None else None
     try:
-        if show:
+        if mode == "bar":
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            with logging_redirect_tqdm():
+            with logging_redirect_tqdm():  # log lines print above the bar
                 yield
         else:
             yield
     finally:
-        bar.close()
+        if follower is not None:
+            follower.stop()
+        if previous is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = previous
 
 
 def format_command(params_path, overrides: dict) -> str:

@@ -33,7 +33,7 @@ from .io import write_json, write_text
 from .metrics import ACCURACY_KEYS, aggregate_records, check_finite
 
 # Keys that may change between invocations of the same run without changing its results.
-RESUMABLE_KEYS = {"overwrite", "device", "num_workers", "eval_batch_size", "methods", "tsne_samples"}
+RESUMABLE_KEYS = {"overwrite", "device", "num_workers", "eval_batch_size", "methods", "tsne_samples", "compile"}
 
 
 def results_root() -> Path:
@@ -223,7 +223,7 @@ def build_metrics(evaluations: dict, *, dataset: str, imbalance_ratio: float, cl
     metrics = {
         "dataset": dataset, "imbalance_ratio": imbalance_ratio, "class_counts": list(class_counts),
         "splits": splits, "seeds": list(seeds), "device": prov["device"], "torch": prov["torch"],
-        "git_commit": prov["git_commit"], "methods": methods, "std": stds,
+        "git_commit": prov["git_commit"], "precision": prov.get("precision", "unknown"), "methods": methods, "std": stds,
     }
     check_finite(metrics)
     return metrics

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-CONTRACT_KEYS = {"device", "torch", "git_commit", "naive_img_per_s", "engine_img_per_s", "speedup", "one_model_s",
+CONTRACT_KEYS = {"device", "torch", "git_commit", "precision", "naive_img_per_s", "engine_img_per_s", "speedup", "one_model_s",
                  "four_together_s", "together_ratio", "full_cbd_ens_s", "full_cbd_ens_extrapolated"}
 
 
@@ -16,6 +16,7 @@ def test_cpu_benchmark_reports_the_contract_keys(tmp_path):
     assert CONTRACT_KEYS <= set(result)
     assert json.loads(done.stdout) == result
     assert result["device"].startswith("cpu")
+    assert result["size"] == "tiny" and result["precision"] in ("bf16", "fp32") and result["naive_workers"] == 0
     for key in ("naive_img_per_s", "engine_img_per_s", "one_model_s", "four_together_s", "full_cbd_ens_s"):
         assert result[key] > 0
     assert result["speedup"] == result["engine_img_per_s"] / result["naive_img_per_s"]

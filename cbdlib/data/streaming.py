@@ -165,20 +165,19 @@ def iterate(loader: DataLoader) -> Iterator:
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A pinned host batch to the device without blocking; channels-last on CUDA."""
-    if device.type == "cuda":
-        return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    return x.to(device)
+    """A pinned host batch to the device without blocking, channels-last (faster convolutions
+    on CUDA and on CPUs, docs/performance.md)."""
+    return x.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
 def predict_loader(model, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(features, logits) of every batch of ``loader``, in eval mode."""
+    """(features, logits) of every batch of ``loader``, in eval mode and float32 (as
+    ``engine.loop.predict``: a saved model scores the same whatever precision trained it)."""
     model.eval()
     feats, logits = [], []
     for x, _ in iterate(loader):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            f, z = model(to_device(x, device))
+        f, z = model(to_device(x, device))
         feats.append(f.float().cpu())
         logits.append(z.float().cpu())
     if not logits:  # an empty share of a split

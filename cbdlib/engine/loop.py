@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -36,8 +35,11 @@ from ..errors import CBDError
 from ..io import append_line
 from ..models import ModelSpec, Network, build_model
 from ..models.grouped import TeacherFeatures
+from ..progress import ModelProgress
+from .compiled import compile_for_training, should_compile
 from .losses import job_loss
 from . import distributed
+from .precision import autocast
 from .schedule import lr_at
 
 log = logging.getLogger("cbdlib")
@@ -112,7 +114,7 @@ class DeviceData:
         ``batch_size`` images: (normalised images, labels), ``steps`` batches per epoch."""
         size = self.train_images.shape[1]
         augmenter = BatchAugmenter(aug_config(size) if job.augment == "aug" else vanilla_config(size),
-                                   self.mean, self.std, channels_last=device.type == "cuda")
+                                   self.mean, self.std, channels_last=use_channels_last(device))
         sampler = IndexSampler(self.train_labels, job.sampling, num_classes=self.num_classes,
                                total_epochs=job.epochs, generator_seed=job.seed, device=device)
         local = batch_size // world
@@ -151,20 +153,15 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise CBDError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
-def progress_enabled(quiet: bool) -> bool:
-    """Bars in a terminal or a Jupyter kernel; none under smoke or when output is a file."""
-    if quiet:
-        return False
-    return "ipykernel" in sys.modules or sys.stderr.isatty()
+def use_channels_last(device: torch.device) -> bool:
+    """channels_last for convolutions: faster on CUDA and on this project's CPUs (oneDNN), see
+    docs/performance.md."""
+    return device.type in ("cuda", "cpu")
 
 
-def report(message: str, bar=None) -> None:
+def report(message: str) -> None:
     """Log a line (rank 0 only under torchrun)."""
-    if not distributed.is_main():
-        return
-    if bar is not None:
-        bar.write(message)
-    else:
+    if distributed.is_main():
         log.info(message)
 
 
@@ -183,16 +180,16 @@ def init_model(spec: ModelSpec, seed: int) -> Network:
 
 @torch.no_grad()
 def predict(model: Network, images: torch.Tensor | np.ndarray, mean, std, device: torch.device, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(features, logits) of uint8 images, in eval mode and without augmentation."""
+    """(features, logits) of uint8 images, in eval mode, without augmentation, in float32
+    (whatever precision trained the model, so that a saved model always scores the same)."""
     model.eval()
-    normalise = BatchAugmenter(None, mean, std, channels_last=device.type == "cuda")
+    normalise = BatchAugmenter(None, mean, std, channels_last=use_channels_last(device))
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     feats, logits = [], []
     for start in range(0, len(images), batch_size):
         x = normalise(images[start:start + batch_size].to(device), None)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            f, z = model(x)
+        f, z = model(x)
         feats.append(f.float().cpu())
         logits.append(z.float().cpu())
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
@@ -216,17 +213,22 @@ def fit(
     quiet: bool = False,
     check_every: int = 50,
     sync_bn: bool = False,
+    precision: str = "fp32",
+    use_compile: bool | None = False,
 ) -> Network:
     """Train ``model`` for ``job`` (resuming from ``checkpoint_path`` when it holds a partial run).
 
     ``data`` is a :class:`DeviceData` or a ``StreamData``. Under torchrun every rank calls
     this with the same arguments; ``sync_bn`` (CUDA, several ranks) takes BatchNorm
-    statistics over the global batch.
+    statistics over the global batch. ``precision`` is ``bf16`` (autocast) or ``fp32``
+    (see ``precision.py``); ``use_compile`` True / False / None (when the job is long enough)
+    runs the training forward and backward through ``torch.compile``. Checkpoints hold the
+    plain model's state dict either way.
     """
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     distributed.local_batch_size(job.batch_size)  # the global batch must split evenly over the ranks
     model.to(device)
-    if device.type == "cuda":
+    if use_channels_last(device):
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     if not job.train_backbone:
@@ -248,7 +250,7 @@ def fit(
             raise CBDError(f"checkpoint {checkpoint_path} was made by a different job; delete it or use overwrite: true")
         ckpt.load_state_strict(model, state["model"], f"checkpoint {checkpoint_path}")
         if state["meta"]["complete"]:
-            report(f"{job.name} (seed {job.train_seed}): already trained, loaded {checkpoint_path.name}")
+            report(f"{job.name} seed {job.train_seed}: already trained, loaded {checkpoint_path.name}")
             return model
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["meta"]["epoch"] + 1
@@ -265,13 +267,13 @@ def fit(
     teachers = teachers or []
     # The frozen teachers' forwards: one grouped forward on a GPU (several launches saved per step).
     teacher_forward = TeacherFeatures(teachers, grouped=device.type == "cuda").to(device) if teachers else None
-    use_amp = device.type == "cuda"
+    if should_compile(use_compile, device, steps_per_epoch * (job.epochs - start_epoch)):
+        train_model = compile_for_training(train_model)
+        if teacher_forward is not None:
+            teacher_forward = compile_for_training(teacher_forward)
 
-    bar = None
-    if progress_enabled(quiet or not main):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=job.epochs, initial=start_epoch, desc=f"{job.name} s{job.train_seed}", leave=False)
+    progress = ModelProgress(f"{job.name} seed {job.train_seed}", job.epochs, start_epoch, quiet or not main)
+    finished = False
     try:
         for epoch in range(start_epoch, job.epochs):
             t0 = time.perf_counter()
@@ -286,7 +288,7 @@ def fit(
                 lr = lr_at(job.schedule, job.lr, epoch, step, steps_per_epoch, job.epochs, job.warmup_epochs)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, ce, distill, logits = _step_loss(job, train_model, x, labels, teachers, log_prior, use_amp,
+                loss, ce, distill, logits = _step_loss(job, train_model, x, labels, teachers, log_prior, precision,
                                                      teacher_forward)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -322,28 +324,25 @@ def fit(
             line = (f"{job.name} seed {job.train_seed} epoch {epoch + 1}/{job.epochs}: loss {record['loss']:.4f}"
                     + (f" (ce {record['ce']:.4f}, distill {record['distill']:.4f})" if job.loss == "cbd" else "")
                     + f", train acc {record['train_acc']:.3f}, val acc {val_acc:.3f}, lr {lr:.4g}")
-            report(line, bar)
-            if bar is not None:
-                bar.update(1)
+            progress.epoch_done(line, record["time_s"], {"loss": f"{record['loss']:.3f}", "val": f"{val_acc:.3f}"})
             distributed.barrier()  # the others wait until rank 0 has written the epoch
+        finished = True
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close(finished)
     return model
 
 
-def _step_loss(job: Job, model: Network, x, labels, teachers, log_prior, use_amp: bool, teacher_forward=None):
+def _step_loss(job: Job, model: Network, x, labels, teachers, log_prior, precision: str, teacher_forward=None):
     """Loss terms of one (local) batch. ``model`` may be DDP-wrapped; with a frozen backbone
     (``job.train_backbone`` False) its parameters do not require grad, so the forward
     builds a graph for the classifier only. ``teachers`` are the frozen teachers, whose
     features ``teacher_forward`` (a ``TeacherFeatures``) computes in one go."""
-    device_type = x.device.type
-    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_amp):
+    with autocast(x.device, precision):
         features, logits = model(x)
     teacher_features = teacher_logits = None
     if job.loss == "cbd":
         forward = teacher_forward if teacher_forward is not None else TeacherFeatures(teachers, grouped=False)
-        with torch.no_grad(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.no_grad(), autocast(x.device, precision):
             teacher_features = forward(x)
             if job.logit_distill_weight > 0:
                 teacher_logits = forward.logits(teacher_features)

@@ -32,7 +32,9 @@ from ..metrics import accuracy_record, balanced_accuracy
 from ..models import LinearClassifier, LWSClassifier, ModelSpec, NCMClassifier, Network, TauNormClassifier
 from .. import runs
 from . import distributed
+from ..progress import PlannedModel, step_cost, write_plan
 from .loop import DeviceData, Job, derive_seed, fit, init_model, predict, report, resolve_device
+from .precision import resolve_precision
 from .together import can_train_together, fit_together
 
 log = logging.getLogger("cbdlib")
@@ -75,13 +77,16 @@ class Experiment:
             self.device_data = DeviceData.from_long_tail(self.data, self.device)
             self.test_images = torch.from_numpy(np.ascontiguousarray(self.data.test_images))
         self.splits = self.data.splits
-        self.prov = runs.provenance(self.device)
+        self.precision = resolve_precision(settings.precision, self.device)  # what the training steps compute in
+        self.prov = {**runs.provenance(self.device), "precision": self.precision}
         self.stage_times: dict[str, float] = {}
         # Stage-1 models share one grouped step on a GPU; on a CPU grouped convolutions are
         # slower than separate ones, and DDP / streaming runs train one model at a time.
         self.together = (self.device.type == "cuda" and not distributed.is_distributed()
                          and self.test_images is not None)
         self._logits_cache: dict[tuple[int, str], np.ndarray] = {}
+        if self.main:
+            write_plan(self.out, self.plan())  # what ``cbdlib run`` weighs its ETA by
 
     # --- bookkeeping -------------------------------------------------------------------
     @property
@@ -114,6 +119,27 @@ class Experiment:
         return ModelSpec(arch=s.arch, num_classes=self.data.num_classes, classifier=classifier,
                          cosine_scale=s.cosine_scale, learnable_scale=s.learnable_scale, projection_dim=projection_dim)
 
+    def plan(self) -> list[PlannedModel]:
+        """Every model this run trains, with its epochs and the cost of its steps (for the ETA)."""
+        s = self.settings
+        n = len(self.data.train_labels)
+        plain_steps = max(1, n // min(s.batch_size, n))
+        entries = []
+        for seed in s.seeds:
+            for job in [*self._teacher_jobs(seed), *self._one_stage_jobs(seed)]:
+                entries.append(PlannedModel(job.name, seed, "teachers" if job.name.startswith("teacher_") else "one_stage",
+                                            job.epochs, plain_steps, step_cost()))
+            for name in ("crt", "lws"):
+                if name in self.wanted:
+                    entries.append(PlannedModel(name, seed, "decoupled", s.decoupled_epochs, plain_steps,
+                                                step_cost(train_backbone=False)))
+            teachers = {"cbd": 1, "cbd_ens": len(s.teachers)}
+            for name in STUDENTS:
+                if name in self.wanted:
+                    entries.append(PlannedModel(name, seed, "students", s.epochs, plain_steps,
+                                                step_cost(teachers=teachers[name])))
+        return entries
+
     # --- running -----------------------------------------------------------------------
     def run(self, stage: str = "all") -> dict:
         if stage not in STAGE_GROUPS:
@@ -135,7 +161,8 @@ class Experiment:
         return fit(job, model, self.device_data, device=self.device,
                    checkpoint_path=runs.checkpoint_path(self.out, job.train_seed, job.name),
                    history_path=self.out / "history.jsonl", meta=self.meta(job.name, job.train_seed),
-                   stage=stage, teachers=teachers, quiet=self.quiet, sync_bn=self.settings.sync_bn)
+                   stage=stage, teachers=teachers, quiet=self.quiet, sync_bn=self.settings.sync_bn,
+                   precision=self.precision, use_compile=self.settings.compile)
 
     def _predict(self, model: Network, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features, logits) of the train, val or test images, without augmentation."""
@@ -231,7 +258,7 @@ class Experiment:
             jobs, [init_model(j.spec, j.seed) for j in jobs], self.device_data, device=self.device,
             checkpoint_paths=[runs.checkpoint_path(self.out, j.train_seed, j.name) for j in jobs],
             history_path=self.out / "history.jsonl", metas=[self.meta(j.name, j.train_seed) for j in jobs],
-            stage=part, quiet=self.quiet)
+            stage=part, quiet=self.quiet, precision=self.precision)
         runner = self._run_teachers if part == "teachers" else self._run_one_stage
         for seed in self.settings.seeds:
             runner(seed, {j.name: m for j, m in zip(jobs, models) if j.train_seed == seed})

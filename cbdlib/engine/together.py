@@ -25,7 +25,10 @@ from ..io import append_line
 from ..models import CIFAR_ARCHS, Network
 from ..models.grouped import GroupedCifarResNet, TeacherFeatures, unpack_state_dict
 from .losses import job_loss
-from .loop import DeviceData, Job, _balanced_val_accuracy, _non_finite, derive_seed, make_generator, progress_enabled, report
+from ..progress import ModelProgress
+from .loop import (DeviceData, Job, _balanced_val_accuracy, _non_finite, derive_seed, make_generator, report,
+                   use_channels_last)
+from .precision import autocast
 from .schedule import lr_at
 
 # Jobs must agree on these to share one optimiser step.
@@ -89,6 +92,7 @@ def fit_together(
     teachers: list[list[Network] | None] | None = None,
     quiet: bool = False,
     check_every: int = 50,
+    precision: str = "fp32",
 ) -> list[Network]:
     """Train ``models`` for ``jobs`` in one batched step per iteration; returns the trained models."""
     if not can_train_together(jobs):
@@ -100,7 +104,7 @@ def fit_together(
     for m in models:
         m.to(device)
     group = _Group(models).to(device)
-    if device.type == "cuda":
+    if use_channels_last(device):
         group.to(memory_format=torch.channels_last)
     backbone_params, own_params = group.param_lists()
     optimizer = torch.optim.SGD(backbone_params + [p for ps in own_params for p in ps], lr=jobs[0].lr,
@@ -112,7 +116,7 @@ def fit_together(
     first = jobs[0]
     size = data.train_images.shape[1]
     augmenters = [BatchAugmenter(aug_config(size) if j.augment == "aug" else vanilla_config(size), data.mean, data.std,
-                                 channels_last=device.type == "cuda") for j in jobs]
+                                 channels_last=use_channels_last(device)) for j in jobs]
     samplers = [IndexSampler(data.train_labels, j.sampling, num_classes=data.num_classes, total_epochs=j.epochs,
                              generator_seed=j.seed, device=device) for j in jobs]
     teacher_features = [TeacherFeatures(t).to(device) if t else None for t in teachers]
@@ -120,15 +124,13 @@ def fit_together(
     batch_size = min(first.batch_size, n)
     steps = n // batch_size
     log_prior = torch.log(data.class_counts.clamp_min(1) / data.class_counts.sum())
-    use_amp = device.type == "cuda"
     k_models = len(jobs)
     every = checkpoint_interval(first.epochs)
 
-    bar = None
-    if progress_enabled(quiet):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=first.epochs, initial=start_epoch, desc=f"{k_models} models together", leave=False)
+    # One bar for the group (the first model's epochs are everyone's), one closing line per model.
+    progress = [ModelProgress(f"{j.name} seed {j.train_seed}", j.epochs, start_epoch, quiet, bar=k == 0)
+                for k, j in enumerate(jobs)]
+    finished = False
     try:
         for epoch in range(start_epoch, first.epochs):
             t0 = time.perf_counter()
@@ -144,7 +146,7 @@ def fit_together(
                 batches = [idx[step * batch_size:(step + 1) * batch_size] for idx in indices]
                 labels = [data.train_labels[b] for b in batches]
                 xs = [aug(data.train_images[b], gen) for aug, b, gen in zip(augmenters, batches, generators)]
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with autocast(device, precision):
                     pooled = group.backbone(torch.cat(xs, dim=1))
                     feats = [group.projections[k](pooled[:, k]) for k in range(k_models)]
                 losses, stats = [], []
@@ -152,7 +154,7 @@ def fit_together(
                     logits = group.heads[k](feats[k]).float()
                     t_feats = t_logits = None
                     if job.loss == "cbd":
-                        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        with autocast(device, precision):
                             t_feats = teacher_features[k](xs[k])
                         if job.logit_distill_weight > 0:
                             t_logits = teacher_features[k].logits(t_feats)
@@ -191,13 +193,13 @@ def fit_together(
                         optimizer=None if complete else _individual_optimizer_state(models[k], job, buffers[k]))
                 if history_path is not None:
                     append_line(history_path, json.dumps(record))
-                report(f"{job.name} seed {job.train_seed} epoch {epoch + 1}/{job.epochs}: loss {record['loss']:.4f}, "
-                       f"train acc {record['train_acc']:.3f}, val acc {val_acc:.3f}, lr {lr:.4g}", bar)
-            if bar is not None:
-                bar.update(1)
+                line = (f"{job.name} seed {job.train_seed} epoch {epoch + 1}/{job.epochs}: loss {record['loss']:.4f}, "
+                        f"train acc {record['train_acc']:.3f}, val acc {val_acc:.3f}, lr {lr:.4g}")
+                progress[k].epoch_done(line, record["time_s"], {"loss": f"{record['loss']:.3f}", "val": f"{val_acc:.3f}"})
+        finished = True
     finally:
-        if bar is not None:
-            bar.close()
+        for p in progress:
+            p.close(finished)
     return models
 
 
