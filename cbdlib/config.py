@@ -22,6 +22,8 @@ DATASETS = ("digits", "cifar10", "cifar100", "folder", "splitfile", "imagenet_lt
 SCHEDULES = ("cifar_lt", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 TEACHER_KINDS = ("vanilla", "aug")
+DECOUPLED_BN_MODES = ("train", "frozen")
+NCM_VARIANTS = ("cl2n", "cosine")
 
 # Method names of the contract, in the order tables list them.
 ONE_STAGE_BASELINES = ("ce", "ce_cb", "balanced_softmax")
@@ -42,12 +44,20 @@ class Params:
     val_per_class: int = 10              # balanced validation images per class (tau is chosen on these)
     image_size: int = 32                 # folder / splitfile images are resized to this (CIFAR is 32); the crop side of imagenet_lt / places_lt / inat2018 (224)
     arch: str = "resnet32"               # resnet32 | resnet20 | resnet8 | resnet_tiny | resnet18/50/101/152
+    zero_init_residual: bool = True      # torchvision ResNets: each residual block's last BatchNorm gamma starts at 0 (official CBD); CIFAR ResNets ignore it
     epochs: int = 200                    # epochs for every model trained from scratch
-    decoupled_epochs: int = 10           # classifier re-training epochs for cRT and LWS
-    batch_size: int = 128                # global batch size
+    # Decoupled baselines as Kang et al. ran them: classifier re-training on ce's frozen backbone with
+    # class-aware sampling (epoch = largest class count x classes), SGD, cosine decay to 0, no warm-up.
+    decoupled_epochs: int = 10           # cRT epochs
+    lws_epochs: int = 5                  # LWS epochs
+    decoupled_lr: Optional[float] = None  # cRT / LWS learning rate; None: 0.2 x batch/512
+    decoupled_weight_decay: float = 5e-4  # cRT / LWS weight decay
+    decoupled_bn: str = "train"          # train: the frozen backbone's BatchNorm statistics are re-estimated (Kang et al.) | frozen: kept
+    ncm_variant: str = "cl2n"            # cl2n: centred, L2-normalised features, Euclidean distance (Kang et al.) | cosine: cosine to normalised class means
+    batch_size: int = 128                # global batch size (the decoupled stage uses it too)
     lr: Optional[float] = None           # learning rate used; None: 0.1 (cifar_lt) or 0.1 * batch/256 (cosine)
     weight_decay: float = 2e-4
-    momentum: float = 0.9
+    momentum: float = 0.9                # SGD momentum of every stage
     schedule: str = "cifar_lt"           # cifar_lt (warm-up, x0.01 at 80%, x0.0001 at 90%) | cosine (official CBD)
     warmup_epochs: int = 5               # linear warm-up of the cifar_lt schedule
     teachers: list = field(default_factory=lambda: ["vanilla:1", "vanilla:2", "aug:1", "aug:2"])
@@ -77,6 +87,7 @@ SMOKE_SETTINGS = {
     "arch": "resnet_tiny",
     "epochs": 2,
     "decoupled_epochs": 1,
+    "lws_epochs": 1,
     "batch_size": 64,
     "tsne_samples": 200,
     "eval_batch_size": 256,
@@ -158,7 +169,7 @@ def validate(p: Params) -> None:
         raise CBDError(f"precision must be one of {', '.join(PRECISIONS)}, got {p.precision!r}")
     if p.schedule not in SCHEDULES:
         raise CBDError(f"schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
+    for name in ("epochs", "decoupled_epochs", "lws_epochs", "batch_size", "eval_batch_size"):
         if getattr(p, name) < 1:
             raise CBDError(f"{name} must be >= 1, got {getattr(p, name)}")
     if not 0.0 <= p.alpha <= 1.0:
@@ -168,6 +179,10 @@ def validate(p: Params) -> None:
         raise CBDError(f"seeds must be a non-empty list of integers, got {p.seeds!r}")
     if len(set(p.seeds)) != len(p.seeds):
         raise CBDError(f"seeds must be distinct, got {p.seeds!r}")
+    if p.decoupled_bn not in DECOUPLED_BN_MODES:
+        raise CBDError(f"decoupled_bn must be one of {', '.join(DECOUPLED_BN_MODES)}, got {p.decoupled_bn!r}")
+    if p.ncm_variant not in NCM_VARIANTS:
+        raise CBDError(f"ncm_variant must be one of {', '.join(NCM_VARIANTS)}, got {p.ncm_variant!r}")
     if p.methods is not None:
         unknown = [m for m in p.methods if m not in all_method_names(p.teachers) and m not in ("teachers",)]
         if unknown:
@@ -245,6 +260,7 @@ class Settings:
     params: Params
     smoke: bool
     lr: float
+    decoupled_lr: float     # cRT / LWS learning rate used
     teachers: list          # [(kind, seed), ...]
     methods: list           # method names this run produces
     max_train_per_class: Optional[int]
@@ -270,12 +286,16 @@ def resolve(params: Params) -> Settings:
         lr = 0.1 * effective.batch_size / 256
     else:
         lr = 0.1 * effective.batch_size / 128
+    decoupled_lr = effective.decoupled_lr
+    if decoupled_lr is None:
+        decoupled_lr = 0.2 * effective.batch_size / 512  # Kang et al.: lr 0.2 at batch 512, scaled linearly
     teachers = parse_teachers(effective.teachers)
     methods = effective.methods or all_method_names(effective.teachers)
     return Settings(
         params=effective,
         smoke=smoke,
         lr=lr,
+        decoupled_lr=decoupled_lr,
         teachers=teachers,
         methods=list(methods),
         max_train_per_class=SMOKE_MAX_PER_CLASS if smoke else None,

@@ -37,10 +37,18 @@ log = logging.getLogger(__name__)
 NOTEBOOK_PATTERN = re.compile(r"^\d{2}_.+\.ipynb$")
 SPLIT_COLUMNS = ("all", "many", "medium", "few", "head", "mid", "tail")
 # Parameters a reader needs to judge a number (in this order in summary.md).
-KEY_PARAMETERS = ("arch", "epochs", "decoupled_epochs", "batch_size", "lr", "schedule", "warmup_epochs",
+KEY_PARAMETERS = ("arch", "epochs", "batch_size", "lr", "schedule", "warmup_epochs",
                   "weight_decay", "momentum", "alpha", "beta", "cosine_scale", "projection", "teachers",
-                  "lt_seed", "val_per_class", "smoke")
+                  "decoupled_epochs", "lws_epochs", "decoupled_lr", "decoupled_weight_decay", "decoupled_bn",
+                  "ncm_variant", "lt_seed", "val_per_class", "smoke")
 BASELINES = (*config.ONE_STAGE_BASELINES, *config.DECOUPLED_BASELINES)
+# How the decoupled baselines were run (docs/baselines.md has the references).
+BASELINES_NOTE = (
+    "Decoupled baselines as in Kang et al.'s code, on `ce`'s frozen backbone: cRT and LWS re-train the "
+    "classifier with class-aware sampling (4 images per visited class, an epoch of largest class count x "
+    "classes images; SGD, cosine decay to 0, BatchNorm statistics per `decoupled_bn`), tau-norm's tau is "
+    "chosen on the balanced validation set, NCM per `ncm_variant`. Final epoch reported, they keep best-val."
+)
 INDEX_COLUMNS = ("finished_at", "run_name", "dataset", "imbalance_ratio", "seeds", "arch", "epochs", "cbd_ens_all",
                  "best_baseline", "best_baseline_all", "device", "git_commit", "wall_s", "path")
 
@@ -489,6 +497,8 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
                 "(population std; one seed shows the mean only). Split headers give their number of classes; "
                 "n/a: no class in that split.", "",
                 format_split_table(metrics), ""]
+        if any(b in metrics.get("methods", {}) for b in config.DECOUPLED_BASELINES):
+            out += [BASELINES_NOTE, ""]
     else:
         out += ["## Results", "", "No `metrics.json` in this folder: the notebooks wrote no results.", ""]
 

@@ -45,6 +45,7 @@ __all__ = [
     "split_accuracy_frame",
     "split_accuracy_table",
     "subsample_indices",
+    "tau_curve",
     "training_curves",
     "tsne_embed",
     "tsne_pair",
@@ -836,6 +837,43 @@ def training_curves(history, keys=("loss", "ce", "distill", "val_acc", "lr"), ti
         fig.tight_layout()
         # A shared legend outside the panels, so that no curve is hidden by it.
         fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8)
+    save_figure(fig, path)
+    return fig
+
+
+def tau_curve(curves, path=None, title="τ-norm: balanced validation accuracy against τ"):
+    """Balanced validation accuracy (%) against tau, one line per seed, the chosen tau marked.
+
+    ``curves`` is ``{seed: {"tau": [...], "val_acc": [...], "chosen": tau}}`` (as
+    ``cbdlib.workbook.tau_curves`` reads it from a run folder); accuracies are fractions.
+    """
+    plt = _plt()
+    with _style():
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        if not curves:
+            ax.text(0.5, 0.5, "no τ-norm validation curve", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            ax.set_title(title)
+            save_figure(fig, path)
+            return fig
+        pal = _palette(len(curves))
+        for colour, (seed, curve) in zip(pal, curves.items()):
+            tau = np.asarray(curve["tau"], dtype=float)
+            acc = 100 * np.asarray(curve["val_acc"], dtype=float)
+            if tau.shape != acc.shape or tau.ndim != 1 or len(tau) == 0:
+                raise PlotInputError(f"seed {seed}: tau and val_acc must be lists of the same length, "
+                                     f"got {tau.shape} and {acc.shape}")
+            ax.plot(tau, acc, color=colour, marker="o", markersize=3, linewidth=1.5, label=f"seed {seed}")
+            chosen = curve.get("chosen")
+            if chosen is not None:
+                at = int(np.argmin(np.abs(tau - float(chosen))))
+                ax.plot([tau[at]], [acc[at]], marker="*", markersize=12, color=colour, linestyle="none",
+                        markeredgecolor="black", label=f"chosen τ = {tau[at]:g} (seed {seed})")
+        ax.set_xlabel("τ (classifier weights divided by their norm to the power τ)")
+        ax.set_ylabel("balanced validation accuracy (%)")
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
     save_figure(fig, path)
     return fig
 

@@ -51,6 +51,7 @@ def run_dir_for(run_name: str) -> Path:
 def effective_params(settings: Settings) -> dict:
     values = dataclasses.asdict(settings.params)
     values["lr"] = settings.lr  # the learning rate actually used
+    values["decoupled_lr"] = settings.decoupled_lr
     return values
 
 

@@ -230,9 +230,12 @@ def describe(settings: Settings, run_dir: Path) -> str:
         f"run folder: {run_dir}",
         f"dataset: {s.dataset}{f' ({s.data})' if s.data else ''}, imbalance ratio {s.imbalance_ratio:g} "
         f"({s.profile}), lt_seed {s.lt_seed}{smoke}",
-        f"model: {s.arch}, {s.epochs} epochs (classifier re-training {s.decoupled_epochs}), batch {s.batch_size}",
+        f"model: {s.arch}, {s.epochs} epochs, batch {s.batch_size}",
         f"optimiser: SGD lr {s.lr:g} (used), momentum {s.momentum}, weight decay {s.weight_decay:g}, "
         f"schedule {s.schedule}" + (f" with {s.warmup_epochs} warm-up epochs" if s.schedule == "cifar_lt" else ""),
+        f"decoupled baselines (Kang et al.): cRT {s.decoupled_epochs} / LWS {s.lws_epochs} epochs of class-aware "
+        f"sampling, lr {s.decoupled_lr:g}, weight decay {s.decoupled_weight_decay:g}, cosine; BatchNorm "
+        f"{s.decoupled_bn}; NCM {s.ncm_variant}; final epoch reported (they keep the best-validation one)",
         f"teachers: {', '.join(s.params.teachers)}; training seeds: {s.seeds}",
         f"distillation: alpha {s.alpha:g}, beta {s.beta:g}, cosine scale {s.cosine_scale:g}",
         f"device: {device} (asked: {s.device})",
@@ -391,6 +394,22 @@ def tau_choices(run_dir: Path, seeds):
                      "validation balanced accuracy (%)": round(100 * record.get("tau_val_balanced_acc", float("nan")), 1),
                      "test top-1 (%)": round(100 * record["all"], 1)})
     return pd.DataFrame(rows, columns=["seed", "tau", "validation balanced accuracy (%)", "test top-1 (%)"])
+
+
+def tau_curves(run_dir: Path, seeds) -> dict:
+    """Per seed, tau-norm's validation curve: ``{seed: {"tau": [...], "val_acc": [...], "chosen": tau}}``.
+
+    Seeds without a tau-norm evaluation, or whose evaluation predates the recorded curve, are left out.
+    """
+    curves = {}
+    for seed in seeds:
+        path = runs.evaluation_path(Path(run_dir), seed, "tau_norm")
+        if not path.exists():
+            continue
+        record = _read_json(path)
+        if "tau_val_curve" in record:
+            curves[seed] = {"tau": record["tau_grid"], "val_acc": record["tau_val_curve"], "chosen": record["tau"]}
+    return curves
 
 
 # --------------------------------------------------------------------------- reading a run back
@@ -573,5 +592,5 @@ __all__ = [
     "has_features", "history", "imbalance_explorer", "injected_names", "key_methods",
     "load_data", "load_features", "load_metrics", "notebook_environment", "paired_features", "require_stage_one",
     "restrict", "save_table", "setup", "split_summary", "stage_one_missing", "student_and_baseline",
-    "tau_choices", "teacher_names", "tsne_teacher",
+    "tau_choices", "tau_curves", "teacher_names", "tsne_teacher",
 ]

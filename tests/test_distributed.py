@@ -46,7 +46,7 @@ def torchrun(*args, nproc=2, **kw):
 # ---------------------------------------------------------------- the sampler
 
 
-@pytest.mark.parametrize("strategy", ["instance", "class_balanced"])
+@pytest.mark.parametrize("strategy", ["instance", "class_balanced", "class_aware"])
 def test_ranks_take_disjoint_shares_of_one_stream(strategy):
     labels = long_tailed_labels()
     world = 3
@@ -57,7 +57,7 @@ def test_ranks_take_disjoint_shares_of_one_stream(strategy):
             s.set_epoch(epoch)
         shares = [list(s) for s in samplers]
         stream = IndexSampler(labels, strategy, generator_seed=5).epoch_indices(epoch)
-        per_rank = len(labels) // world
+        per_rank = len(stream) // world
         assert all(len(share) == per_rank == len(s) for share, s in zip(shares, samplers))
         # Interleaving the shares gives back the global stream (its first world * per_rank draws):
         # every position of the stream belongs to exactly one rank.

@@ -290,7 +290,7 @@ def test_cuda_indices_on_device():
     for strategy in STRATEGIES:
         s = IndexSampler(labels, strategy, device="cuda", generator_seed=1, total_epochs=3)
         idx = s.epoch_indices(1)
-        assert idx.device.type == "cuda" and idx.dtype == torch.int64 and idx.numel() == len(labels)
+        assert idx.device.type == "cuda" and idx.dtype == torch.int64 and idx.numel() == len(s)
         assert torch.equal(idx, s.epoch_indices(1))
         if strategy == "instance":
             assert torch.equal(torch.sort(idx).values.cpu(), torch.arange(len(labels)))

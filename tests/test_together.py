@@ -65,6 +65,7 @@ def test_training_together_matches_training_alone(tmp_path, data):
     assert a.keys() == b.keys()
     for key in a:
         assert b[key]["loss"] == pytest.approx(a[key]["loss"], rel=1e-3, abs=1e-4), key
+        assert b[key]["steps"] == a[key]["steps"] == len(data.train_labels) // 32, key
     for m_alone, m_together in zip(alone, models):
         sa, st = m_alone.state_dict(), m_together.state_dict()
         for key in sa:

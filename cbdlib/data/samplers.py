@@ -9,8 +9,15 @@ probability ``p_j = n_j**q / sum_k n_k**q`` and then an image uniformly within i
 * ``sqrt``            q = 1/2.
 * ``progressive``     ``p_j(t) = (1 - t/T) p_j^instance + (t/T) p_j^balanced`` at epoch t
                       of T total (t/T is clamped to [0, 1] past the end).
+* ``class_aware``     Kang et al.'s ``ClassAwareSampler`` for classifier re-training (cRT,
+                      LWS): classes are visited in shuffled rounds (each round a random
+                      permutation of the non-empty classes) and each visit takes
+                      :data:`CLASS_AWARE_SAMPLES_PER_CLASS` consecutive images of its class,
+                      walking through the class in reshuffled passes. An epoch is
+                      (largest class count x number of non-empty classes) images.
 
-Every non-instance epoch is ``N`` draws (``N`` = training-set size) with replacement.
+Every other non-instance epoch is ``N`` draws (``N`` = training-set size) with replacement.
+:func:`epoch_length` gives the length of an epoch of any strategy.
 
 Two forms share one core: :class:`IndexSampler` returns a whole epoch of indices as one
 int64 tensor (on the training device, for on-device batching), and
@@ -28,6 +35,8 @@ one-process run.
 An epoch's indices depend only on ``(generator_seed, epoch, strategy, labels)`` and the
 device type (CPU and CUDA generators produce different streams), never on how many
 epochs were drawn before, so a resumed run sees the same epochs as an uninterrupted one.
+(Kang et al.'s class and image cycles carry over from one epoch to the next; here each
+``class_aware`` epoch starts fresh rounds and passes, which keeps resume exact.)
 """
 from __future__ import annotations
 
@@ -40,12 +49,14 @@ from torch.utils.data import Sampler
 
 from ..errors import CBDError
 
-STRATEGIES = ("instance", "class_balanced", "sqrt", "progressive")
+STRATEGIES = ("instance", "class_balanced", "sqrt", "progressive", "class_aware")
+# Consecutive images taken from a class at each visit (``num_samples_cls`` in Kang et al.'s configs).
+CLASS_AWARE_SAMPLES_PER_CLASS = 4
 
 LabelsLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
-__all__ = ["STRATEGIES", "IndexSampler", "StrategySampler", "DistributedStrategySampler", "make_sampler",
-           "shard_indices"]
+__all__ = ["CLASS_AWARE_SAMPLES_PER_CLASS", "STRATEGIES", "IndexSampler", "StrategySampler",
+           "DistributedStrategySampler", "epoch_length", "make_sampler", "shard_indices"]
 
 
 def _normalise_strategy(strategy: str) -> str:
@@ -56,6 +67,15 @@ def _normalise_strategy(strategy: str) -> str:
     if name not in STRATEGIES:
         raise CBDError(f"unknown sampling strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     return name
+
+
+def epoch_length(strategy: str, class_counts: Sequence[int]) -> int:
+    """Images per epoch: ``N`` (the training-set size), or for ``class_aware`` the largest
+    class count times the number of non-empty classes."""
+    counts = [int(c) for c in class_counts]
+    if _normalise_strategy(strategy) == "class_aware":
+        return max(counts) * sum(1 for c in counts if c > 0)
+    return sum(counts)
 
 
 def _labels_to_tensor(labels: LabelsLike) -> torch.Tensor:
@@ -152,6 +172,8 @@ class IndexSampler:
         self._order = order.to(self._draw_device)
         self._start = start.to(self._draw_device)
         self._count = counts.to(self._draw_device)
+        self._classes = torch.nonzero(counts).flatten().to(self._draw_device)  # the non-empty classes
+        self._epoch_length = epoch_length(self.strategy, counts.tolist())
 
         # Fixed endpoint distributions, computed once.
         n = self._counts_f64
@@ -162,8 +184,8 @@ class IndexSampler:
         self._p_sqrt = sq / sq.sum()
 
     def __len__(self) -> int:
-        """Number of indices per epoch (the training-set size N)."""
-        return self._n
+        """Number of indices per epoch (see :func:`epoch_length`)."""
+        return self._epoch_length
 
     def __repr__(self) -> str:
         return (f"IndexSampler(strategy={self.strategy!r}, N={self._n}, num_classes={self.num_classes}, "
@@ -201,12 +223,14 @@ class IndexSampler:
         return g
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
-        """The ``N`` dataset indices of ``epoch`` (int64 tensor on ``device``)."""
+        """The ``len(self)`` dataset indices of ``epoch`` (int64 tensor on ``device``)."""
         epoch = self._check_epoch(epoch)
         g = self._generator(epoch)
         dev = self._draw_device
         if self.strategy == "instance":
             idx = torch.randperm(self._n, generator=g, device=dev)
+        elif self.strategy == "class_aware":
+            idx = self._class_aware_indices(g)
         else:
             p = self.class_probabilities(epoch).to(dev)
             cls = torch.multinomial(p, self._n, replacement=True, generator=g)
@@ -220,6 +244,38 @@ class IndexSampler:
         if idx.device != self.device:
             idx = idx.to(self.device)
         return idx
+
+    def _class_aware_indices(self, g: torch.Generator) -> torch.Tensor:
+        """One ``class_aware`` epoch, drawn with a few whole-tensor operations (no loop over classes)."""
+        dev, k = self._draw_device, CLASS_AWARE_SAMPLES_PER_CLASS
+        length = self._epoch_length
+        visits = -(-length // k)
+        # The class of every visit: shuffled rounds, each a permutation of the non-empty classes.
+        rounds = -(-visits // len(self._classes))
+        shuffled = torch.rand(rounds, len(self._classes), generator=g, device=dev).argsort(dim=1)
+        visit_class = self._classes[shuffled].flatten()[:visits]
+        # Which visit of its class each visit is (0, 1, 2, ...), in epoch order.
+        visits_per_class = torch.bincount(visit_class, minlength=self.num_classes)
+        by_class = torch.argsort(visit_class, stable=True)
+        first_visit = torch.cumsum(visits_per_class, 0) - visits_per_class
+        ordinal = torch.empty_like(visit_class)
+        ordinal[by_class] = torch.arange(visits, device=dev) - first_visit[visit_class[by_class]]
+        # Each class's stream of images: enough whole passes over the class for its k x visits
+        # images, every pass in its own random order.
+        count = self._count
+        passes = torch.where(count > 0, -(-(k * visits_per_class) // count.clamp_min(1)), 0)
+        stream_len = passes * count
+        stream_start = torch.cumsum(stream_len, 0) - stream_len
+        slot_class = torch.repeat_interleave(torch.arange(self.num_classes, device=dev), stream_len)
+        position = torch.arange(len(slot_class), device=dev) - stream_start[slot_class]
+        image = position % count[slot_class]  # the image's rank within its class
+        pass_start = stream_start[slot_class] + position - image
+        # Sorting by pass, then by a random key, shuffles every pass and keeps passes in order.
+        key = pass_start.to(torch.float64) + torch.rand(len(slot_class), generator=g, device=dev, dtype=torch.float64)
+        stream = self._order[self._start[slot_class] + image][torch.argsort(key, stable=True)]
+        # Visit t of class c takes images k*t .. k*t + k - 1 of c's stream.
+        taken = stream_start[visit_class, None] + k * ordinal[:, None] + torch.arange(k, device=dev)
+        return stream[taken.flatten()[:length]]
 
 
 class StrategySampler(Sampler[int]):

@@ -30,7 +30,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..augment import BatchAugmenter, aug_config, vanilla_config
-from ..data.samplers import IndexSampler, shard_indices
+from ..data.samplers import IndexSampler, epoch_length, shard_indices
 from ..errors import CBDError
 from ..io import append_line
 from ..models import ModelSpec, Network, build_model
@@ -57,7 +57,7 @@ class Job:
     name: str                     # method name, e.g. "teacher_aug_2", "ce", "cbd_ens"
     train_seed: int               # the run's training seed this model belongs to
     spec: ModelSpec
-    sampling: str = "instance"    # instance | class_balanced
+    sampling: str = "instance"    # instance | class_balanced | class_aware (see data/samplers.py)
     augment: str = "vanilla"      # vanilla | aug
     loss: str = "ce"              # ce | balanced_softmax | cbd
     epochs: int = 1
@@ -68,6 +68,7 @@ class Job:
     weight_decay: float = 2e-4
     momentum: float = 0.9
     train_backbone: bool = True   # False: classifier re-training (cRT, LWS) on a frozen backbone
+    decoupled_bn: str = "train"   # with train_backbone False: train (BatchNorm statistics re-estimated) | frozen
     alpha: float = 0.4
     beta: float = 100.0
     logit_distill_weight: float = 0.0
@@ -256,7 +257,7 @@ def fit(
         start_epoch = state["meta"]["epoch"] + 1
         report(f"{job.name} (seed {job.train_seed}): resuming from the checkpoint of epoch {start_epoch}/{job.epochs}")
 
-    n = len(data.train_labels)
+    n = epoch_length(job.sampling, data.class_counts.tolist())  # images per epoch
     if n < world:
         raise CBDError(f"{n} training images cannot be shared by {world} processes")
     batch_size = min(job.batch_size, n - n % world)
@@ -278,8 +279,10 @@ def fit(
         for epoch in range(start_epoch, job.epochs):
             t0 = time.perf_counter()
             model.train()
-            if not job.train_backbone:
-                model.backbone.eval()  # frozen BatchNorm statistics while re-training a classifier
+            if not job.train_backbone and job.decoupled_bn == "frozen":
+                # Keep the backbone's BatchNorm statistics; under "train" (Kang et al.) they are
+                # re-estimated on the re-training batches while its weights stay frozen.
+                model.backbone.eval()
                 if model.projection is not None:
                     model.projection.eval()
             sums = torch.zeros(4, device=device)  # loss, ce, distill, correct
@@ -308,7 +311,7 @@ def fit(
                 "loss": totals[0] / mean_over, "ce": totals[1] / mean_over,
                 "distill": totals[2] / mean_over if job.loss == "cbd" else None,
                 "train_acc": totals[3] / (steps_per_epoch * batch_size), "val_acc": val_acc, "lr": lr,
-                "time_s": round(time.perf_counter() - t0, 3),
+                "steps": steps_per_epoch, "time_s": round(time.perf_counter() - t0, 3),
             }
             complete = epoch + 1 == job.epochs
             if main:

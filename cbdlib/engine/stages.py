@@ -3,10 +3,13 @@
 Stage 1 (``teachers``): cosine-classifier teachers with instance sampling, "vanilla"
 (crop + flip) or "aug" (+ colour jitter, grayscale), each with its own seed.
 ``one_stage``: ``ce`` (linear, instance), ``ce_cb`` (linear, class-balanced),
-``balanced_softmax``. ``decoupled``: ``crt``, ``lws``, ``tau_norm`` (tau chosen on the
-balanced validation set), ``ncm``, all on ``ce``'s backbone. ``students``: ``cbd`` (one
-vanilla teacher) and ``cbd_ens`` (all teachers), trained from scratch with
-class-balanced sampling and feature distillation.
+``balanced_softmax``. ``decoupled`` (as in Kang et al.'s code, except that the final
+epoch is reported where they keep the best-validation one): ``crt`` (a new linear
+classifier) and ``lws`` (per-class scales of ``ce``'s classifier), re-trained with
+class-aware sampling on ``ce``'s frozen backbone; ``tau_norm`` (tau chosen on the balanced
+validation set) and ``ncm`` (``cl2n`` by default). ``students``: ``cbd`` (one vanilla
+teacher) and ``cbd_ens`` (all teachers), trained from scratch with class-balanced
+sampling and feature distillation.
 
 Under ``torchrun`` every rank builds the same ``Experiment`` and trains every model
 together (DDP); rank 0 alone prepares the run folder, evaluates on the test set, derives
@@ -29,7 +32,9 @@ from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Setting
 from ..data import LongTailData, load_for_settings
 from ..errors import CBDError
 from ..metrics import accuracy_record, balanced_accuracy
-from ..models import LinearClassifier, LWSClassifier, ModelSpec, NCMClassifier, Network, TauNormClassifier
+from ..models import (
+    TORCHVISION_ARCHS, LinearClassifier, LWSClassifier, ModelSpec, NCMClassifier, Network, TauNormClassifier,
+)
 from .. import runs
 from . import distributed
 from ..progress import PlannedModel, step_cost, write_plan
@@ -117,7 +122,9 @@ class Experiment:
     def spec(self, classifier: str, projection_dim: int | None = None) -> ModelSpec:
         s = self.settings
         return ModelSpec(arch=s.arch, num_classes=self.data.num_classes, classifier=classifier,
-                         cosine_scale=s.cosine_scale, learnable_scale=s.learnable_scale, projection_dim=projection_dim)
+                         cosine_scale=s.cosine_scale, learnable_scale=s.learnable_scale, projection_dim=projection_dim,
+                         ncm_variant=s.ncm_variant if classifier == "ncm" else None,
+                         zero_init_residual=s.zero_init_residual and s.arch in TORCHVISION_ARCHS)
 
     def plan(self) -> list[PlannedModel]:
         """Every model this run trains, with its epochs and the cost of its steps (for the ETA)."""
@@ -270,7 +277,8 @@ class Experiment:
         if not needed:
             return
         base = self.load_trained("ce", seed)
-        classifier_epochs = self.settings.decoupled_epochs
+        s = self.settings
+        epochs = {"crt": s.decoupled_epochs, "lws": s.lws_epochs}
         for name in ("crt", "lws"):
             if name not in needed:
                 continue
@@ -285,8 +293,10 @@ class Experiment:
                 spec = self.spec("lws")
             for p in model.backbone.parameters():
                 p.requires_grad_(False)
-            job = self.job(name, seed, spec, sampling="class_balanced", epochs=classifier_epochs,
-                           schedule="cosine", warmup_epochs=0, train_backbone=False)
+            # Kang et al.'s classifier re-training: class-aware sampling, SGD with cosine decay to 0.
+            job = self.job(name, seed, spec, sampling="class_aware", epochs=epochs[name], schedule="cosine",
+                           warmup_epochs=0, lr=s.decoupled_lr, weight_decay=s.decoupled_weight_decay,
+                           train_backbone=False, decoupled_bn=s.decoupled_bn)
             model = self._train(job, model, "decoupled")
             self.evaluate(model, name, seed)
         if not self.main:  # tau-norm and NCM train nothing: rank 0 derives and evaluates them
@@ -311,17 +321,16 @@ class Experiment:
         spec.tau = tau
         self._save_derived(model, spec, "tau_norm", seed)
         self.evaluate(model, "tau_norm", seed, {"tau": tau, "tau_val_balanced_acc": scores[best],
-                                                "tau_grid": list(TAU_GRID)})
+                                                "tau_grid": list(TAU_GRID), "tau_val_curve": scores})
 
     def _ncm(self, base: Network, seed: int) -> None:
         features = torch.from_numpy(self._predict(base, "train")[0])
-        labels = torch.from_numpy(self.data.train_labels)
-        means = torch.zeros(self.data.num_classes, features.shape[1])
-        means.index_add_(0, labels, torch.nn.functional.normalize(features, dim=1))
+        labels = torch.from_numpy(self.data.train_labels).long()
         model = copy.deepcopy(base)
-        model.classifier = NCMClassifier(means).to(self.device)
+        variant = self.settings.ncm_variant
+        model.classifier = NCMClassifier.from_features(features, labels, self.data.num_classes, variant).to(self.device)
         self._save_derived(model, self.spec("ncm"), "ncm", seed)
-        self.evaluate(model, "ncm", seed)
+        self.evaluate(model, "ncm", seed, {"ncm_variant": variant})
 
     def _save_derived(self, model: Network, spec: ModelSpec, name: str, seed: int) -> None:
         """Models built without training (tau-norm, NCM) are saved too, so they can be re-evaluated."""

@@ -184,7 +184,7 @@ def fit_together(
                           "loss": totals[k][0] / steps, "ce": totals[k][1] / steps,
                           "distill": totals[k][2] / steps if job.loss == "cbd" else None,
                           "train_acc": totals[k][3] / (steps * batch_size), "val_acc": val_acc, "lr": lr,
-                          "time_s": round(elapsed / k_models, 3), "trained_with": k_models}
+                          "steps": steps, "time_s": round(elapsed / k_models, 3), "trained_with": k_models}
                 if save_now:
                     ckpt.save_checkpoint(
                         checkpoint_paths[k], spec=job.spec.to_dict(),

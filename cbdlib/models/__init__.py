@@ -38,6 +38,8 @@ class ModelSpec:
     learnable_scale: bool = False
     projection_dim: Optional[int] = None
     tau: Optional[float] = None
+    ncm_variant: Optional[str] = None    # NCM heads: cl2n | cosine (None, in checkpoints made before cl2n: cosine)
+    zero_init_residual: bool = False     # torchvision ResNets: last BatchNorm gamma of each block starts at 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +70,8 @@ class Network(nn.Module):
         return features, self.classifier(features)
 
 
-def build_backbone(arch: str) -> tuple[nn.Module, int]:
+def build_backbone(arch: str, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+    """The backbone and its pooled feature size; ``zero_init_residual`` applies to torchvision ResNets."""
     if arch in CIFAR_ARCHS:
         blocks, widths = CIFAR_ARCHS[arch]
         net = CifarResNet(blocks, widths)
@@ -76,7 +79,7 @@ def build_backbone(arch: str) -> tuple[nn.Module, int]:
     if arch in TORCHVISION_ARCHS:
         import torchvision
 
-        net = getattr(torchvision.models, arch)(weights=None)
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
         dim = net.fc.in_features
         net.fc = nn.Identity()
         return net, dim
@@ -94,12 +97,12 @@ def build_classifier(spec: ModelSpec, in_features: int) -> nn.Module:
     if spec.classifier == "tau_norm":
         return TauNormClassifier(torch.zeros(c, in_features), spec.tau if spec.tau is not None else 1.0)
     if spec.classifier == "ncm":
-        return NCMClassifier(torch.zeros(c, in_features))
+        return NCMClassifier(torch.zeros(c, in_features), variant=spec.ncm_variant or "cosine")
     raise CBDError(f"unknown classifier {spec.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
 
 
 def build_model(spec: ModelSpec) -> Network:
-    backbone, dim = build_backbone(spec.arch)
+    backbone, dim = build_backbone(spec.arch, spec.zero_init_residual)
     projection = Projection(dim, spec.projection_dim) if spec.projection_dim else None
     in_features = spec.projection_dim or dim
     return Network(backbone, dim, build_classifier(spec, in_features), projection)

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CBDError
+
 
 class CosineClassifier(nn.Module):
     """logits = s * <f/|f|, w_c/|w_c|>, s fixed at 20 in the paper (learnable as an option).
@@ -64,14 +66,43 @@ class LWSClassifier(nn.Module):
 
 
 class NCMClassifier(nn.Module):
-    """Nearest class mean with cosine similarity on the (frozen) backbone's features."""
+    """Nearest class mean on the (frozen) backbone's features, in one of two variants.
 
-    def __init__(self, class_means: torch.Tensor):
+    ``cl2n`` (Kang et al.'s default): a feature is centred on the mean training feature
+    (``centre``) and L2-normalised; ``means`` are the class means of the training features
+    so treated; logits are minus the squared Euclidean distance to each mean.
+    ``cosine``: cosine similarity between the L2-normalised feature and the normalised
+    class means, no centring.
+    """
+
+    def __init__(self, class_means: torch.Tensor, centre: torch.Tensor | None = None, variant: str = "cl2n"):
         super().__init__()
-        self.register_buffer("means", F.normalize(class_means.float(), dim=1))
+        if variant not in ("cl2n", "cosine"):
+            raise CBDError(f"unknown NCM variant {variant!r}; choose cl2n or cosine")
+        self.variant = variant
+        if variant == "cl2n":
+            self.register_buffer("centre", torch.zeros(class_means.shape[1]) if centre is None else centre.float())
+            self.register_buffer("means", class_means.float())
+        else:
+            self.register_buffer("means", F.normalize(class_means.float(), dim=1))
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      variant: str = "cl2n") -> "NCMClassifier":
+        """The classifier of training ``features`` (N, D) with their ``labels``."""
+        features = features.float()
+        centre = features.mean(0) if variant == "cl2n" else torch.zeros(features.shape[1])
+        treated = F.normalize(features - centre, dim=1)
+        sums = torch.zeros(num_classes, features.shape[1]).index_add_(0, labels, treated)
+        counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1)
+        return cls(sums / counts, centre, variant)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(features.float(), dim=1) @ self.means.t()
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            if self.variant == "cosine":
+                return F.normalize(features.float(), dim=1) @ self.means.t()
+            x = F.normalize(features.float() - self.centre, dim=1)
+            return -torch.cdist(x, self.means).pow(2)
 
 
 class Projection(nn.Sequential):
