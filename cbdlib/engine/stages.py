@@ -30,6 +30,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Settings, teacher_method_name
 from ..data import LongTailData, load_for_settings
+from ..data.samplers import epoch_length
 from ..errors import CBDError
 from ..metrics import accuracy_record, balanced_accuracy
 from ..models import (
@@ -136,9 +137,11 @@ class Experiment:
             for job in [*self._teacher_jobs(seed), *self._one_stage_jobs(seed)]:
                 entries.append(PlannedModel(job.name, seed, "teachers" if job.name.startswith("teacher_") else "one_stage",
                                             job.epochs, plain_steps, step_cost()))
-            for name in ("crt", "lws"):
+            class_aware = epoch_length("class_aware", list(self.data.class_counts))
+            class_aware_steps = max(1, class_aware // min(s.batch_size, class_aware))
+            for name, epochs in (("crt", s.decoupled_epochs), ("lws", s.lws_epochs)):
                 if name in self.wanted:
-                    entries.append(PlannedModel(name, seed, "decoupled", s.decoupled_epochs, plain_steps,
+                    entries.append(PlannedModel(name, seed, "decoupled", epochs, class_aware_steps,
                                                 step_cost(train_backbone=False)))
             teachers = {"cbd": 1, "cbd_ens": len(s.teachers)}
             for name in STUDENTS:
