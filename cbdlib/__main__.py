@@ -36,7 +36,7 @@ def _run(args) -> int:
 def _aggregate(args) -> int:
     from .pipeline import aggregate_runs
 
-    aggregate_runs(args.run_dirs, args.out)
+    aggregate_runs(args.run_dirs, args.out, partial=args.partial)
     return 0
 
 
@@ -57,7 +57,8 @@ def _evaluate(args) -> int:
 def _ablate(args) -> int:
     from .ablation import run_ablation
 
-    result = run_ablation(args.run_dir, epochs=args.epochs, seed=args.seed)
+    result = run_ablation(args.run_dir, epochs=args.epochs, seed=args.seed, overwrite=args.overwrite,
+                          device=args.device)
     print(f"wrote {args.run_dir}/ablation/ablation.md ({len(result['rows'])} students)", file=sys.stderr)
     return 0
 
@@ -86,12 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     agg = sub.add_parser("aggregate", help="merge runs of different seeds (mean and std)")
     agg.add_argument("run_dirs", nargs="+")
     agg.add_argument("--out", required=True)
+    agg.add_argument("--partial", action="store_true",
+                     help="merge runs whose methods did not all finish; each mean says how many seeds it covers")
     agg.set_defaults(func=_aggregate)
 
     ab = sub.add_parser("ablate", help="CBD-ENS students with alpha, beta, teachers or projection changed")
     ab.add_argument("run_dir", help="a run folder whose teachers are trained")
     ab.add_argument("--epochs", type=int, default=None, help="epochs per student (default: a quarter of the run's)")
     ab.add_argument("--seed", type=int, default=None, help="training seed whose teachers are used (default: the first)")
+    ab.add_argument("--overwrite", action="store_true", help="replace the ablation students already in RUN_DIR/ablation")
+    ab.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's own)")
     ab.set_defaults(func=_ablate)
 
     ev = sub.add_parser("evaluate", help="re-evaluate a saved model on its test set")

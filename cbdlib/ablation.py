@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from .config import Settings, make_params, resolve, teacher_method_name
+from . import runs
+from .config import ParameterError, Settings, make_params, resolve, teacher_method_name
 from .errors import CBDError
 from .io import write_json, write_text
 from .metrics import accuracy_record
@@ -39,51 +38,91 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.split(" (")[0].lower()).strip("_")
 
 
-def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | None = None, quiet: bool | None = None) -> dict:
+def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | None = None, quiet: bool | None = None,
+                 overwrite: bool = False, device: str | None = None) -> dict:
+    """Train the ablation rows on a run's teachers into ``RUN_DIR/ablation/``.
+
+    ``epochs`` (default: a quarter of the run's, at least 1) and ``seed`` (default: the first)
+    are checked before anything is trained. Students of another schedule already in the folder
+    are refused unless ``overwrite`` (which replaces ``ablation/`` only, never the run).
+    ``device`` replaces the run's own (a run made on a GPU, ablated on a CPU).
+    """
+    import shutil
+
     from .engine import Experiment
     from .engine.loop import derive_seed, fit, init_model, predict
 
     run_dir = Path(run_dir)
-    params_file = run_dir / "params.yaml"
-    if not params_file.exists():
+    stored = runs.read_params_yaml(run_dir)
+    if stored is None:
         raise CBDError(f"{run_dir} is not a run folder (no params.yaml); train its teachers first")
-    stored = yaml.safe_load(params_file.read_text())
-    settings = resolve(make_params(stored))
-    exp = Experiment(settings, run_dir, quiet=quiet)
+    if device is not None:
+        stored = {**stored, "device": device}
+    try:
+        settings = resolve(make_params(stored))
+    except ParameterError as error:
+        flag = " (pass --device to choose another)" if error.key == "device" else ""
+        raise CBDError(f"{run_dir}/params.yaml: {error}{flag}") from None
+    if epochs is not None and (isinstance(epochs, bool) or epochs < 1):
+        raise CBDError(f"--epochs must be >= 1 (epochs per ablation student), got {epochs}")
+    epochs = max(1, settings.epochs // 4) if epochs is None else epochs
     seed = settings.seeds[0] if seed is None else seed
-    epochs = epochs or max(1, settings.epochs // 4)
+    if seed not in settings.seeds:
+        raise CBDError(f"--seed {seed}: {run_dir} has training seeds {settings.seeds}")
     out = run_dir / "ablation"
-    rows = []
-    all_teachers = exp.teacher_names()
-    for label, changes in variants(settings):
-        names = changes.get("teachers", all_teachers)
-        teachers = [exp.load_trained(n, seed) for n in names]
-        for t in teachers:
-            t.eval().requires_grad_(False)
-        projection = changes.get("projection", settings.projection)
-        projection_dim = (settings.projection_dim or sum(t.feature_dim for t in teachers)) if projection else None
-        spec = exp.spec("cosine", projection_dim)
-        slug = _slug(label)
-        name = f"ablation_{slug}"
-        job = exp.job(name, seed, spec, sampling="class_balanced", loss="cbd", teachers=names, epochs=epochs,
-                      alpha=changes.get("alpha", settings.alpha), beta=changes.get("beta", settings.beta))
-        model = init_model(spec, derive_seed("cbd_ens", seed))  # the same start for every row
-        model = fit(job, model, exp.device_data, device=exp.device,
-                    checkpoint_path=out / "checkpoints" / f"seed_{seed}" / f"{slug}.pt",
-                    history_path=out / "history.jsonl", meta=exp.meta(name, seed), stage="ablation",
-                    teachers=teachers, quiet=exp.quiet, precision=exp.precision, use_compile=settings.compile)
-        _, logits = predict(model, exp.data.test_images, exp.data.mean, exp.data.std, exp.device,
-                            settings.eval_batch_size)
-        record = accuracy_record(logits, exp.data.test_labels, exp.splits)
-        record.pop("confusion")
-        row = {"variant": label, "alpha": job.alpha, "beta": job.beta, "teachers": names, "projection": projection,
-               "epochs": epochs, "seed": seed, **record}
-        write_json(out / f"{slug}.json", row)
-        rows.append(row)
-    result = {"run": str(run_dir), "seed": seed, "epochs": epochs, "full_epochs": settings.epochs, "rows": rows}
-    write_json(out / "ablation.json", result)
-    write_text(out / "ablation.md", ablation_markdown(result))
+    with runs.run_lock(runs.ensure_run_dir(run_dir)):  # one writer: no training of the run beside it
+        if overwrite:
+            shutil.rmtree(out, ignore_errors=True)
+        _refuse_other_students(out / "checkpoints" / f"seed_{seed}", epochs)
+        exp = Experiment(settings, run_dir, quiet=quiet)
+        rows, plans = [], []
+        all_teachers = exp.teacher_names()
+        for label, changes in variants(settings):
+            names = changes.get("teachers", all_teachers)
+            teachers = [exp.load_trained(n, seed) for n in names]
+            for t in teachers:
+                t.eval().requires_grad_(False)
+            projection = changes.get("projection", settings.projection)
+            projection_dim = (settings.projection_dim or sum(t.feature_dim for t in teachers)) if projection else None
+            spec = exp.spec("cosine", projection_dim)
+            slug = _slug(label)
+            job = exp.job(f"ablation_{slug}", seed, spec, sampling="class_balanced", loss="cbd", teachers=names,
+                          epochs=epochs, alpha=changes.get("alpha", settings.alpha),
+                          beta=changes.get("beta", settings.beta))
+            plans.append((label, names, teachers, projection, spec, job,
+                          out / "checkpoints" / f"seed_{seed}" / f"{slug}.pt", out / f"{slug}.json"))
+        for label, names, teachers, projection, spec, job, checkpoint, row_file in plans:
+            model = init_model(spec, derive_seed("cbd_ens", seed))  # the same start for every row
+            model = fit(job, model, exp.device_data, device=exp.device, checkpoint_path=checkpoint,
+                        history_path=out / "history.jsonl", meta=exp.meta(job.name, seed), stage="ablation",
+                        teachers=teachers, quiet=exp.quiet, precision=exp.precision, use_compile=settings.compile)
+            _, logits = predict(model, exp.data.test_images, exp.data.mean, exp.data.std, exp.device,
+                                settings.eval_batch_size)
+            record = accuracy_record(logits, exp.data.test_labels, exp.splits)
+            record.pop("confusion")
+            row = {"variant": label, "alpha": job.alpha, "beta": job.beta, "teachers": names,
+                   "projection": projection, "epochs": epochs, "seed": seed, **record}
+            write_json(row_file, row)
+            rows.append(row)
+        result = {"run": str(run_dir), "seed": seed, "epochs": epochs, "full_epochs": settings.epochs, "rows": rows}
+        write_json(out / "ablation.json", result)
+        write_text(out / "ablation.md", ablation_markdown(result))
     return result
+
+
+def _refuse_other_students(folder: Path, epochs: int) -> None:
+    """Students of another ``--epochs`` in the ablation folder are refused before anything is written."""
+    from . import checkpoint as ckpt
+
+    for path in sorted(folder.glob("*.pt")):
+        if path.name.endswith(".prev.pt"):
+            continue
+        made = (ckpt.load_checkpoint(path, fallback=True)["meta"].get("job") or {}).get("epochs")
+        if made != epochs:
+            unit = "epoch" if made == 1 else "epochs"
+            raise CBDError(f"{folder.parent.parent} holds students of {made} {unit}, not {epochs}; "
+                           f"rerun with --epochs {made} to finish them, or with --overwrite to replace them "
+                           f"(the run itself is kept)")
 
 
 def ablation_markdown(result: dict) -> str:

@@ -7,6 +7,7 @@ Both are plain dataclasses so they print, compare and serialise as they are.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -158,35 +159,146 @@ def make_params(values: dict) -> Params:
     return params
 
 
+class ParameterError(CBDError):
+    """A value outside its key's allowed range; ``key`` names the parameter (for ``-p`` / file prefixes)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key's value must satisfy: ``allows(value)``, stated as ``allowed`` ("> 0", "in [0, 1]")."""
+
+    allows: Any                 # value -> bool
+    allowed: Any                # str, or a function returning it (for lists known only at check time)
+    unknown_word: bool = False  # choices say "unknown arch 'x'" first
+
+    def check(self, key: str, value: Any) -> None:
+        if self.allows(value):
+            return
+        allowed = self.allowed() if callable(self.allowed) else self.allowed
+        if self.unknown_word:
+            raise ParameterError(key, f"unknown {key} {value!r}: {key} must be {allowed}")
+        raise ParameterError(key, f"{key} must be {allowed}, got {value!r}")
+
+
+def at_least(low) -> Rule:
+    return Rule(lambda v: v >= low, f">= {low:g}")
+
+
+def above(low) -> Rule:
+    return Rule(lambda v: v > low, f"> {low:g}")
+
+
+def between(low, high, *, high_open: bool = False) -> Rule:
+    if high_open:
+        return Rule(lambda v: low <= v < high, f"in [{low:g}, {high:g})")
+    return Rule(lambda v: low <= v <= high, f"in [{low:g}, {high:g}]")
+
+
+def one_of(*choices) -> Rule:
+    options = choices[0] if len(choices) == 1 and callable(choices[0]) else (lambda: choices)
+    return Rule(lambda v: v in options(), lambda: "one of " + ", ".join(map(str, options())), unknown_word=True)
+
+
+def _archs() -> tuple:
+    from .models import ARCHS  # torch is imported only when an arch is checked
+
+    return ARCHS
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _device_usable(name: str) -> bool:
+    return bool(_DEVICE.fullmatch(name))
+
+
+# The allowed values of each key, checked for every run before anything is written.
+# A key of a None-able type skips its rule when None. Add a key here with its rule.
+RULES: dict[str, Rule] = {
+    "run_name": Rule(lambda v: bool(v) and "/" not in v and v not in (".", ".."), "a plain folder name"),
+    "dataset": one_of(*DATASETS),
+    "imbalance_ratio": at_least(1),
+    "profile": one_of("exp", "step"),
+    "lt_seed": at_least(0),
+    "val_per_class": at_least(1),
+    "image_size": at_least(1),
+    "arch": one_of(_archs),
+    "epochs": at_least(1),
+    "decoupled_epochs": at_least(1),
+    "lws_epochs": at_least(1),
+    "decoupled_lr": above(0),
+    "decoupled_weight_decay": at_least(0),
+    "decoupled_bn": one_of(*DECOUPLED_BN_MODES),
+    "ncm_variant": one_of(*NCM_VARIANTS),
+    "precision": one_of(*PRECISIONS),
+    "batch_size": at_least(1),
+    "lr": above(0),
+    "weight_decay": at_least(0),
+    "momentum": between(0, 1, high_open=True),
+    "schedule": one_of(*SCHEDULES),
+    "warmup_epochs": at_least(0),
+    "alpha": between(0, 1),
+    "beta": above(0),
+    "cosine_scale": above(0),
+    "projection_dim": at_least(1),
+    "logit_distill_weight": at_least(0),
+    "logit_distill_temperature": above(0),
+    "methods": Rule(lambda v: len(v) > 0, "null (every method) or a non-empty list of method names"),
+    "eval_batch_size": at_least(1),
+    "num_workers": at_least(0),
+    "tsne_samples": at_least(1),
+    "device": Rule(_device_usable, "auto, cpu, cuda or cuda:N"),
+}
+
+
+def check_rule(key: str, value: Any) -> None:
+    """Refuse a non-finite number, then a value outside ``RULES[key]`` (None passes: it means "derive")."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParameterError(key, f"{key} must be a finite number, got {value!r}")
+    if key in RULES:
+        RULES[key].check(key, value)
+
+
+def check_device_available(name: str) -> None:
+    """``cuda`` / ``cuda:N`` only where such a GPU exists (checked before any work, not at the first model)."""
+    if not name.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ParameterError("device", f"device {name!r} asked for, but CUDA is not available here; "
+                                       "use device: auto or cpu")
+    index = int(name.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ParameterError("device", f"device {name!r} asked for, but this machine has "
+                                       f"{torch.cuda.device_count()} GPU(s) (cuda:0..)")
+
+
 def validate(p: Params) -> None:
-    if p.dataset not in DATASETS:
-        raise CBDError(f"unknown dataset {p.dataset!r}; choose one of {', '.join(DATASETS)}")
-    if p.imbalance_ratio < 1:
-        raise CBDError(f"imbalance_ratio must be >= 1, got {p.imbalance_ratio}")
-    if p.profile not in ("exp", "step"):
-        raise CBDError(f"profile must be 'exp' or 'step', got {p.profile!r}")
-    if p.precision not in PRECISIONS:
-        raise CBDError(f"precision must be one of {', '.join(PRECISIONS)}, got {p.precision!r}")
-    if p.schedule not in SCHEDULES:
-        raise CBDError(f"schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}")
-    for name in ("epochs", "decoupled_epochs", "lws_epochs", "batch_size", "eval_batch_size"):
-        if getattr(p, name) < 1:
-            raise CBDError(f"{name} must be >= 1, got {getattr(p, name)}")
-    if not 0.0 <= p.alpha <= 1.0:
-        raise CBDError(f"alpha must be in [0, 1], got {p.alpha}")
+    """Every value of ``p`` in its allowed range (``RULES``), then the checks that involve several keys."""
+    for f in dataclasses.fields(p):
+        check_rule(f.name, getattr(p, f.name))
+    check_device_available(p.device)
+    if p.dataset == "digits" and p.data is not None:
+        raise ParameterError("data", f"data must be null for dataset digits (it is built in), got {p.data!r}")
     parse_teachers(p.teachers)
     if not p.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in p.seeds):
-        raise CBDError(f"seeds must be a non-empty list of integers, got {p.seeds!r}")
+        raise ParameterError("seeds", f"seeds must be a non-empty list of integers, got {p.seeds!r}")
     if len(set(p.seeds)) != len(p.seeds):
-        raise CBDError(f"seeds must be distinct, got {p.seeds!r}")
-    if p.decoupled_bn not in DECOUPLED_BN_MODES:
-        raise CBDError(f"decoupled_bn must be one of {', '.join(DECOUPLED_BN_MODES)}, got {p.decoupled_bn!r}")
-    if p.ncm_variant not in NCM_VARIANTS:
-        raise CBDError(f"ncm_variant must be one of {', '.join(NCM_VARIANTS)}, got {p.ncm_variant!r}")
+        raise ParameterError("seeds", f"seeds must be distinct, got {p.seeds!r}")
+    if any(s < 0 for s in p.seeds):
+        raise ParameterError("seeds", f"seeds must be >= 0, got {p.seeds!r}")
     if p.methods is not None:
         unknown = [m for m in p.methods if m not in all_method_names(p.teachers) and m not in ("teachers",)]
         if unknown:
-            raise CBDError(f"unknown method(s) {unknown}; known: {', '.join(all_method_names(p.teachers))}")
+            raise ParameterError("methods", f"unknown method(s) {unknown}; known: "
+                                            f"{', '.join(all_method_names(p.teachers))}")
 
 
 def parse_teachers(teachers: list) -> list[tuple[str, int]]:
@@ -301,6 +413,29 @@ def resolve(params: Params) -> Settings:
         max_train_per_class=SMOKE_MAX_PER_CLASS if smoke else None,
         max_test_per_class=SMOKE_TEST_PER_CLASS if smoke else None,
     )
+
+
+def smoke_replacements(given: dict) -> dict[str, tuple[Any, Any]]:
+    """Values stated in ``given`` that the smoke profile replaces: ``{key: (given, used)}``.
+
+    Smoke keeps winning (tests and CI rely on it); the commands print this so a user knows.
+    """
+    replaced = {k: (given[k], used) for k, used in SMOKE_SETTINGS.items() if k in given and given[k] != used}
+    seeds = given.get("seeds")
+    if isinstance(seeds, list) and len(seeds) > 1:
+        replaced["seeds"] = (seeds, seeds[:1])
+    return replaced
+
+
+def format_smoke_replacements(given: dict, origins: dict | None = None) -> str | None:
+    """One console line naming what smoke replaced (``origins``: ``-p`` or a file, per key), or None."""
+    replaced = smoke_replacements(given)
+    if not replaced:
+        return None
+    origins = origins or {}
+    shown = ", ".join(f"{k}={v!r} -> {used!r}" + (f" ({origins[k]})" if k in origins else "")
+                      for k, (v, used) in replaced.items())
+    return f"warning: the smoke profile (CBD_SMOKE or smoke: true) replaced given values: {shown}"
 
 
 def params_to_dict(params: Params) -> dict:

@@ -25,6 +25,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, device: str =
         image_size=meta.get("image_size", 32), max_train_per_class=SMOKE_MAX_PER_CLASS if smoke else None,
         max_test_per_class=SMOKE_TEST_PER_CLASS if smoke else None,
     )
+    _check_same_classes(meta, lt, path, data if data is not None else meta.get("data"))
     dev = resolve_device(device)
     expected = {"dataset": meta["dataset"], "num_classes": lt.num_classes, "class_counts": lt.class_counts}
     model = load_model(path, expected, dev)
@@ -33,3 +34,23 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, device: str =
     record.pop("confusion")
     return {"method": meta.get("method"), "seed": meta.get("train_seed"), "dataset": meta["dataset"],
             "checkpoint": str(path), "test_images": int(len(lt.test_labels)), **record}
+
+
+def _check_same_classes(meta: dict, lt, path, data) -> None:
+    """Refuse data whose classes or image size differ from the checkpoint's: a score there means nothing."""
+    where = f"the data at {data}" if data is not None else f"the {meta['dataset']} data found here"
+    names = meta.get("class_names")
+    if names is not None:
+        if len(names) != lt.num_classes:
+            raise CBDError(f"checkpoint {path} was trained on {len(names)} classes, but {where} has "
+                           f"{lt.num_classes}; evaluate it on the data it was trained on")
+        differ = [i for i, (a, b) in enumerate(zip(names, lt.class_names)) if str(a) != str(b)]
+        if differ:
+            i = differ[0]
+            raise CBDError(f"checkpoint {path} was trained on other classes than {where} has ({len(differ)} of "
+                           f"{len(names)} differ; label {i}: {names[i]!r} vs {lt.class_names[i]!r}); "
+                           f"evaluate it on the data it was trained on")
+    shape = meta.get("image_shape")
+    if shape is not None and list(shape) != list(lt.image_shape):
+        raise CBDError(f"checkpoint {path} was trained on {'x'.join(map(str, shape))} images, but {where} gives "
+                       f"{'x'.join(map(str, lt.image_shape))}; evaluate it on the data it was trained on")

@@ -182,6 +182,15 @@ def validate_keys(values: dict, notebooks: list[Notebook], sources: dict) -> Non
                                f"is {nb.declared[key]}), got {value!r} ({type(value).__name__})")
 
 
+def _checked_params(values: dict, sources: dict) -> config.Params:
+    """``config.make_params``, its range errors prefixed with where the value came from."""
+    try:
+        return config.make_params(values)
+    except config.ParameterError as error:
+        where = sources.get(error.key)
+        raise CBDError(f"{where}: {error}" if where else str(error)) from None
+
+
 def notebook_parameters(nb: Notebook, params: config.Params, extra: dict) -> dict:
     """What papermill injects into one notebook: the keys it declares, nothing else.
 
@@ -204,7 +213,6 @@ def notebook_parameters(nb: Notebook, params: config.Params, extra: dict) -> dic
 def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict | None = None, progress: bool = True,
                  notebooks_dir: str | os.PathLike | None = None) -> Path:
     """Execute the numbered notebooks into ``$CBD_RESULTS_DIR/<run_name>/``; returns the run folder."""
-    started = time.perf_counter()
     overrides = dict(overrides or {})
     params_file = Path(params_path) if params_path is not None else config.params_dir() / "default.yaml"
     file_values = config.load_params_file(params_file)
@@ -217,40 +225,91 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     validate_keys({k: v for k, v in values.items() if k in fields}, [], sources)
     notebooks = discover_notebooks(notebooks_dir if notebooks_dir is not None else default_notebooks_dir())
     validate_keys(values, notebooks, sources)
-    params = config.make_params({k: v for k, v in values.items() if k in fields})
+    params = _checked_params({k: v for k, v in values.items() if k in fields}, sources)
     extra = {k: v for k, v in values.items() if k not in fields}
     settings = config.resolve(params)
+    if settings.smoke:
+        given = {k: v for k, v in values.items() if k in fields}
+        origins = {k: "-p" if k in overrides else params_file.name for k in given}
+        replaced = config.format_smoke_replacements(given, origins)
+        if replaced:
+            log.warning(replaced)
     declared_anywhere = {k for nb in notebooks for k in nb.declared}
     for key in sorted(set(values) - declared_anywhere):
         log.warning("warning: no notebook declares %r; it is recorded in params.yaml but no notebook receives it", key)
 
-    run_dir = runs.run_dir_for(params.run_name)
+    run_dir = runs.ensure_run_dir(runs.run_dir_for(params.run_name))
+    # One writer for the whole pipeline: a second invocation (or a notebook opened by hand) is
+    # refused at once, while the kernels started here work under this lock with its token.
+    with runs.run_lock(run_dir), kernel_environment(run_dir):
+        _run_notebooks(run_dir, settings, params, extra, notebooks,
+                       format_command(params_path, overrides), params_file, overrides, progress)
+    return run_dir
+
+
+def _run_notebooks(run_dir: Path, settings: config.Settings, params: config.Params, extra: dict, notebooks: list,
+                   command: str, params_file: Path, overrides: dict, progress: bool) -> None:
+    """The notebooks in order, then ``summary.md`` and the ``index.csv`` line (under the run's lock)."""
     # The run-folder rules before any notebook runs: refuse other parameters (unless overwrite),
     # else start or resume. The notebooks apply the same rules again with the same settings.
     runs.prepare_run_dir(run_dir, settings)
 
-    command = format_command(params_path, overrides)
     log.info("run %s -> %s (%d notebooks)", params.run_name, run_dir, len(notebooks))
-    timings: dict[str, float] = {}
-    with _followed(run_dir, progress_mode(progress, settings.smoke)):
+    ledger = run_dir / runs.NOTEBOOK_TIMES  # wall times summed over invocations (resumed runs)
+    with _followed(run_dir, progress_mode(progress, settings.smoke)), runs.timed(ledger, "total"):
         for nb in notebooks:
             log.info("running %s ...", nb.name)
-            seconds = execute_notebook(nb, run_dir, notebook_parameters(nb, params, extra))
-            timings[nb.name] = seconds
+            with runs.timed(ledger, nb.name):
+                seconds = execute_notebook(nb, run_dir, notebook_parameters(nb, params, extra))
             log.info("%s done in %s", nb.name, format_seconds(seconds))
-    wall_s = time.perf_counter() - started
+    times = runs.wall_times(ledger)
+    timings = {nb.name: times[nb.name]["s"] for nb in notebooks}
+    resumed = {name for name, entry in times.items() if entry["resumed"]}
+    wall_s = times["total"]["s"]
 
     metrics = _read_metrics(run_dir, required=False)
     if metrics is None:
         log.warning("warning: the notebooks wrote no metrics.json in %s; summary.md has no results table", run_dir)
-    stored = _read_params_yaml(run_dir) or runs.effective_params(settings)
+    stored = runs.read_params_yaml(run_dir) or runs.effective_params(settings)
     text = summary_markdown(run_dir, metrics, params=stored, command=command, params_file=params_file,
-                            overrides=overrides, timings=timings, wall_s=wall_s)
+                            overrides=overrides, timings=timings, wall_s=wall_s, resumed=resumed)
     summary = run_dir / "summary.md"
     write_text(summary, text)
     append_index(index_row(run_dir, metrics, stored, wall_s))
     print(summary)
-    return run_dir
+
+
+# Set for the kernels: the command's package, so they import the same cbdlib (checked by workbook.setup).
+PACKAGE_ENV = "CBD_PACKAGE_DIR"
+
+
+def package_dir() -> Path:
+    """The folder of the ``cbdlib`` package this process imported."""
+    return Path(__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def kernel_environment(run_dir: Path):
+    """The environment the notebook kernels start with: this process's package first on their
+    ``PYTHONPATH``, its resolved results folder, and the token of its lock on ``run_dir``.
+
+    Without it a kernel imports whichever ``cbdlib`` its own ``sys.path`` finds (an editable
+    install of another clone) and writes into that clone's ``results/``.
+    """
+    path = [str(package_dir().parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                          if p and p != str(package_dir().parent)]
+    values = {"PYTHONPATH": os.pathsep.join(path), "CBD_RESULTS_DIR": str(runs.results_root().resolve()),
+              PACKAGE_ENV: str(package_dir()), runs.LOCK_TOKEN_ENV: runs.lock_token(run_dir)}
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict) -> float:
@@ -259,20 +318,54 @@ def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict) -> float:
     from papermill.exceptions import PapermillExecutionError
 
     output = run_dir / nb.name
+    # papermill rewrites its output after every cell: write a temporary copy and rename it at the
+    # end, so a full disk or a kill never leaves the executed notebook as broken JSON.
+    partial = run_dir / f".partial_{nb.name}"
     t0 = time.perf_counter()
     try:
         with _quiet_logger("papermill"):
-            papermill.execute_notebook(str(nb.path), str(output), parameters=parameters, kernel_name="python3",
+            papermill.execute_notebook(str(nb.path), str(partial), parameters=parameters, kernel_name="python3",
                                        cwd=str(nb.path.parent), progress_bar=False, log_output=False,
                                        config=kernel_config())
     except PapermillExecutionError as exc:
+        _keep_executed(partial, output)
         raise CBDError(f"{nb.name} failed in cell {exc.exec_count}: {_error_line(exc.ename, exc.evalue)}; "
                        f"the partly executed notebook is {output}") from None
     except _kernel_errors() as exc:
         # The kernel died (out of memory), is missing, or a cell timed out: not a bug of the notebook.
+        _keep_executed(partial, output)
         raise CBDError(f"{nb.name} stopped: {type(exc).__name__}: {_one_line(exc)}; "
                        f"the partly executed notebook is {output}") from None
+    except OSError as exc:  # the disk is full (or the folder went away) while papermill writes
+        partial.unlink(missing_ok=True)
+        kept = "the previous copy is kept" if output.exists() else "nothing was kept"
+        raise CBDError(f"could not write the executed notebook {output}: {exc.strerror or exc} ({kept}); "
+                       f"free some space and rerun the same command to resume") from None
+    _keep_executed(partial, output)
     return time.perf_counter() - t0
+
+
+def _keep_executed(partial: Path, output: Path) -> None:
+    """Rename papermill's copy over the executed notebook, if it is whole; relay its warnings."""
+    try:
+        executed = json.loads(partial.read_text())
+    except (OSError, ValueError):
+        partial.unlink(missing_ok=True)
+        return
+    os.replace(partial, output)
+    for line in notebook_warnings(executed):
+        log.warning("%s (%s)", line, output.name)
+
+
+def notebook_warnings(executed: dict) -> list[str]:
+    """The ``warning:`` lines a notebook's cells printed (recovery notes, skipped damage, ...)."""
+    lines = []
+    for cell in executed.get("cells", []):
+        for output in cell.get("outputs", []):
+            text = output.get("text", "")
+            text = "".join(text) if isinstance(text, list) else str(text)
+            lines += [line.strip() for line in text.splitlines() if line.strip().startswith("warning:")]
+    return list(dict.fromkeys(lines))
 
 
 def _kernel_errors() -> tuple:
@@ -399,17 +492,6 @@ def _read_metrics(run_dir: Path, required: bool = True) -> dict | None:
         raise CBDError(f"{path} is not valid JSON: {_one_line(exc)}") from None
 
 
-def _read_params_yaml(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / "params.yaml"
-    if not path.exists():
-        return None
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return None
-    return values if isinstance(values, dict) else None
-
-
 # --- summary.md ------------------------------------------------------------------------------
 
 def _percent(value) -> str:
@@ -455,8 +537,12 @@ def _split_description(metrics: dict) -> list[str]:
 def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params: dict | None = None,
                      command: str | None = None, params_file: str | os.PathLike | None = None,
                      overrides: dict | None = None, timings: dict | None = None, wall_s: float | None = None,
-                     merged_from: list | None = None) -> str:
-    """The run folder's ``summary.md``: how it was produced, the data, the results, the evidence."""
+                     merged_from: list | None = None, resumed: set | None = None) -> str:
+    """The run folder's ``summary.md``: how it was produced, the data, the results, the evidence.
+
+    ``timings`` and ``wall_s`` are summed over invocations; ``resumed`` names the notebooks (and
+    ``"total"``) that an earlier, interrupted invocation had started.
+    """
     run_dir = Path(run_dir)
     params = params or {}
     title = params.get("run_name") or run_dir.name
@@ -470,6 +556,12 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out.append(f"Merged with `python -m cbdlib aggregate` from {len(merged_from)} run folders "
                    "(mean and std over all their training seeds):")
         out += [f"- `{entry['path']}`: seeds {', '.join(map(str, entry['seeds']))}" for entry in merged_from]
+        short = (metrics or {}).get("partial") or {}
+        if short:
+            every = len((metrics or {}).get("seeds", []))
+            out.append("- **partial merge** (`--partial`): " + "; ".join(
+                f"`{m}` is the mean of {len(s)} of {every} seeds ({', '.join(map(str, s)) or 'none'})"
+                for m, s in short.items()))
     if command:
         out.append(f"- command: `{command}`")
     if params_file is not None:
@@ -513,18 +605,25 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
     if metrics is not None:
         out += ["## Evidence", ""]
         out.append(f"- device: {metrics.get('device')}")
+        out.append(f"- precision of the training steps: {metrics.get('precision', 'not recorded')} "
+                   f"(evaluation is float32)")
         out.append(f"- torch: {metrics.get('torch')}")
         out.append(f"- git commit: `{metrics.get('git_commit')}`")
         out.append("")
 
+    resumed = resumed or set()
     if timings:
-        out += ["## Wall time", "", "| stage | wall time |", "|---|---:|"]
-        out += [f"| {name} | {format_seconds(seconds)} |" for name, seconds in timings.items()]
+        out += ["## Wall time", "", "Summed over every invocation of the command; *resumed*: an earlier "
+                "invocation was interrupted and this one went on from its checkpoints.", "",
+                "| stage | wall time |", "|---|---:|"]
+        out += [f"| {name} | {format_seconds(seconds)}{' (resumed)' if name in resumed else ''} |"
+                for name, seconds in timings.items()]
         total = wall_s if wall_s is not None else sum(timings.values())
-        out += [f"| **total** | {format_seconds(total)} |", ""]
+        out += [f"| **total** | {format_seconds(total)}{' (resumed)' if 'total' in resumed else ''} |", ""]
     if metrics is not None and metrics.get("stage_times_s"):
-        out.append("Training stages (last invocation of the engine): " + ", ".join(
-            f"{k} {format_seconds(v)}" for k, v in metrics["stage_times_s"].items()))
+        again = set(metrics.get("resumed_stages", []))
+        out.append("Training stages (summed over every invocation of the engine): " + ", ".join(
+            f"{k} {format_seconds(v)}{' (resumed)' if k in again else ''}" for k, v in metrics["stage_times_s"].items()))
         out.append("")
 
     figures = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").is_dir() else []
@@ -614,8 +713,12 @@ def append_index(row: dict, index_path: Path | None = None) -> Path:
 MERGEABLE_KEYS = runs.RESUMABLE_KEYS | {"seeds", "run_name", "data"}
 
 
-def aggregate_runs(run_dirs: list, out: str | os.PathLike) -> Path:
-    """Merge run folders of different training seeds of one experiment into ``out`` (mean and std)."""
+def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False) -> Path:
+    """Merge run folders of different training seeds of one experiment into ``out`` (mean and std).
+
+    A run whose methods did not all finish is refused; with ``partial`` it is merged and every
+    mean says (on the console and in ``summary.md``) how many seeds it covers.
+    """
     if not run_dirs:
         raise CBDError("aggregate needs at least one run folder")
     out = Path(out)
@@ -636,7 +739,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike) -> Path:
             raise CBDError(f"{run} has no evaluations/seed_*/*.json to merge")
         seeds = sorted({s for per_seed in evaluations.values() for s in per_seed})
         loaded.append({"path": run, "metrics": metrics, "evaluations": evaluations, "seeds": seeds,
-                       "params": _read_params_yaml(run)})
+                       "params": runs.read_params_yaml(run)})
 
     first = loaded[0]
     for other in loaded[1:]:
@@ -662,13 +765,17 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike) -> Path:
     for entry in loaded:
         for method, per_seed in entry["evaluations"].items():
             merged.setdefault(method, {}).update(per_seed)
-    prov = {key: _joined(entry["metrics"][key] for entry in loaded) for key in ("device", "torch", "git_commit")}
+    short = _short_coverage(loaded, merged, sorted(owner), partial)
+    prov = {key: _joined(entry["metrics"].get(key, "unknown") for entry in loaded)
+            for key in ("device", "torch", "git_commit", "precision")}
     m0 = first["metrics"]
     metrics = runs.build_metrics(merged, dataset=m0["dataset"], imbalance_ratio=m0["imbalance_ratio"],
                                  class_counts=m0["class_counts"], splits=m0["splits"], seeds=sorted(owner),
                                  prov=prov)
     merged_from = [{"path": str(entry["path"]), "seeds": entry["seeds"]} for entry in loaded]
     metrics["merged_from"] = merged_from
+    if short:
+        metrics["partial"] = {method: seeds for method, seeds in short.items()}
     runs.validate_metrics(metrics)
 
     _prepare_aggregate_dir(out)
@@ -685,8 +792,45 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike) -> Path:
     text = summary_markdown(out, metrics, params=params, merged_from=merged_from)
     write_text(out / "summary.md", text)
     log.info("merged %d runs (seeds %s) into %s", len(loaded), sorted(owner), out)
+    for method, seeds in short.items():
+        log.warning("warning: partial merge: %s is the mean of %d of %d seeds (%s)", method, len(seeds),
+                    len(owner), ", ".join(map(str, seeds)))
     print(out / "summary.md")
     return out
+
+
+def _expected_methods(params: dict | None) -> list[str]:
+    """The methods a run folder's parameters ask for (its evaluations must hold each, for every seed)."""
+    if not params:
+        return []
+    try:
+        methods = params.get("methods") or config.all_method_names(params.get("teachers") or [])
+    except CBDError:
+        return []
+    return [m for m in methods if m != "teachers"]
+
+
+def _short_coverage(loaded: list, merged: dict, seeds: list, partial: bool) -> dict[str, list]:
+    """{method: seeds it covers} for every method that misses a seed; refused unless ``partial``."""
+    how = ("finish it with the command that made it, or pass --partial to merge what there is "
+           "(each mean then says how many seeds it covers)")
+    for entry in loaded:
+        missing = [f"{m} (seed {s})" for s in entry["seeds"] for m in _expected_methods(entry["params"])
+                   if s not in entry["evaluations"].get(m, {})]
+        if missing and not partial:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise CBDError(f"cannot merge {entry['path']}: the run is unfinished (no evaluation of {shown}); {how}")
+    short = {m: sorted(per_seed) for m, per_seed in merged.items() if sorted(per_seed) != seeds}
+    for entry in loaded:  # a method that must be there but is in no run at all
+        for m in _expected_methods(entry["params"]):
+            if m not in merged:
+                short[m] = []
+    if short and not partial:
+        method, covered = next(iter(short.items()))
+        lacking = [str(e["path"]) for e in loaded if not set(e["seeds"]) <= set(covered)]
+        raise CBDError(f"cannot merge: {method} has results for seeds {covered} of {seeds} "
+                       f"({', '.join(lacking[:2])} lacks it); {how}")
+    return {m: short[m] for m in runs.method_order(list(short))}
 
 
 def _prepare_aggregate_dir(out: Path) -> None:

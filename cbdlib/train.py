@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from .cli_util import exits_cleanly, setup_logging
-from .config import load_params, parse_override, resolve
+from .config import format_smoke_replacements, load_params_file, make_params, parse_override, resolve
 from .engine import distributed
 
 
@@ -33,9 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     overrides = dict(parse_override(item) for item in args.param)
-    settings = resolve(load_params(args.params, overrides))
+    given = {**load_params_file(args.params), **overrides}
+    settings = resolve(make_params(given))
     distributed.init(cpu=settings.device == "cpu")  # torchrun: join the process group; a no-op otherwise
     setup_logging(verbose=distributed.is_main())  # the other ranks only report warnings
+    replaced = format_smoke_replacements(given, {k: "-p" if k in overrides else args.params for k in given})
+    if settings.smoke and replaced and distributed.is_main():
+        print(replaced, file=sys.stderr)
     from .engine import train_stage
 
     metrics = train_stage(settings, args.out, args.stage)

@@ -26,6 +26,7 @@ import difflib
 import io
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -36,8 +37,8 @@ import numpy as np
 
 from . import runs
 from .config import (
-    DECOUPLED_BASELINES, ONE_STAGE_BASELINES, SMOKE_MAX_PER_CLASS, STUDENTS, Settings, check_value, field_names,
-    make_params, resolve, teacher_method_name,
+    DECOUPLED_BASELINES, ONE_STAGE_BASELINES, SMOKE_MAX_PER_CLASS, STUDENTS, Settings, check_rule, check_value,
+    field_names, make_params, resolve, teacher_method_name,
 )
 from .errors import CBDError
 
@@ -120,11 +121,24 @@ def setup(namespace: Mapping[str, Any], notebook: str) -> tuple[Settings, Path]:
     """
     if notebook == "04":
         raise CBDError("notebook 04 reads a finished run: use workbook.analysis_setup")
+    check_same_package()
     check_injected(namespace, notebook)
     settings = resolve(make_params(collect_params(namespace, _declared(notebook))))
     run_dir = runs.run_dir_for(settings.run_name)
+    runs.refuse_if_busy(run_dir)
     notebook_environment()
     return settings, run_dir
+
+
+def check_same_package() -> None:
+    """In a kernel started by ``python -m cbdlib run``: refuse a ``cbdlib`` other than the command's."""
+    from .pipeline import PACKAGE_ENV
+
+    wanted = os.environ.get(PACKAGE_ENV)
+    here = Path(__file__).resolve().parent
+    if wanted and Path(wanted).resolve() != here:
+        raise CBDError(f"this kernel imports cbdlib from {here}, but python -m cbdlib run runs {wanted}; "
+                       f"start the command with the Python whose cbdlib you mean, or fix the kernel's PYTHONPATH")
 
 
 @dataclass
@@ -145,11 +159,12 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
     """
     from .config import smoke_enabled
 
+    check_same_package()
     check_injected(namespace, "04")
     values = collect_params(namespace, _declared("04"))
     for key in ("run_name", "methods", "smoke"):
         if key in values:
-            check_value(key, values[key])
+            check_rule(key, check_value(key, values[key]))
     teacher = values.get("tsne_method_teacher")
     if teacher is not None and not isinstance(teacher, str):
         raise CBDError(f"parameter 'tsne_method_teacher' must be a method name or None, got {teacher!r}")
@@ -165,6 +180,7 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
         run_name=values.get("run_name", "default"), methods=methods, tsne_method_teacher=teacher,
         tsne_points=min(points, TSNE_SMOKE_POINTS) if smoke else points, smoke=smoke)
     run_dir = runs.run_dir_for(options.run_name)
+    runs.refuse_if_busy(run_dir)
     notebook_environment()
     return options, run_dir
 
@@ -177,7 +193,10 @@ class _StdoutHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            print(self.format(record), file=sys.stdout, flush=True)
+            text = self.format(record)
+            if record.levelno >= logging.WARNING and not text.startswith(("warning", "error")):
+                text = f"warning: {text}"  # ``cbdlib run`` relays these lines to its console
+            print(text, file=sys.stdout, flush=True)
         except Exception:  # noqa: BLE001 - logging must never break a cell
             self.handleError(record)
 

@@ -62,7 +62,8 @@ def make_run(root: Path, name: str, seeds, counts=COUNTS, levels=None, epochs=20
             runs.save_evaluation(run, seed, method, record)
             evaluations.setdefault(method, {})[seed] = record
     params = config.params_to_dict(config.make_params({"run_name": name, "dataset": "cifar10", "epochs": epochs,
-                                                       "imbalance_ratio": 100, "seeds": list(seeds)}))
+                                                       "imbalance_ratio": 100, "seeds": list(seeds),
+                                                       "methods": list(levels)}))  # each one is evaluated
     (run / "params.yaml").write_text(yaml.safe_dump(params))
     metrics = runs.build_metrics(evaluations, dataset="cifar10", imbalance_ratio=100.0, class_counts=list(counts),
                                  splits=splits, seeds=list(seeds), prov=PROV)

@@ -121,11 +121,13 @@ def test_digits_shapes_and_stratified_split():
 
 
 def test_digits_split_depends_on_seed_only():
-    a_train, a_test = load_source("digits", "ignored", split_seed=3)
+    a_train, a_test = load_source("digits", None, split_seed=3)
     b_train, _ = load_source("digits", None, split_seed=3)
     c_train, _ = load_source("digits", None, split_seed=4)
     assert np.array_equal(a_train.images, b_train.images) and np.array_equal(a_train.labels, b_train.labels)
     assert not np.array_equal(a_train.images, c_train.images)
+    with pytest.raises(CBDError, match="dataset digits is built in and takes no data path"):
+        load_source("digits", "some/path")  # a path given for digits is an error, not ignored
 
 
 # --------------------------------------------------------------------------- ImageFolder trees
@@ -378,14 +380,14 @@ def test_splitfile_loads_and_falls_back_to_val(tmp_path, caplog):
     root = split_dataset(
         tmp_path / "lt",
         ["train/a/1.jpg 0", "", "train/b/2.jpg 3", "train/b/3.jpg 1", "train/b/4.jpg 2"],
-        ["val/x.jpg 2", "val/y.png 0"],
+        ["val/x.jpg 2", "val/y.png 0", "val/z.png 3"],  # the test split names the last class (3)
         test_name="LT_val.txt",
     )
     with caplog.at_level(logging.WARNING, logger="cbdlib.data.sources"):
         train, test = load_source("splitfile", root, image_size=6)
     assert "LT_val.txt" in caplog.text
     assert train.class_names == ["0", "1", "2", "3"]
-    assert train.labels.tolist() == [0, 3, 1, 2] and test.labels.tolist() == [2, 0]
+    assert train.labels.tolist() == [0, 3, 1, 2] and test.labels.tolist() == [2, 0, 3]
     assert train.images.shape == (4, 6, 6, 3) and np.all(test.images == [40, 50, 60])
     assert parse_split_file(root / "LT_train.txt") == [("train/a/1.jpg", 0), ("train/b/2.jpg", 3), ("train/b/3.jpg", 1),
                                                        ("train/b/4.jpg", 2)]

@@ -214,6 +214,12 @@ def _load_split_files(root: Path, prefix: str) -> tuple[ImageList, ImageList, Im
             entry = int(np.flatnonzero(labels >= num_classes)[0]) + 1
             raise CBDError(f"{files[split]}: label {int(labels.max())} is out of range (the train split "
                            f"{files['train'].name} has {num_classes} classes; first such entry: image {entry})")
+    # The test split lists every class: a train label above its largest is a typo, not one more class.
+    last = int(lists["test"].labels.max())
+    if num_classes - 1 > last:
+        entry = int(np.flatnonzero(lists["train"].labels > last)[0])
+        raise CBDError(f"{files['train']}: label {int(lists['train'].labels[entry])} (image {entry + 1}) has no image "
+                       f"in the test split {files['test'].name}, whose labels run 0..{last}; labels must run 0..C-1")
     return lists["train"], lists["val"], lists["test"], [str(c) for c in range(num_classes)]
 
 

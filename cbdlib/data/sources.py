@@ -119,7 +119,7 @@ def load_source(
     """Return ``(train_pool, test)`` for a dataset name.
 
     ``data`` is the dataset's path (see the module docstring for what each
-    dataset accepts); digits ignores it. ``split_seed`` only matters for digits,
+    dataset accepts); digits is built in and refuses one. ``split_seed`` only matters for digits,
     whose train/test split is drawn here. ``image_size`` is the side that folder
     and splitfile images are resized to; CIFAR is always 32x32 and digits 8x8.
     Raises ``CBDError`` for any problem with the name, the path or its contents.
@@ -127,6 +127,8 @@ def load_source(
     if dataset not in KNOWN_DATASETS:
         raise CBDError(f"unknown dataset {dataset!r}; known datasets: {', '.join(KNOWN_DATASETS)}")
     if dataset == "digits":
+        if data is not None:
+            raise CBDError(f"dataset digits is built in and takes no data path, got {str(data)!r}; leave data unset")
         return _load_digits(split_seed)
     if dataset in _CIFAR:
         return _load_cifar(_CIFAR[dataset], data)
@@ -593,6 +595,17 @@ def _load_splitfile(folder: Path, image_size: int) -> tuple[ImageSet, ImageSet]:
                     f"{test_file}, line {lineno}: label {label} is out of range "
                     f"(train split {train_file.name} has {num_classes} classes)"
                 )
+        # The test split lists every class: a train label above its largest is one past the last class
+        # (a typo such as 10 in a 10-class list), not an extra class with a handful of images.
+        last = max(label for _, _, label in test)
+        beyond = [(lineno, label) for lineno, _, label in train if label > last]
+        if beyond:
+            lineno, label = beyond[0]
+            more = f" ({len(beyond)} such lines)" if len(beyond) > 1 else ""
+            raise CBDError(
+                f"{train_file}, line {lineno}: label {label} has no image in the test split {test_file.name}, "
+                f"whose labels run 0..{last}{more}; labels must run 0..C-1: is that line mistyped?"
+            )
         items = [(path, path) for path in _resolve_images(folder, train_file, train)]
         items += [(path, path) for path in _resolve_images(folder, test_file, test)]
         log.info("decoding %d images listed in %s and %s", len(items), train_file, test_file)

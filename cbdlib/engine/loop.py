@@ -17,7 +17,6 @@ writes checkpoints and history; every rank evaluates its share of the validation
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 import zlib
@@ -29,10 +28,10 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
+from .. import runs
 from ..augment import BatchAugmenter, aug_config, vanilla_config
 from ..data.samplers import IndexSampler, epoch_length, shard_indices
 from ..errors import CBDError
-from ..io import append_line
 from ..models import ModelSpec, Network, build_model
 from ..models.grouped import TeacherFeatures
 from ..progress import ModelProgress
@@ -323,7 +322,7 @@ def fit(
                     optimizer=None if complete else optimizer.state_dict(),
                 )
                 if history_path is not None:
-                    append_line(history_path, json.dumps(record))
+                    runs.append_history(history_path, record)
             line = (f"{job.name} seed {job.train_seed} epoch {epoch + 1}/{job.epochs}: loss {record['loss']:.4f}"
                     + (f" (ce {record['ce']:.4f}, distill {record['distill']:.4f})" if job.loss == "cbd" else "")
                     + f", train acc {record['train_acc']:.3f}, val acc {val_acc:.3f}, lr {lr:.4g}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -57,6 +56,9 @@ STAGE_GROUPS = {
     "all": STAGES,
 }
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0 .. 2.0
+# The stage whose run makes each method (teacher_<kind>_<seed>: "teachers").
+_STAGE_OF = {"teacher_ensemble": "teachers", **{m: "one_stage" for m in ONE_STAGE_BASELINES},
+             **{m: "decoupled" for m in DECOUPLED_BASELINES}, **{m: "students" for m in STUDENTS}}
 
 
 class Experiment:
@@ -91,6 +93,7 @@ class Experiment:
         self.together = (self.device.type == "cuda" and not distributed.is_distributed()
                          and self.test_images is not None)
         self._logits_cache: dict[tuple[int, str], np.ndarray] = {}
+        self._recompute_only = False
         if self.main:
             write_plan(self.out, self.plan())  # what ``cbdlib run`` weighs its ETA by
 
@@ -158,9 +161,11 @@ class Experiment:
         with runs.run_lock(self.out) if self.main else contextlib.nullcontext():
             for part in STAGE_GROUPS[stage]:
                 t0 = time.perf_counter()
-                if not self._train_together(part):
-                    for seed in self.settings.seeds:
-                        getattr(self, f"_run_{part}")(seed)
+                # Wall time summed over invocations (a killed or failed one included) for metrics.json.
+                with runs.timed(self.out / runs.STAGE_TIMES, part) if self.main else contextlib.nullcontext():
+                    if not self._train_together(part):
+                        for seed in self.settings.seeds:
+                            getattr(self, f"_run_{part}")(seed)
                 self.stage_times[part] = self.stage_times.get(part, 0.0) + time.perf_counter() - t0
                 report(f"stage {part} done in {self.stage_times[part]:.1f} s")
             metrics = self.write_metrics() if self.main else {}
@@ -168,6 +173,10 @@ class Experiment:
         return metrics
 
     def _train(self, job: Job, model: Network, stage: str, teachers=None) -> Network:
+        if self._recompute_only:  # recomputing a damaged evaluation: load finished models, train none
+            path = runs.checkpoint_path(self.out, job.train_seed, job.name)
+            if not path.exists() or not ckpt.load_checkpoint(path, fallback=True)["meta"].get("complete"):
+                raise CBDError(f"{job.name} (seed {job.train_seed}) has no finished checkpoint")
         return fit(job, model, self.device_data, device=self.device,
                    checkpoint_path=runs.checkpoint_path(self.out, job.train_seed, job.name),
                    history_path=self.out / "history.jsonl", meta=self.meta(job.name, job.train_seed),
@@ -202,15 +211,39 @@ class Experiment:
 
     def write_metrics(self) -> dict:
         metrics = runs.build_metrics(
-            runs.load_evaluations(self.out), dataset=self.settings.dataset,
+            self._evaluations(), dataset=self.settings.dataset,
             imbalance_ratio=self.settings.imbalance_ratio, class_counts=self.data.class_counts, splits=self.splits,
             seeds=self.settings.seeds, prov=self.prov)
-        previous = {}
-        if (self.out / "metrics.json").exists():
-            previous = json.loads((self.out / "metrics.json").read_text()).get("stage_times_s", {})
-        metrics["stage_times_s"] = {**previous, **{k: round(v, 2) for k, v in self.stage_times.items()}}
+        times = runs.wall_times(self.out / runs.STAGE_TIMES)
+        metrics["stage_times_s"] = {k: round(v["s"], 2) for k, v in times.items()}
+        resumed = [k for k, v in times.items() if v["resumed"]]
+        if resumed:
+            metrics["resumed_stages"] = resumed
         runs.write_metrics(self.out, metrics, self.data.class_names)
         return metrics
+
+    def _evaluations(self) -> dict:
+        """The run's evaluations; a damaged file is recomputed from the checkpoints (with a warning)."""
+        damaged: list = []
+        evaluations = runs.load_evaluations(self.out, damaged)
+        for path, reason in damaged:
+            method, seed = path.stem, int(path.parent.name.split("_", 1)[1])
+            try:
+                stage = _STAGE_OF.get(method) or ("teachers" if method.startswith("teacher_") else None)
+                if stage is None:
+                    raise CBDError("no stage of this package makes it")
+                self._recompute_only = True
+                try:
+                    getattr(self, f"_run_{stage}")(seed)
+                finally:
+                    self._recompute_only = False
+                if not runs.load_evaluations(self.out, []).get(method, {}).get(seed):
+                    raise CBDError(f"this run no longer makes {method}")
+            except CBDError as error:
+                raise CBDError(f"{path} is damaged ({reason}) and cannot be recomputed: {error}; delete it and "
+                               f"rerun its stage, or set overwrite: true") from None
+            log.warning("warning: %s was damaged (%s); recomputed it from the run's checkpoints", path, reason)
+        return runs.load_evaluations(self.out) if damaged else evaluations
 
     def load_trained(self, method: str, seed: int) -> Network:
         """A finished model of this run, checked against the run's data before use."""

@@ -9,7 +9,6 @@ in the same format as ``loop.fit``, so a model can be resumed or evaluated on it
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
+from .. import runs
 from ..augment import BatchAugmenter, aug_config, vanilla_config
 from ..data.samplers import IndexSampler
 from ..errors import CBDError
-from ..io import append_line
 from ..models import CIFAR_ARCHS, Network
 from ..models.grouped import GroupedCifarResNet, TeacherFeatures, unpack_state_dict
 from .losses import job_loss
@@ -192,7 +191,7 @@ def fit_together(
                         model=models[k].state_dict(),
                         optimizer=None if complete else _individual_optimizer_state(models[k], job, buffers[k]))
                 if history_path is not None:
-                    append_line(history_path, json.dumps(record))
+                    runs.append_history(history_path, record)
                 line = (f"{job.name} seed {job.train_seed} epoch {epoch + 1}/{job.epochs}: loss {record['loss']:.4f}, "
                         f"train acc {record['train_acc']:.3f}, val acc {val_acc:.3f}, lr {lr:.4g}")
                 progress[k].epoch_done(line, record["time_s"], {"loss": f"{record['loss']:.3f}", "val": f"{val_acc:.3f}"})
