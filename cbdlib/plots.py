@@ -82,6 +82,9 @@ _METHOD_LABELS = {
     "cbd_ens": "CBD-ENS",
 }
 _DPI = 120
+# Widest figure, legends included: 9.5 in is under 1000 px at the inline backend's 100 dpi, so
+# JupyterLab shows every figure at full size on a laptop screen instead of shrinking its text.
+MAX_WIDTH_IN = 9.5
 
 
 class PlotInputError(CBDError, ValueError):
@@ -251,7 +254,7 @@ def class_histogram(class_counts, splits, class_names=None, path=None):
     shot = _membership(splits, SHOT_SPLITS)
     bar_colours = [colours.get(shot.get(int(c)), grey) for c in order]
     with _style():
-        fig, ax = _plt().subplots(figsize=(max(6.0, min(0.35 * len(counts) + 3, 16)), 4.2))
+        fig, ax = _plt().subplots(figsize=(max(6.0, min(0.35 * len(counts) + 3, MAX_WIDTH_IN)), 4.2))
         x = np.arange(len(order))
         # Bars start at 0.8 so a class with 1 image is still visible on the log axis.
         ax.bar(x, counts[order], color=bar_colours, edgecolor="white", linewidth=0.5, width=0.85)
@@ -344,8 +347,8 @@ def sample_grid(images_uint8_nhwc, labels, class_counts, splits, class_names=Non
     by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
     per_split = max(1, int(per_split))
     colours = _split_colours()
-    fig, axes = _plt().subplots(len(rows), per_split, figsize=(1.6 * per_split + 0.8, 1.85 * len(rows)),
-                                squeeze=False)
+    fig, axes = _plt().subplots(len(rows), per_split, squeeze=False,
+                                figsize=(min(1.5 * per_split + 0.6, MAX_WIDTH_IN), 1.75 * len(rows)))
     for r, split in enumerate(rows):
         # Largest classes of the split first, then cycle so every class gets a turn; with more
         # classes than slots, a random subset of classes (still in count order) shows the variety.
@@ -443,7 +446,8 @@ def split_accuracy_table(metrics, methods=None):
 def split_accuracy_bars(metrics, methods=None, splits=SPLIT_KEYS, path=None):
     """Grouped bars: x = split, one bar per method, error bars = std over seeds, y in %.
 
-    A split without classes (None) gets no bar and an "n/a" mark.
+    A split without classes (None) gets no bar and an "n/a" mark (one for the group when no
+    method has it).
     """
     names = _methods(metrics, methods)
     splits = list(splits)
@@ -454,7 +458,8 @@ def split_accuracy_bars(metrics, methods=None, splits=SPLIT_KEYS, path=None):
     pal = _palette(len(names))
     width = 0.8 / max(len(names), 1)
     with _style():
-        fig, ax = _plt().subplots(figsize=(max(7.0, 1.0 + len(splits) * (0.35 + 0.22 * len(names))), 4.5))
+        wide = max(7.0, 1.0 + len(splits) * (0.35 + 0.22 * len(names)))
+        fig, ax = _plt().subplots(figsize=(min(wide, MAX_WIDTH_IN), 4.5))
         x = np.arange(len(splits))
         for i, m in enumerate(names):
             pos = x - 0.4 + width * (i + 0.5)
@@ -464,8 +469,11 @@ def split_accuracy_bars(metrics, methods=None, splits=SPLIT_KEYS, path=None):
             ax.bar(pos[ok], h[ok], width=width * 0.95, color=pal[i], label=method_label(m),
                    yerr=np.nan_to_num(e[ok]) if np.any(~np.isnan(e[ok])) else None,
                    error_kw=dict(ecolor="0.25", elinewidth=1, capsize=2))
-            for p in pos[~ok]:
-                ax.text(p, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="0.4")
+            for j in np.flatnonzero(~ok):
+                if not mean.iloc[:, j].isna().all():  # splits empty for every method get one mark below
+                    ax.text(pos[j], 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="0.4")
+        for j in np.flatnonzero(mean.isna().all(axis=0).to_numpy()):
+            ax.text(x[j], 1, "n/a", ha="center", va="bottom", fontsize=9, color="0.4")
         ticks = []
         for k in splits:
             n = n_cls if k == "all" else len(members.get(k, []) or [])
@@ -480,9 +488,11 @@ def split_accuracy_bars(metrics, methods=None, splits=SPLIT_KEYS, path=None):
         ax.set_ylabel("top-1 accuracy")
         seeds = metrics.get("seeds") or []
         ax.set_title("Accuracy per class split" + (f" (mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else ""))
-        ax.legend(fontsize=8, ncol=1 if len(names) <= 6 else 2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="x", visible=False)
         fig.tight_layout()
+        # Under the figure, in rows: a legend at the side would take the bars' width.
+        ax.legend(fontsize=8, ncol=min(len(names), 5), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  bbox_transform=fig.transFigure, frameon=False)
     save_figure(fig, path)
     return fig
 
@@ -508,7 +518,7 @@ def per_class_accuracy(metrics, methods=None, class_names=None, path=None, class
     x = np.arange(len(order))
     pal = _palette(len(names))
     with _style():
-        fig, ax = _plt().subplots(figsize=(max(7.0, min(0.4 * len(order) + 3, 16)), 4.6))
+        fig, ax = _plt().subplots(figsize=(max(7.0, min(0.4 * len(order) + 3, MAX_WIDTH_IN - 0.5)), 4.6))
         ax2 = ax.twinx()
         ax2.bar(x, counts[order], color="0.85", width=0.8, label="training images", zorder=0)
         ax2.set_yscale("log")
@@ -624,7 +634,7 @@ def confusion_matrix_plot(confusion, class_names=None, normalize=True, title=Non
         # A class without test images keeps a zero row rather than NaN.
         cm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     annot = c <= 20
-    size = min(max(4.5, 0.45 * c + 2), 14)
+    size = min(max(4.5, 0.45 * c + 2), MAX_WIDTH_IN - 1.5)
     fig, ax = _plt().subplots(figsize=(size + 1, size))
     labels = names if c <= 30 else False
     sns.heatmap(cm, ax=ax, cmap="Blues", vmin=0, vmax=1 if normalize else None, square=True,
@@ -746,7 +756,7 @@ def tsne_pair(features_a, features_b, labels, tail_classes, titles=("teacher", "
         raise PlotInputError("features_a, features_b and labels must have the same number of rows")
     keep = subsample_indices(len(labels), max_points, seed)
     with _style():
-        fig, axes = _plt().subplots(1, 2, figsize=(12.5, 5.5))
+        fig, axes = _plt().subplots(1, 2, figsize=(MAX_WIDTH_IN - 1.2, 4.4))
     for i, (feats, ttl) in enumerate(zip((features_a, features_b), titles)):
         emb = tsne_embed(np.asarray(feats)[keep], seed=seed)
         # One legend (right panel) is enough: both panels share colours.
@@ -794,9 +804,10 @@ def training_curves(history, keys=("loss", "ce", "distill", "val_acc", "lr"), ti
             ax.set_title(title or "Training curves")
             save_figure(fig, path)
             return fig
-        ncols = min(3, len(present))
+        ncols = 2 if len(present) == 4 else min(3, len(present))
         nrows = math.ceil(len(present) / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows), squeeze=False)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(min(3.4 * ncols, MAX_WIDTH_IN), 2.7 * nrows + 0.4),
+                                 squeeze=False)
         flat = list(axes.ravel())
         for extra in flat[len(present):]:
             fig.delaxes(extra)
@@ -835,8 +846,9 @@ def training_curves(history, keys=("loss", "ce", "distill", "val_acc", "lr"), ti
         if title:
             fig.suptitle(title, fontweight="bold")
         fig.tight_layout()
-        # A shared legend outside the panels, so that no curve is hidden by it.
-        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8)
+        # A shared legend under the panels, so that no curve is hidden by it.
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
+                   fontsize=8, frameon=False)
     save_figure(fig, path)
     return fig
 
@@ -907,10 +919,10 @@ def method_explorer(metrics, class_names=None):
     order = _order_by_count(counts)
     default = [m for m in names if m in ("ce", "cbd", "cbd_ens")] or names[:3]
     method_sel = w.SelectMultiple(options=[(method_label(m), m) for m in names], value=tuple(default),
-                                  rows=min(len(names), 8), description="methods")
+                                  rows=min(len(names), 16), description="methods")
     class_range = w.IntRangeSlider(value=(0, len(order) - 1), min=0, max=len(order) - 1, step=1,
                                    description="class rank", continuous_update=False,
-                                   layout=w.Layout(width="60%"))
+                                   layout=w.Layout(width="420px"))
     range_note = w.HTML()
     out = w.Output()
     box = w.VBox([w.HBox([method_sel, w.VBox([class_range, range_note])]), out])

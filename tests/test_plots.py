@@ -165,9 +165,9 @@ def test_split_accuracy_table_and_frame(metrics):
 def test_split_accuracy_bars(metrics, tmp_path):
     fig = plots.split_accuracy_bars(metrics, path=tmp_path / "bars.png")
     ax = fig.axes[0]
-    # Four methods, seven splits, of which "few" has no classes: 4 * 6 bars, "n/a" marks for the rest.
+    # Four methods, seven splits, of which "few" has no classes: 4 * 6 bars, one "n/a" mark for "few".
     assert len(_bars(ax)) == 4 * 6
-    assert sum(t.get_text() == "n/a" for t in ax.texts) == 4
+    assert sum(t.get_text() == "n/a" for t in ax.texts) == 1
     assert len([t for t in ax.get_legend().get_texts()]) == 4
     assert ax.get_ylim()[1] <= 105
     assert "%" in ax.yaxis.get_major_formatter()(50, 0)
@@ -320,3 +320,44 @@ def test_method_explorer(metrics):
     mimes = [set(o["data"]) for o in out.outputs]
     assert {"image/png"} <= mimes[0] and {"text/html"} <= mimes[1]
     assert "n/a" in out.outputs[1]["data"]["text/html"]
+
+
+def _shown_width_px(fig) -> int:
+    # What JupyterLab shows: the inline backend's PNG, 100 dpi, tight bounding box (legends included).
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return Image.open(buffer).size[0]
+
+
+def test_figures_fit_a_notebook_with_many_classes_and_methods():
+    # CIFAR-100-LT sized: 100 classes, every method of a full run; nothing may grow past MAX_WIDTH_IN.
+    counts = make_counts(100, 500, 5)
+    splits = make_splits(counts)
+    rng = np.random.default_rng(1)
+    names = ["ce", "ce_cb", "balanced_softmax", "crt", "lws", "tau_norm", "ncm", "teacher_vanilla_1",
+             "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2", "teacher_ensemble", "cbd", "cbd_ens"]
+    methods = {m: split_means(rng.random(100), splits) for m in names}
+    metrics = {"class_counts": counts, "splits": splits, "seeds": [1, 2, 3], "methods": methods,
+               "std": {m: {k: 0.01 for k in SPLIT_KEYS} for m in names}}
+    labels = np.repeat(np.arange(100), 3)
+    history = [{"model": m, "seed": s, "epoch": e, "loss": 1.0 / e, "train_acc": 0.5, "val_acc": 0.4, "lr": 0.1}
+               for m in names[7:11] for s in (1, 2, 3) for e in (1, 2, 3)]
+    figures = {
+        "class_histogram": plots.class_histogram(counts, splits),
+        "sample_grid": plots.sample_grid(rng.integers(0, 255, (300, 8, 8, 3), dtype=np.uint8), labels, counts,
+                                         splits),
+        "split_accuracy_bars": plots.split_accuracy_bars(metrics),
+        "per_class_accuracy": plots.per_class_accuracy(metrics, ["ce", "ncm", "cbd", "cbd_ens"]),
+        "confusion_matrix_plot": plots.confusion_matrix_plot(rng.random((100, 100))),
+        "tsne_pair": plots.tsne_pair(rng.normal(size=(60, 4)), rng.normal(size=(60, 4)), labels[:60] % 12,
+                                     [10, 11]),
+        "training_curves": plots.training_curves(history, keys=("loss", "train_acc", "val_acc", "lr")),
+    }
+    limit = plots.MAX_WIDTH_IN * 100
+    widths = {name: _shown_width_px(fig) for name, fig in figures.items()}
+    too_wide = {name: px for name, px in widths.items() if px > limit}
+    assert not too_wide, f"wider than {limit:.0f} px: {too_wide}"
