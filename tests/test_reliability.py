@@ -541,6 +541,8 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_damage
         Experiment(settings, tmp_path / "damaged", data=digits, quiet=True).run("one_stage")
     assert "fails its checksum (altered or damaged); falling back to the previous checkpoint ce.prev.pt" in caplog.text
     assert "ce (seed 1): resuming from the checkpoint of epoch 1/3" in caplog.text
+    # Epoch 2 was trained again from .prev.pt; its history line is kept once.
+    assert [r["epoch"] for r in _history_rows(tmp_path / "damaged")] == [1, 2, 3]
     a = load_model(checkpoint_path(tmp_path / "straight", 1, "ce")).state_dict()
     b = load_model(path).state_dict()
     assert state_dicts_equal(a, b)
@@ -791,9 +793,9 @@ def test_split_file_and_cifar_images_of_other_modes_are_converted(tmp_path):
     Image.new("RGB", (13, 5), (190, 20, 20)).save(root / "img" / "odd.png")
     Image.new("P", (8, 8), 3).save(root / "img" / "palette.png")
     (root / "train.txt").write_text("img/gray.png 0\nimg/rgba.png 1\nimg/odd.png 1\n")
-    (root / "test.txt").write_text("img/palette.png 0\n")
+    (root / "test.txt").write_text("img/palette.png 0\nimg/odd.png 1\n")  # the test split names both classes
     train, test = load_source("splitfile", root, image_size=6)
-    assert train.images.shape == (3, 6, 6, 3) and test.images.shape == (1, 6, 6, 3)
+    assert train.images.shape == (3, 6, 6, 3) and test.images.shape == (2, 6, 6, 3)
     assert np.all(train.images[0] == 77) and np.all(train.images[1] == [10, 20, 30])
     assert np.all(train.images[2] == [190, 20, 20])
 
