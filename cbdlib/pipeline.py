@@ -217,6 +217,9 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     params_file = Path(params_path) if params_path is not None else config.params_dir() / "default.yaml"
     file_values = config.load_params_file(params_file)
     values = {**file_values, **overrides}
+    if isinstance(values.get("data"), str) and not Path(values["data"]).expanduser().is_absolute():
+        # The kernels run in notebooks/: a relative path means the one the command was started from.
+        values["data"] = str(Path(values["data"]).expanduser().resolve())
     sources = {k: f"{params_file}" for k in file_values}
     sources.update({k: f"-p {k}={_yaml_scalar(v)}" for k, v in overrides.items()})
 
@@ -300,6 +303,9 @@ def kernel_environment(run_dir: Path):
                                           if p and p != str(package_dir().parent)]
     values = {"PYTHONPATH": os.pathsep.join(path), "CBD_RESULTS_DIR": str(runs.results_root().resolve()),
               PACKAGE_ENV: str(package_dir()), runs.LOCK_TOKEN_ENV: runs.lock_token(run_dir)}
+    for name in ("CBD_CIFAR10", "CBD_CIFAR100", "CBD_CACHE_DIR"):  # the kernels run in notebooks/
+        if os.environ.get(name):
+            values[name] = str(Path(os.environ[name]).expanduser().resolve())
     before = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
