@@ -250,7 +250,7 @@ def fit(
             raise CBDError(f"checkpoint {checkpoint_path} was made by a different job; delete it or use overwrite: true")
         ckpt.load_state_strict(model, state["model"], f"checkpoint {checkpoint_path}")
         if state["meta"]["complete"]:
-            report(f"{job.name} seed {job.train_seed}: already trained, loaded {checkpoint_path.name}")
+            report(f"{job.name} (seed {job.train_seed}): already trained, loaded {checkpoint_path.name}")
             return model
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["meta"]["epoch"] + 1
