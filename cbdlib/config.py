@@ -78,7 +78,7 @@ class Params:
     tsne_samples: int = 2000             # test images embedded by t-SNE in notebook 04
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     precision: str = "auto"              # auto (bf16 autocast where the CPU/GPU computes bf16 natively, else fp32) | bf16 | fp32
-    compile: Optional[bool] = None       # torch.compile the training step; None: when a job has enough steps to repay it
+    torch_compile: Optional[bool] = None  # torch.compile the training step; None: when a job has enough steps to repay it
     smoke: Optional[bool] = None         # None: follow CBD_SMOKE; True/False override it
     overwrite: bool = False              # allow replacing a run folder made with other parameters
 

@@ -38,7 +38,7 @@ from .metrics import ACCURACY_KEYS, aggregate_records, check_finite
 log = logging.getLogger(__name__)
 
 # Keys that may change between invocations of the same run without changing its results.
-RESUMABLE_KEYS = {"overwrite", "device", "num_workers", "eval_batch_size", "methods", "tsne_samples", "compile"}
+RESUMABLE_KEYS = {"overwrite", "device", "num_workers", "eval_batch_size", "methods", "tsne_samples", "torch_compile"}
 
 
 def results_root() -> Path:

@@ -3,7 +3,7 @@
 Inductor fuses each BatchNorm + ReLU (+ residual add) into the convolution's neighbours and
 writes the backward as one generated C++/CUDA kernel per fusion group; on the 2-core CPU
 that shortens a step of a CIFAR ResNet (docs/performance.md), but the first step of every
-new model pays a compile of tens of seconds. ``compile: null`` (the default) therefore
+new model pays a compile of tens of seconds. ``torch_compile: null`` (the default) therefore
 compiles a job only when it has at least ``MIN_STEPS`` optimiser steps left. The compiled
 wrapper shares its parameters with the plain module, which is what checkpoints save (plain
 state-dict keys); evaluation runs the plain module.

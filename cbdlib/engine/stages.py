@@ -181,7 +181,7 @@ class Experiment:
                    checkpoint_path=runs.checkpoint_path(self.out, job.train_seed, job.name),
                    history_path=self.out / "history.jsonl", meta=self.meta(job.name, job.train_seed),
                    stage=stage, teachers=teachers, quiet=self.quiet, sync_bn=self.settings.sync_bn,
-                   precision=self.precision, use_compile=self.settings.compile)
+                   precision=self.precision, use_compile=self.settings.torch_compile)
 
     def _predict(self, model: Network, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features, logits) of the train, val or test images, without augmentation."""
