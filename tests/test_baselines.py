@@ -15,6 +15,7 @@ from cbdlib.config import load_params, load_params_file, make_params, params_dir
 from cbdlib.data import load_long_tail  # noqa: E402
 from cbdlib.data.samplers import CLASS_AWARE_SAMPLES_PER_CLASS, IndexSampler, StrategySampler, epoch_length  # noqa: E402
 from cbdlib.engine import Experiment, load_model  # noqa: E402
+from cbdlib.engine.stages import first_best  # noqa: E402
 from cbdlib.evaluate import evaluate_checkpoint  # noqa: E402
 from cbdlib.models import ModelSpec, NCMClassifier, build_model  # noqa: E402
 from cbdlib.runs import checkpoint_path, evaluation_path  # noqa: E402
@@ -196,13 +197,19 @@ def test_the_whole_tau_curve_is_recorded_and_plotted(train_bn_run, tmp_path):
     assert list(curves) == [1]  # seed 2 was not run
     curve = curves[1]
     assert curve["tau"] == [round(0.1 * i, 1) for i in range(21)] and len(curve["val_acc"]) == 21
-    best = int(np.argmax(curve["val_acc"]))  # ties: the smallest tau
-    assert curve["chosen"] == curve["tau"][best]
+    assert curve["chosen"] == curve["tau"][first_best(curve["val_acc"])]
     fig = plots.tau_curve(curves, path=tmp_path / "tau.png")
     assert (tmp_path / "tau.png").stat().st_size > 0
     line, star = fig.axes[0].get_lines()
     assert np.allclose(line.get_xdata(), curve["tau"]) and np.allclose(line.get_ydata(), 100 * np.array(curve["val_acc"]))
     assert star.get_xdata()[0] == curve["chosen"]
+
+
+def test_tau_ties_go_to_the_smallest_tau_even_when_rounding_differs():
+    # 0.93 as a mean of ten per-class accuracies summed in another order: 0.9299999999999999
+    assert first_best([0.9299999999999999, 0.93, 0.93, 0.92]) == 0
+    assert first_best([0.90, 0.91, 0.9099999999999999]) == 1
+    assert first_best([0.5, 0.5 + 1e-6]) == 1  # a real difference still counts
 
 
 def test_tau_curve_plot_placeholder_and_bad_input():

@@ -349,7 +349,7 @@ class Experiment:
         for tau in TAU_GRID:  # chosen on the balanced validation set, never on test
             logits = val_features @ TauNormClassifier(weight, tau).weight.t()
             scores.append(balanced_accuracy(logits.numpy(), self.data.val_labels))
-        best = int(np.argmax(scores))  # ties: the smallest tau
+        best = first_best(scores)
         tau = TAU_GRID[best]
         model = copy.deepcopy(base)
         model.classifier = TauNormClassifier(weight, tau).to(self.device)
@@ -398,6 +398,14 @@ class Experiment:
             self.evaluate(model, name, seed, {"teachers": plans[name]}, save_features=(name == "cbd_ens"))
 
 
+def first_best(scores, tolerance: float = 1e-9) -> int:
+    """Index of the best score, ties going to the first (the smallest tau). Scores equal up to
+    float rounding tie: a mean of per-class accuracies differs in its last bits with the order
+    of the classes it sums."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return int(np.flatnonzero(scores >= scores.max() - tolerance)[0])
+
+
 def load_model(path: str | Path, expected: dict | None = None, device: torch.device | str = "cpu") -> Network:
     """Rebuild a model from its checkpoint (spec + strict weights), refusing a data mismatch."""
     from ..models import build_model
@@ -420,4 +428,4 @@ def train_stage(settings: Settings, out_dir: str | Path, stage: str = "all", **k
     return Experiment(settings, out_dir, **kw).run(stage)
 
 
-__all__ = ["Experiment", "STAGES", "STAGE_GROUPS", "load_model", "train_stage"]
+__all__ = ["Experiment", "STAGES", "STAGE_GROUPS", "first_best", "load_model", "train_stage"]
