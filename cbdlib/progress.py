@@ -115,7 +115,7 @@ class ModelProgress:
         if self.bar is not None:
             self.bar.close()
         ran = self.epochs - self.start_epoch
-        if finished and not self.quiet and ran > 0:
+        if finished and ran > 0:  # also under smoke: one line per model is not noise
             per_epoch = self.seconds / ran
             log.info(f"{self.last_line} [{ran} epochs in {self.seconds:.0f} s, {per_epoch:.1f} s/epoch]")
 
