@@ -170,7 +170,7 @@ def test_run_routes_keys_and_writes_summary_and_index(tmp_path, results, noteboo
 
 def test_unknown_key_is_refused_with_a_suggestion(tmp_path, results, notebooks):
     path = params_file(tmp_path)
-    with pytest.raises(CBDError, match=r"^-p epochz=3: unknown parameter 'epochz'.*did you mean epochs\?"):
+    with pytest.raises(CBDError, match=r"^-p epochz=3: unknown parameter 'epochz'.*did you mean epochs\b"):
         pipeline.run_pipeline(path, {"epochz": 3}, progress=False, notebooks_dir=notebooks)
     with pytest.raises(CBDError, match=r"'tsne_pionts'.*did you mean tsne_points"):
         pipeline.run_pipeline(path, {"tsne_pionts": 3}, progress=False, notebooks_dir=notebooks)
