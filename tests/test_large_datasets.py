@@ -226,12 +226,16 @@ def test_experiment_trains_and_evaluates_on_the_streaming_path(imagenet_lt, tmp_
     settings = resolve(make_params(dict(
         dataset="imagenet_lt", data=str(imagenet_lt), imbalance_ratio=1, image_size=32, arch="resnet_tiny",
         epochs=2, decoupled_epochs=1, batch_size=4, lr=0.05, schedule="cosine", teachers=["vanilla:1", "aug:1"],
-        methods=["teacher_vanilla_1", "teacher_aug_1", "ce", "tau_norm", "ncm", "cbd_ens"], device="cpu",
+        methods=["teacher_vanilla_1", "teacher_aug_1", "ce", "crt", "tau_norm", "ncm", "cbd_ens"], device="cpu",
         smoke=False, num_workers=0, eval_batch_size=8)))
     metrics = Experiment(settings, tmp_path / "run", quiet=True).run("all")
     validate_metrics(metrics)
     assert set(metrics["methods"]) == set(settings.methods)
     assert metrics["class_counts"] == list(TRAIN_COUNTS)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-    assert {r["model"] for r in history} == {"teacher_vanilla_1", "teacher_aug_1", "ce", "cbd_ens"}
+    assert {r["model"] for r in history} == {"teacher_vanilla_1", "teacher_aug_1", "ce", "crt", "cbd_ens"}
     assert all(0.0 <= r["val_acc"] <= 1.0 for r in history)
+    # cRT streams class-aware epochs: largest class count x classes images, in batches of 4
+    class_aware_steps = max(TRAIN_COUNTS) * len(TRAIN_COUNTS) // 4
+    assert [r["steps"] for r in history if r["model"] == "crt"] == [class_aware_steps]
+    assert {r["steps"] for r in history if r["model"] == "ce"} == {sum(TRAIN_COUNTS) // 4}
