@@ -36,24 +36,7 @@ from cbdlib.engine import Experiment
 from cbdlib.metrics import split_accuracy
 from cbdlib.runs import checkpoint_path, evaluation_path
 from test_pipeline import write_notebook
-from test_reliability import ROOT, TINY, _image_tree, cli_env, write_params
-
-
-def tiny_settings(**changes):
-    return resolve(make_params({**TINY, **changes}))
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_reliability import ROOT, TINY, _image_tree, cli_env, digits, one_thread, tiny_settings, write_params  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(autouse=True)

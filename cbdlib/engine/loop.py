@@ -142,6 +142,13 @@ class DeviceData:
         return features, logits, labels.cpu().numpy()
 
 
+def epoch_steps(images: int, batch_size: int, world: int = 1) -> tuple[int, int]:
+    """(global batch, optimiser steps) of an epoch of ``images``: the batch shrinks to fit a tiny
+    set and splits evenly over the ranks; the last partial batch is dropped (static shapes)."""
+    batch = min(batch_size, images - images % world)
+    return batch, images // batch
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,8 +266,7 @@ def fit(
     n = epoch_length(job.sampling, data.class_counts.tolist())  # images per epoch
     if n < world:
         raise CBDError(f"{n} training images cannot be shared by {world} processes")
-    batch_size = min(job.batch_size, n - n % world)
-    steps_per_epoch = n // batch_size  # the last partial batch is dropped: static shapes
+    batch_size, steps_per_epoch = epoch_steps(n, job.batch_size, world)
     epoch_batches = data.batches(job, batch_size, steps_per_epoch, device, rank, world)
     train_model = distributed.wrap(model, device, sync_bn)  # DDP under torchrun, else the model itself
     log_prior = torch.log(data.class_counts.clamp_min(1) / data.class_counts.sum())

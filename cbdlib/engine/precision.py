@@ -10,30 +10,15 @@ saved model scores the same whichever precision trained it.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
 from ..config import PRECISIONS
 from ..errors import CBDError
 
-# /proc/cpuinfo flags that mean native bf16 matrix arithmetic.
-_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is not readable."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
 
 def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16, asked of torch first and of the CPU flags as a fallback."""
+    """AMX or AVX512-BF16, as torch's own CPU probes report them (torch >= 2.3 has both)."""
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         check = getattr(torch.cpu, probe, None)
         if check is not None:
@@ -42,7 +27,7 @@ def cpu_has_native_bf16() -> bool:
                     return True
             except RuntimeError:
                 pass
-    return bool(cpu_flags() & set(_BF16_CPU_FLAGS))
+    return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -38,7 +38,7 @@ from ..models import (
 from .. import runs
 from . import distributed
 from ..progress import PlannedModel, step_cost, write_plan
-from .loop import DeviceData, Job, derive_seed, fit, init_model, predict, report, resolve_device
+from .loop import DeviceData, Job, derive_seed, epoch_steps, fit, init_model, predict, report, resolve_device
 from .precision import resolve_precision
 from .together import can_train_together, fit_together
 
@@ -134,14 +134,14 @@ class Experiment:
         """Every model this run trains, with its epochs and the cost of its steps (for the ETA)."""
         s = self.settings
         n = len(self.data.train_labels)
-        plain_steps = max(1, n // min(s.batch_size, n))
+        plain_steps = epoch_steps(n, s.batch_size)[1]
         entries = []
         for seed in s.seeds:
             for job in [*self._teacher_jobs(seed), *self._one_stage_jobs(seed)]:
                 entries.append(PlannedModel(job.name, seed, "teachers" if job.name.startswith("teacher_") else "one_stage",
                                             job.epochs, plain_steps, step_cost()))
             class_aware = epoch_length("class_aware", list(self.data.class_counts))
-            class_aware_steps = max(1, class_aware // min(s.batch_size, class_aware))
+            class_aware_steps = epoch_steps(class_aware, s.batch_size)[1]
             for name, epochs in (("crt", s.decoupled_epochs), ("lws", s.lws_epochs)):
                 if name in self.wanted:
                     entries.append(PlannedModel(name, seed, "decoupled", epochs, class_aware_steps,

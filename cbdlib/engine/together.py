@@ -25,8 +25,8 @@ from ..models import CIFAR_ARCHS, Network
 from ..models.grouped import GroupedCifarResNet, TeacherFeatures, unpack_state_dict
 from .losses import job_loss
 from ..progress import ModelProgress
-from .loop import (DeviceData, Job, _balanced_val_accuracy, _non_finite, derive_seed, make_generator, report,
-                   use_channels_last)
+from .loop import (DeviceData, Job, _balanced_val_accuracy, _non_finite, derive_seed, epoch_steps, make_generator,
+                   report, use_channels_last)
 from .precision import autocast
 from .schedule import lr_at
 
@@ -120,8 +120,7 @@ def fit_together(
                              generator_seed=j.seed, device=device) for j in jobs]
     teacher_features = [TeacherFeatures(t).to(device) if t else None for t in teachers]
     n = len(samplers[0])
-    batch_size = min(first.batch_size, n)
-    steps = n // batch_size
+    batch_size, steps = epoch_steps(n, first.batch_size)
     log_prior = torch.log(data.class_counts.clamp_min(1) / data.class_counts.sum())
     k_models = len(jobs)
     every = checkpoint_interval(first.epochs)
