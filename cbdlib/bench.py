@@ -166,7 +166,7 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
     steps_per_epoch = len(data.train_labels) // batch
     precision = resolve_precision("auto", device)
     # Compile where a long run would: a full-size experiment's jobs have thousands of steps.
-    use_compile = should_compile(None, device, steps_per_epoch * FULL_EPOCHS) and size == "full"
+    use_compile = should_compile(None, device, steps_per_epoch * FULL_EPOCHS, precision) and size == "full"
     from .runs import device_description, git_commit
 
     result = {"device": device_description(device), "torch": torch.__version__, "git_commit": git_commit(),

@@ -31,8 +31,9 @@ from pathlib import Path
 log = logging.getLogger("cbdlib")
 
 # Cost of an inference forward relative to one training step (forward + backward + update).
-# Measured on the 2-core CPU for ResNet-8 / ResNet-32 at batch 128 (docs/performance.md).
-FORWARD_COST = 0.35
+# Measured on the 2-core CPU at batch 128: 0.27-0.30 for ResNet-8 and ResNet-32, fp32 and bf16
+# (docs/performance.md).
+FORWARD_COST = 0.3
 # ``python -m cbdlib run`` sets this in the kernels' environment: the command shows progress.
 PROGRESS_ENV = "CBD_PROGRESS"
 PLAN_FILE = "plan.json"

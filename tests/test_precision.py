@@ -38,10 +38,11 @@ def test_an_unknown_precision_is_refused_in_one_line():
 
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [
     (True, False, "bf16"),
-    (False, True, "bf16"),
+    (True, True, "bf16"),
+    (False, True, "fp32"),         # AVX512-BF16 without AMX: bf16 measured slower than fp32
     (False, False, "fp32"),        # e.g. an AVX2-only AMD EPYC: bf16 would be emulated
 ])
-def test_auto_picks_bf16_only_on_cpus_with_native_bf16(monkeypatch, amx, avx512_bf16, expected):
+def test_auto_picks_bf16_only_on_cpus_with_bf16_matrix_units(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     assert prec.resolve_precision("auto", CPU) == expected
@@ -129,3 +130,16 @@ def test_a_compiled_job_trains_and_saves_plain_state_dict_keys(digits, tmp_path)
         assert not any("_orig_mod" in key for key in state["model"])
     # The same arithmetic up to the order of float operations inside fused kernels.
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
+@pytest.mark.parametrize("setting, precision, steps, expected", [
+    (None, "fp32", 5000, True),     # long float32 job: compiled
+    (None, "fp32", 100, False),     # too short to repay the compile
+    (None, "bf16", 5000, False),    # bf16 on a CPU: inductor's backward gave NaN gradients
+    (True, "bf16", 100, True),      # forced
+    (False, "fp32", 5000, False),
+])
+def test_compile_rule_on_a_cpu(setting, precision, steps, expected):
+    from cbdlib.engine.compiled import should_compile
+
+    assert should_compile(setting, CPU, steps, precision) is expected

@@ -273,7 +273,7 @@ def fit(
     teachers = teachers or []
     # The frozen teachers' forwards: one grouped forward on a GPU (several launches saved per step).
     teacher_forward = TeacherFeatures(teachers, grouped=device.type == "cuda").to(device) if teachers else None
-    if should_compile(use_compile, device, steps_per_epoch * (job.epochs - start_epoch)):
+    if should_compile(use_compile, device, steps_per_epoch * (job.epochs - start_epoch), precision):
         train_model = compile_for_training(train_model)
         if teacher_forward is not None:
             teacher_forward = compile_for_training(teacher_forward)

@@ -1,0 +1,126 @@
+"""Per-option timing of one CPU training step, the table of docs/performance.md.
+
+    python benchmarks/options.py grid       # arch x precision x memory format x eager/compiled
+    python benchmarks/options.py forward    # inference forward against a training step (FORWARD_COST)
+    python benchmarks/options.py threads    # 1 thread against torch's default
+    python benchmarks/options.py augment    # batched augmentation alone, eager and compiled
+
+One JSON line per measurement on stdout. Each figure is the best of 3 repeats, after a few
+warm-up steps whose time (the compile, when compiled) is reported as ``warmup_s``. Run it on
+a quiet machine: two CPU-heavy jobs at once slow each other 2-3x.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cbdlib.augment import BatchAugmenter, aug_config, vanilla_config
+from cbdlib.bench import synthetic_data
+from cbdlib.engine import loop
+from cbdlib.models import ModelSpec
+
+CPU = torch.device("cpu")
+BATCH = 128
+
+
+def step_rate(arch: str, precision: str, channels_last: bool, compiled: bool, forward_only: bool = False,
+              steps: int = 15, warmup: int = 4) -> tuple[float, float, bool]:
+    """(best img/s, warm-up seconds, whether every gradient stayed finite)."""
+    torch.manual_seed(0)
+    model = loop.init_model(ModelSpec(arch, 10, "cosine"), 0)
+    x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    run = torch.compile(model) if compiled else model
+    finite = True
+
+    def one() -> None:
+        nonlocal finite
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if forward_only:
+                run.eval()
+                with torch.no_grad():
+                    run(x)
+                return
+            _, logits = run(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        finite = finite and all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        one()
+    warmup_s = time.perf_counter() - start
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(steps):
+            one()
+        best = max(best, steps * BATCH / (time.perf_counter() - start))
+    return best, warmup_s, finite
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def grid() -> None:
+    for arch in ("resnet8", "resnet20", "resnet32"):
+        for precision, channels_last, compiled in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
+            rate, warmup_s, finite = step_rate(arch, precision, channels_last, compiled, steps=20 if arch == "resnet8" else 10)
+            emit(arch=arch, precision=precision, channels_last=channels_last, compiled=compiled, img_s=round(rate),
+                 warmup_s=round(warmup_s, 1), finite_gradients=finite)
+
+
+def forward() -> None:
+    for arch, precision in itertools.product(("resnet8", "resnet32"), ("fp32", "bf16")):
+        train, _, _ = step_rate(arch, precision, True, False)
+        infer, _, _ = step_rate(arch, precision, True, False, forward_only=True)
+        emit(arch=arch, precision=precision, train_img_s=round(train), forward_img_s=round(infer),
+             forward_cost=round(train / infer, 3))
+
+
+def threads() -> None:
+    default = torch.get_num_threads()
+    for arch, count in itertools.product(("resnet8", "resnet32"), sorted({1, default})):
+        torch.set_num_threads(count)
+        rate, _, _ = step_rate(arch, "fp32", True, False)
+        emit(arch=arch, precision="fp32", channels_last=True, threads=count, img_s=round(rate))
+    torch.set_num_threads(default)
+
+
+def augment() -> None:
+    data = synthetic_data(30 * BATCH, CPU)
+    generator = torch.Generator().manual_seed(0)
+    for name, config in (("vanilla", vanilla_config(32)), ("aug", aug_config(32))):
+        augmenter = BatchAugmenter(config, data.mean, data.std, channels_last=True)
+        batches = [(data.train_images[i * BATCH:(i + 1) * BATCH], augmenter.draw(BATCH, generator, CPU))
+                   for i in range(30)]
+        for compiled in (False, True):
+            apply = torch.compile(augmenter.apply) if compiled else augmenter.apply
+            start = time.perf_counter()
+            apply(*batches[0])
+            warmup_s = time.perf_counter() - start
+            start = time.perf_counter()
+            for images, uniforms in batches:
+                apply(images, uniforms)
+            rate = len(batches) * BATCH / (time.perf_counter() - start)
+            gap = max(float((apply(i, u) - augmenter.apply(i, u)).abs().max()) for i, u in batches[:5])
+            emit(augment=name, compiled=compiled, img_s=round(rate), warmup_s=round(warmup_s, 1),
+                 max_abs_diff_from_eager=gap)
+
+
+if __name__ == "__main__":
+    parts = {"grid": grid, "forward": forward, "threads": threads, "augment": augment}
+    if len(sys.argv) != 2 or sys.argv[1] not in parts:
+        sys.exit(f"usage: python benchmarks/options.py {'|'.join(parts)}")
+    parts[sys.argv[1]]()
