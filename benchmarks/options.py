@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from cbdlib.augment import BatchAugmenter, aug_config, vanilla_config
 from cbdlib.bench import synthetic_data
 from cbdlib.engine import loop
+from cbdlib.engine.precision import autocast
 from cbdlib.models import ModelSpec
 
 CPU = torch.device("cpu")
@@ -38,14 +39,12 @@ def step_rate(arch: str, precision: str, channels_last: bool, compiled: bool, fo
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train(not forward_only)
     run = torch.compile(model) if compiled else model
-    finite = True
 
     def one() -> None:
-        nonlocal finite
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(CPU, precision):  # the engine's own autocast rule
             if forward_only:
-                run.eval()
                 with torch.no_grad():
                     run(x)
                 return
@@ -53,7 +52,6 @@ def step_rate(arch: str, precision: str, channels_last: bool, compiled: bool, fo
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        finite = finite and all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
         optimizer.step()
 
     start = time.perf_counter()
@@ -66,6 +64,8 @@ def step_rate(arch: str, precision: str, channels_last: bool, compiled: bool, fo
         for _ in range(steps):
             one()
         best = max(best, steps * BATCH / (time.perf_counter() - start))
+    # Checked once, after the timing: a check per step would add host syncs to what is timed.
+    finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
     return best, warmup_s, finite
 
 

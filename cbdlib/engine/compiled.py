@@ -20,7 +20,7 @@ import torch.nn as nn
 MIN_STEPS = 2000
 
 
-def should_compile(setting: bool | None, device: torch.device, steps: int, precision: str = "fp32") -> bool:
+def should_compile(setting: bool | None, device: torch.device, steps: int, precision: str) -> bool:
     """Whether to compile a job of ``steps`` optimiser steps: ``setting`` True / False, or
     None for "when ``steps >= MIN_STEPS``, unless bf16 on a CPU". Never on devices inductor
     does not serve."""

@@ -4,8 +4,8 @@
 devices that report bf16; CPUs with AMX tiles) and float32 elsewhere. On a CPU with
 AVX512-BF16 but no AMX, bf16 autocast measured 10-25% *slower* than float32 for the CIFAR
 ResNets (docs/performance.md): the dot-product instructions do not pay for the casts at
-16-64 channels, so such CPUs train in float32 too; ``bf16`` still forces it. ``bf16`` and ``fp32`` force
-one or the other. Cosine logits, the distillation term and the loss are float32 in every
+16-64 channels, so such CPUs train in float32 too. ``bf16`` and ``fp32`` force one or the
+other. Cosine logits, the distillation term and the loss are float32 in every
 case (the heads and losses turn autocast off), and evaluation always runs in float32, so a
 saved model scores the same whichever precision trained it.
 """
