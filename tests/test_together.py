@@ -117,12 +117,15 @@ def test_teacher_features_in_one_grouped_forward():
         torch.testing.assert_close(got, teacher(x)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_an_experiment_trains_stage_one_together_with_the_same_results(tmp_path):
-    """The stage integration: per-model checkpoints, evaluations and history as when trained alone."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_experiment_trains_stage_one_together_with_the_same_results(tmp_path, precision):
+    """The stage integration: per-model checkpoints, evaluations and history as when trained alone,
+    in either precision (bf16 is what ``auto`` picks on a CPU with AMX, as CI's may have)."""
     from cbdlib.config import make_params, resolve
     from cbdlib.engine import Experiment
 
     settings = resolve(make_params(dict(dataset="digits", arch="resnet_tiny", epochs=1, batch_size=32, lr=0.01,
+                                        precision=precision,
                                         teachers=["vanilla:1", "aug:1"], seeds=[1, 2], device="cpu", smoke=False,
                                         methods=["teacher_vanilla_1", "teacher_aug_1", "teacher_ensemble", "ce"])))
     results = {}

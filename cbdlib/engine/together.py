@@ -144,12 +144,13 @@ def fit_together(
                 batches = [idx[step * batch_size:(step + 1) * batch_size] for idx in indices]
                 labels = [data.train_labels[b] for b in batches]
                 xs = [aug(data.train_images[b], gen) for aug, b, gen in zip(augmenters, batches, generators)]
-                with autocast(device, precision):
+                with autocast(device, precision):  # heads inside too, as in Network.forward
                     pooled = group.backbone(torch.cat(xs, dim=1))
                     feats = [group.projections[k](pooled[:, k]) for k in range(k_models)]
+                    all_logits = [group.heads[k](feats[k]) for k in range(k_models)]
                 losses, stats = [], []
                 for k, job in enumerate(jobs):
-                    logits = group.heads[k](feats[k]).float()
+                    logits = all_logits[k].float()
                     t_feats = t_logits = None
                     if job.loss == "cbd":
                         with autocast(device, precision):
