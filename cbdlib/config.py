@@ -18,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import CBDError
+from .methods import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS  # noqa: F401  (re-exported)
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "splitfile", "imagenet_lt", "places_lt", "inat2018")
 SCHEDULES = ("cifar_lt", "cosine")
@@ -26,10 +27,6 @@ TEACHER_KINDS = ("vanilla", "aug")
 DECOUPLED_BN_MODES = ("train", "frozen")
 NCM_VARIANTS = ("cl2n", "cosine")
 
-# Method names of the contract, in the order tables list them.
-ONE_STAGE_BASELINES = ("ce", "ce_cb", "balanced_softmax")
-DECOUPLED_BASELINES = ("crt", "lws", "tau_norm", "ncm")
-STUDENTS = ("cbd", "cbd_ens")
 
 
 @dataclass

@@ -28,6 +28,7 @@ import matplotlib
 import numpy as np
 
 from .errors import CBDError
+from .methods import BASELINES, best_baseline, method_label
 
 __all__ = [
     "SPLIT_KEYS",
@@ -67,20 +68,6 @@ SPLIT_LABELS = {
     "mid": "mid third",
     "tail": "tail third",
 }
-# The single-model baselines the gain plot compares against (teachers are not baselines).
-DEFAULT_BASELINES = ("ce", "ce_cb", "crt", "lws", "tau_norm", "ncm", "balanced_softmax")
-_METHOD_LABELS = {
-    "ce": "CE",
-    "ce_cb": "CE (class-balanced)",
-    "crt": "cRT",
-    "lws": "LWS",
-    "tau_norm": "τ-norm",
-    "ncm": "NCM",
-    "balanced_softmax": "Balanced Softmax",
-    "teacher_ensemble": "teacher ensemble",
-    "cbd": "CBD",
-    "cbd_ens": "CBD-ENS",
-}
 _DPI = 120
 # Widest figure, legends included: 9.5 in is under 1000 px at the inline backend's 100 dpi, so
 # JupyterLab shows every figure at full size on a laptop screen instead of shrinking its text.
@@ -92,13 +79,6 @@ class PlotInputError(CBDError, ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def method_label(name: str) -> str:
-    """Readable label of a method key: ``cbd_ens`` -> ``CBD-ENS``, ``teacher_aug_2`` -> ``teacher aug 2``."""
-    if name in _METHOD_LABELS:
-        return _METHOD_LABELS[name]
-    return name.replace("_", " ")
 
 
 def save_figure(fig, path) -> None:
@@ -553,23 +533,18 @@ def per_class_accuracy(metrics, methods=None, class_names=None, path=None, class
 
 
 def _best_baseline(metrics, method, baselines) -> str:
-    if baselines is None:
-        baselines = [b for b in DEFAULT_BASELINES if b in metrics["methods"]]
-    else:
-        baselines = [b for b in baselines if b in metrics["methods"]]
-    baselines = [b for b in baselines if b != method and metrics["methods"][b].get("all") is not None]
-    if not baselines:
+    best = best_baseline(metrics, BASELINES if baselines is None else tuple(baselines), exclude=method)
+    if best is None:
         raise PlotInputError(f"no baseline with an 'all' accuracy to compare {method!r} against; "
                              f"methods present: {list(metrics['methods'])}")
-    # First listed wins a tie, so the choice is deterministic.
-    return max(baselines, key=lambda b: (metrics["methods"][b]["all"], -baselines.index(b)))
+    return best
 
 
 def gain_vs_class_size(metrics, method="cbd_ens", baselines=None, path=None, class_names=None):
     """Per-class gain (percentage points) of ``method`` over the best baseline vs training count (log x).
 
     The best baseline is the one of ``baselines`` with the highest overall accuracy
-    (default: those present among ce, ce_cb, crt, lws, tau_norm, ncm, balanced_softmax);
+    (default: those present among ``methods.BASELINES``);
     its name is in the title. Points are coloured by many/medium/few split.
     """
     if method not in metrics.get("methods", {}):

@@ -32,6 +32,7 @@ import yaml
 from . import __version__
 from .config import Params, Settings, project_root
 from .errors import CBDError
+from .methods import method_order
 from .io import append_line, write_json, write_text
 from .metrics import ACCURACY_KEYS, aggregate_records, check_finite
 
@@ -348,15 +349,6 @@ def load_evaluations(out: Path, damaged: list | None = None) -> dict[str, dict[i
             raise CBDError(f"{path} is damaged ({reason}); delete it and rerun the stage that wrote it "
                            f"(it is recomputed from the checkpoint), or set overwrite: true")
     return found
-
-
-def method_order(names) -> list[str]:
-    from .config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS
-
-    fixed = [*ONE_STAGE_BASELINES, *DECOUPLED_BASELINES]
-    teachers = sorted(n for n in names if n.startswith("teacher_") and n != "teacher_ensemble")
-    order = fixed + teachers + ["teacher_ensemble", *STUDENTS]
-    return [n for n in order if n in names] + sorted(n for n in names if n not in order)
 
 
 def build_metrics(evaluations: dict, *, dataset: str, imbalance_ratio: float, class_counts: list, splits: dict,

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from .config import (
     field_names, make_params, resolve, teacher_method_name,
 )
 from .errors import CBDError
+from .methods import TEACHER_NAME, best_baseline
 
 # The parameters each notebook declares in its ``parameters`` cell (tests check the cells against this).
 NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -59,7 +59,6 @@ NOTEBOOK_FILES = {
 # papermill writes its injected cell with this first line (PythonTranslator.comment("Parameters")).
 _INJECTED_HEADER = "# Parameters"
 TSNE_SMOKE_POINTS = 200   # t-SNE points at most under smoke (notebook 04)
-_TEACHER_NAME = re.compile(r"^teacher_(vanilla|aug)_\d+$")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -395,7 +394,7 @@ def history(run_dir: Path, stages=None, models=None) -> list[dict]:
 
 def teacher_names(metrics: Mapping) -> list[str]:
     """The individual teachers present in ``metrics`` (vanilla first, then by seed)."""
-    names = [m for m in metrics.get("methods", {}) if _TEACHER_NAME.match(m)]
+    names = [m for m in metrics.get("methods", {}) if TEACHER_NAME.match(m)]
     return sorted(names, key=lambda m: (m.split("_")[1] != "vanilla", int(m.rsplit("_", 1)[1])))
 
 
@@ -454,7 +453,7 @@ def load_metrics(run_dir: Path) -> dict:
 
 def _check_method_name(name: Any) -> None:
     known = (*ONE_STAGE_BASELINES, *DECOUPLED_BASELINES, "teacher_ensemble", *STUDENTS)
-    if not isinstance(name, str) or not (name in known or _TEACHER_NAME.match(name)):
+    if not isinstance(name, str) or not (name in known or TEACHER_NAME.match(name)):
         close = difflib.get_close_matches(str(name), known, n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise CBDError(f"unknown method {name!r}{hint}; methods: {', '.join(known)}, teacher_<vanilla|aug>_<seed>")
@@ -488,16 +487,6 @@ def available(metrics: Mapping, method: str, what: str) -> bool:
         return True
     print(f"note: {method} is not in this run, so {what} is skipped")
     return False
-
-
-def best_baseline(metrics: Mapping) -> Optional[str]:
-    """The single-model baseline with the best overall accuracy (the rule of ``plots.gain_vs_class_size``)."""
-    from .plots import DEFAULT_BASELINES
-
-    candidates = [b for b in DEFAULT_BASELINES if metrics["methods"].get(b, {}).get("all") is not None]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda b: (metrics["methods"][b]["all"], -candidates.index(b)))
 
 
 def split_summary(metrics: Mapping) -> str:
@@ -563,7 +552,7 @@ def tsne_teacher(run_dir: Path, seed: int, requested: Optional[str] = None) -> O
     among the saved ones, else any saved teacher (with a note); None (with a note) when none is saved.
     """
     folder = runs.features_path(Path(run_dir), seed, "x").parent
-    saved = [p.stem for p in folder.glob("teacher_*.npz") if _TEACHER_NAME.match(p.stem)]
+    saved = [p.stem for p in folder.glob("teacher_*.npz") if TEACHER_NAME.match(p.stem)]
     saved.sort(key=lambda m: (m.split("_")[1] != "vanilla", int(m.rsplit("_", 1)[1])))
     if requested is not None:
         if runs.features_path(Path(run_dir), seed, requested).exists():

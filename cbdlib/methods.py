@@ -1,0 +1,52 @@
+"""The methods of the contract: their names, the order tables list them in, their labels in
+figures, and which of them count as baselines. Everything that orders, labels or picks
+methods asks here, so the tables, the figures and the summaries agree.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional
+
+ONE_STAGE_BASELINES = ("ce", "ce_cb", "balanced_softmax")
+DECOUPLED_BASELINES = ("crt", "lws", "tau_norm", "ncm")   # on ce's frozen backbone (Kang et al.)
+# Single-model baselines: what CBD is compared against (teachers and their ensemble are not baselines).
+BASELINES = ONE_STAGE_BASELINES + DECOUPLED_BASELINES
+STUDENTS = ("cbd", "cbd_ens")
+TEACHER_NAME = re.compile(r"^teacher_(vanilla|aug)_\d+$")
+
+LABELS = {
+    "ce": "CE",
+    "ce_cb": "CE (class-balanced)",
+    "balanced_softmax": "Balanced Softmax",
+    "crt": "cRT",
+    "lws": "LWS",
+    "tau_norm": "τ-norm",
+    "ncm": "NCM",
+    "teacher_ensemble": "teacher ensemble",
+    "cbd": "CBD",
+    "cbd_ens": "CBD-ENS",
+}
+
+
+def method_order(names) -> list[str]:
+    """``names`` in table order: baselines, teachers (sorted), the teacher ensemble, students;
+    unknown names last, sorted."""
+    names = list(names)
+    teachers = sorted(n for n in names if n.startswith("teacher_") and n != "teacher_ensemble")
+    order = [*BASELINES, *teachers, "teacher_ensemble", *STUDENTS]
+    return [n for n in order if n in names] + sorted(n for n in names if n not in order)
+
+
+def method_label(name: str) -> str:
+    """Readable label of a method key: ``cbd_ens`` -> ``CBD-ENS``, ``teacher_aug_2`` -> ``teacher aug 2``."""
+    return LABELS.get(name, name.replace("_", " "))
+
+
+def best_baseline(metrics: Mapping, candidates=BASELINES, exclude: Optional[str] = None) -> Optional[str]:
+    """The candidate with the highest overall (``all``) accuracy in ``metrics``; the first
+    listed wins a tie. None when no candidate has an overall accuracy."""
+    methods = metrics.get("methods", {})
+    present = [b for b in candidates if b != exclude and (methods.get(b) or {}).get("all") is not None]
+    if not present:
+        return None
+    return max(present, key=lambda b: (methods[b]["all"], -present.index(b)))

@@ -1,0 +1,274 @@
+"""What a run folder tells a reader: ``summary.md`` (how it was produced, the data, the results
+table, the evidence, wall times) and the run's line in ``<results>/index.csv``."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import io
+import json
+import os
+from pathlib import Path
+
+from .. import config, runs
+from ..errors import CBDError, one_line
+from ..io import write_text
+from ..methods import best_baseline, method_order
+from .parameters import NOTEBOOK_PATTERN, yaml_scalar
+
+SPLIT_COLUMNS = ("all", "many", "medium", "few", "head", "mid", "tail")
+# Parameters a reader needs to judge a number (in this order in summary.md).
+KEY_PARAMETERS = ("arch", "epochs", "batch_size", "lr", "schedule", "warmup_epochs",
+                  "weight_decay", "momentum", "alpha", "beta", "cosine_scale", "projection", "teachers",
+                  "decoupled_epochs", "lws_epochs", "decoupled_lr", "decoupled_weight_decay", "decoupled_bn",
+                  "ncm_variant", "lt_seed", "val_per_class", "smoke")
+# How the decoupled baselines were run (docs/baselines.md has the references).
+BASELINES_NOTE = (
+    "Decoupled baselines as in Kang et al.'s code, on `ce`'s frozen backbone: cRT and LWS re-train the "
+    "classifier with class-aware sampling (4 images per visited class, an epoch of largest class count x "
+    "classes images; SGD, cosine decay to 0, BatchNorm statistics per `decoupled_bn`), tau-norm's tau is "
+    "chosen on the balanced validation set, NCM per `ncm_variant`. Final epoch reported, they keep best-val."
+)
+INDEX_COLUMNS = ("finished_at", "run_name", "dataset", "imbalance_ratio", "seeds", "arch", "epochs", "cbd_ens_all",
+                 "best_baseline", "best_baseline_all", "device", "git_commit", "wall_s", "path")
+
+
+def display_path(path: Path) -> str:
+    """A path relative to the project root when it lies inside it, else as given."""
+    try:
+        return str(path.resolve().relative_to(config.project_root()))
+    except ValueError:
+        return str(path)
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def read_metrics(run_dir: Path, required: bool = True) -> dict | None:
+    path = Path(run_dir) / "metrics.json"
+    if not path.exists():
+        if required:
+            raise CBDError(f"{run_dir} has no metrics.json (has the run finished?)")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CBDError(f"{path} is not valid JSON: {one_line(exc)}") from None
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def format_split_table(metrics: dict) -> str:
+    """Methods x splits (all, many, medium, few, head, mid, tail) in %, mean ± std over seeds."""
+    splits = metrics.get("splits", {})
+    header = ["method", "seeds"] + [
+        key if key == "all" else f"{key} ({len(splits.get(key, []))})" for key in SPLIT_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for name in method_order(list(metrics.get("methods", {}))):
+        record = metrics["methods"][name]
+        std = metrics.get("std", {}).get(name, {})
+        seeds = record.get("seeds") or metrics.get("seeds", [])
+        cells = [f"`{name}`", str(len(seeds))]
+        for key in SPLIT_COLUMNS:
+            mean = record.get(key)
+            if mean is None:
+                cells.append("n/a")
+            elif len(seeds) > 1 and std.get(key) is not None:
+                cells.append(f"{_percent(mean)} ± {_percent(std[key])}")
+            else:
+                cells.append(_percent(mean))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _split_description(metrics: dict) -> list[str]:
+    from ..data.stats import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
+
+    splits = metrics.get("splits", {})
+    n = {k: len(splits.get(k, [])) for k in SPLIT_COLUMNS[1:]}
+    return [
+        f"- many-shot (> {MANY_SHOT_THRESHOLD} training images): {n['many']} class{'' if n['many'] == 1 else 'es'}; "
+        f"medium ({FEW_SHOT_THRESHOLD}-{MANY_SHOT_THRESHOLD}): {n['medium']}; "
+        f"few (< {FEW_SHOT_THRESHOLD}): {n['few']}",
+        f"- head / mid / tail (thirds by training count): {n['head']} / {n['mid']} / {n['tail']} classes",
+    ]
+
+
+def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params: dict | None = None,
+                     command: str | None = None, params_file: str | os.PathLike | None = None,
+                     overrides: dict | None = None, timings: dict | None = None, wall_s: float | None = None,
+                     merged_from: list | None = None, resumed: set | None = None) -> str:
+    """The run folder's ``summary.md``: how it was produced, the data, the results, the evidence.
+
+    ``timings`` and ``wall_s`` are summed over invocations; ``resumed`` names the notebooks (and
+    ``"total"``) that an earlier, interrupted invocation had started.
+    """
+    run_dir = Path(run_dir)
+    params = params or {}
+    title = params.get("run_name") or run_dir.name
+    out = [f"# {title}", ""]
+    if params.get("smoke"):
+        out += ["**Smoke run**: tiny model, a few epochs, a handful of images. It checks the plumbing; "
+                "its numbers are not results.", ""]
+
+    out += ["## How this was produced", ""]
+    if merged_from:
+        out.append(f"Merged with `python -m cbdlib aggregate` from {len(merged_from)} run folders "
+                   "(mean and std over all their training seeds):")
+        out += [f"- `{entry['path']}`: seeds {', '.join(map(str, entry['seeds']))}" for entry in merged_from]
+        short = (metrics or {}).get("partial") or {}
+        if short:
+            every = len((metrics or {}).get("seeds", []))
+            out.append("- **partial merge** (`--partial`): " + "; ".join(
+                f"`{m}` is the mean of {len(s)} of {every} seeds ({', '.join(map(str, s)) or 'none'})"
+                for m, s in short.items()))
+    if command:
+        out.append(f"- command: `{command}`")
+    if params_file is not None:
+        out.append(f"- parameter file: `{display_path(Path(params_file))}`")
+    if command is not None or overrides:
+        shown = ", ".join(f"`{k}={yaml_scalar(v)}`" for k, v in (overrides or {}).items()) or "none"
+        out.append(f"- overrides: {shown}")
+    out.append(f"- written: {_now_iso()}")
+    out.append("")
+
+    if metrics is not None:
+        counts = metrics.get("class_counts", [])
+        out += ["## Data", ""]
+        measured = f" (measured max/min {max(counts) / min(counts):.1f})" if counts and min(counts) > 0 else ""
+        out.append(f"- dataset: {metrics.get('dataset')}, imbalance ratio {metrics.get('imbalance_ratio')}{measured}"
+                   f"{', profile ' + str(params['profile']) if params.get('profile') else ''}")
+        out.append(f"- {len(counts)} classes, {sum(counts)} training images; class counts by label: "
+                   f"{' '.join(str(c) for c in counts)}")
+        out += _split_description(metrics)
+        out.append("")
+
+        seeds = metrics.get("seeds", [])
+        out += ["## Results", "",
+                f"Test top-1 accuracy in %, final epoch, mean ± std over training seeds {seeds} "
+                "(population std; one seed shows the mean only). Split headers give their number of classes; "
+                "n/a: no class in that split.", "",
+                format_split_table(metrics), ""]
+        if any(b in metrics.get("methods", {}) for b in config.DECOUPLED_BASELINES):
+            out += [BASELINES_NOTE, ""]
+    else:
+        out += ["## Results", "", "No `metrics.json` in this folder: the notebooks wrote no results.", ""]
+
+    if params:
+        out += ["## Parameters that matter", "", "| parameter | value |", "|---|---|"]
+        out += [f"| {k} | `{yaml_scalar(params[k])}` |" for k in KEY_PARAMETERS if k in params]
+        note = "`lr` is the learning rate used"
+        if (run_dir / "params.yaml").exists():
+            note += "; every parameter is in [params.yaml](params.yaml)"
+        out += ["", note + ".", ""]
+
+    if metrics is not None:
+        out += ["## Evidence", ""]
+        out.append(f"- device: {metrics.get('device')}")
+        out.append(f"- precision of the training steps: {metrics.get('precision', 'not recorded')} "
+                   f"(evaluation is float32)")
+        out.append(f"- torch: {metrics.get('torch')}")
+        out.append(f"- git commit: `{metrics.get('git_commit')}`")
+        out.append("")
+
+    resumed = resumed or set()
+    if timings:
+        out += ["## Wall time", "", "Summed over every invocation of the command; *resumed*: an earlier "
+                "invocation was interrupted and this one went on from its checkpoints.", "",
+                "| stage | wall time |", "|---|---:|"]
+        out += [f"| {name} | {format_seconds(seconds)}{' (resumed)' if name in resumed else ''} |"
+                for name, seconds in timings.items()]
+        total = wall_s if wall_s is not None else sum(timings.values())
+        out += [f"| **total** | {format_seconds(total)}{' (resumed)' if 'total' in resumed else ''} |", ""]
+    if metrics is not None and metrics.get("stage_times_s"):
+        again = set(metrics.get("resumed_stages", []))
+        out.append("Training stages (summed over every invocation of the engine): " + ", ".join(
+            f"{k} {format_seconds(v)}{' (resumed)' if k in again else ''}" for k, v in metrics["stage_times_s"].items()))
+        out.append("")
+
+    figures = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").is_dir() else []
+    tables = sorted((run_dir / "figures").glob("*.csv")) if (run_dir / "figures").is_dir() else []
+    if figures or tables:
+        out += ["## Figures", ""]
+        for fig in figures:
+            out += [f"![{fig.stem}](figures/{fig.name})", ""]
+        if tables:
+            out += ["Tables: " + ", ".join(f"[{t.name}](figures/{t.name})" for t in tables), ""]
+    notebooks = sorted(p for p in run_dir.glob("*.ipynb") if NOTEBOOK_PATTERN.match(p.name))
+    if notebooks:
+        out += ["## Executed notebooks", ""]
+        out += [f"- [{p.name}]({p.name})" for p in notebooks]
+        out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# --- results/index.csv ----------------------------------------------------------------------
+
+def index_row(run_dir: Path, metrics: dict | None, params: dict, wall_s: float) -> dict:
+    metrics = metrics or {}
+    methods = metrics.get("methods", {})
+    best = best_baseline(metrics) or ""
+    best_all = methods[best]["all"] if best else None
+    cbd_ens = methods.get("cbd_ens", {}).get("all")
+    return {
+        "finished_at": _now_iso(),
+        "run_name": params.get("run_name", run_dir.name),
+        "dataset": metrics.get("dataset", params.get("dataset", "")),
+        "imbalance_ratio": metrics.get("imbalance_ratio", params.get("imbalance_ratio", "")),
+        "seeds": " ".join(str(s) for s in metrics.get("seeds", params.get("seeds", []))),
+        "arch": params.get("arch", ""),
+        "epochs": params.get("epochs", ""),
+        "cbd_ens_all": "" if cbd_ens is None else f"{cbd_ens:.4f}",
+        "best_baseline": best,
+        "best_baseline_all": "" if best_all is None else f"{best_all:.4f}",
+        "device": metrics.get("device", ""),
+        "git_commit": metrics.get("git_commit", ""),
+        "wall_s": f"{wall_s:.1f}",
+        "path": str(run_dir),
+    }
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock beside ``path`` so two runs finishing together do not lose a line."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def append_index(row: dict, index_path: Path | None = None) -> Path:
+    """Add one line to ``<results>/index.csv`` (header created if absent), written atomically."""
+    path = index_path or runs.results_root() / "index.csv"
+    with _locked(path):
+        rows, columns = [], list(INDEX_COLUMNS)
+        if path.exists():
+            reader = csv.DictReader(io.StringIO(path.read_text()))
+            columns += [c for c in (reader.fieldnames or []) if c not in columns]
+            rows = list(reader)
+        rows.append(row)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(path, buffer.getvalue())
+    return path
