@@ -36,7 +36,8 @@ def _run(args) -> int:
 def _aggregate(args) -> int:
     from .pipeline import aggregate_runs
 
-    aggregate_runs(args.run_dirs, args.out, partial=args.partial)
+    keep = None if args.keep_model.lower() == "none" else args.keep_model
+    aggregate_runs(args.run_dirs, args.out, partial=args.partial, notebook=not args.no_notebook, keep_model=keep)
     return 0
 
 
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--out", required=True)
     agg.add_argument("--partial", action="store_true",
                      help="merge runs whose methods did not all finish; each mean says how many seeds it covers")
+    agg.add_argument("--keep-model", default="cbd_ens", metavar="METHOD",
+                     help="the one checkpoint the merged folder keeps, of the first seed (default cbd_ens; none: no model)")
+    agg.add_argument("--no-notebook", action="store_true",
+                     help="do not run notebook 04 on the merged results (no figures)")
     agg.set_defaults(func=_aggregate)
 
     ab = sub.add_parser("ablate", help="CBD-ENS students with alpha, beta, teachers or projection changed")

@@ -285,7 +285,7 @@ def test_format_command_quotes_yaml_values():
 def test_aggregate_merges_seeds_mean_and_std(tmp_path):
     a = make_run(tmp_path, "run_a", [1])
     b = make_run(tmp_path, "run_b", [2])
-    out = pipeline.aggregate_runs([str(a), str(b)], str(tmp_path / "merged"))
+    out = pipeline.aggregate_runs([str(a), str(b)], str(tmp_path / "merged"), notebook=False)  # no confusions here
     metrics = json.loads((out / "metrics.json").read_text())
     runs.validate_metrics(metrics)
     assert metrics["seeds"] == [1, 2]
@@ -305,7 +305,7 @@ def test_aggregate_merges_seeds_mean_and_std(tmp_path):
     assert str(a) in summary and str(b) in summary and "| `cbd_ens` | 2 |" in summary and " ± " in summary
     assert "seeds [1, 2]" in summary and summary.startswith("# merged\n")
     # Aggregating again into the same folder replaces it.
-    pipeline.aggregate_runs([a, b], tmp_path / "merged")
+    pipeline.aggregate_runs([a, b], tmp_path / "merged", notebook=False)
 
 
 def test_aggregate_refuses_mismatched_runs(tmp_path):

@@ -4,16 +4,21 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
+from .. import checkpoint as ckpt
 from .. import config, runs
 from ..errors import CBDError, one_line
 from ..io import write_bytes, write_text
-from ..methods import method_order
-from .summary import read_metrics, summary_markdown
+from ..methods import method_label, method_order
+from .parameters import default_notebooks_dir, discover_notebooks
+from .reading import reading_lines
+from .run import execute_notebook, kernel_environment
+from .summary import display_path, format_seconds, read_metrics, summary_markdown
 
 log = logging.getLogger("cbdlib.pipeline")
 
@@ -22,8 +27,16 @@ log = logging.getLogger("cbdlib.pipeline")
 MERGEABLE_KEYS = runs.RESUMABLE_KEYS | {"seeds", "run_name", "data"}
 
 
-def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False) -> Path:
+def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False, notebook: bool = True,
+                   keep_model: str | None = "cbd_ens") -> Path:
     """Merge run folders of different training seeds of one experiment into ``out`` (mean and std).
+
+    The merged folder is as complete as a run's: ``metrics.json``, ``per_class.csv``, the
+    evaluations of every seed, ``history.jsonl`` of every seed, the first seed's saved test
+    features, ``keep_model``'s checkpoint of the first seed (``<method>_seed<k>.pt``, the only
+    model it keeps), notebook 04 executed on the merged results (with ``notebook``; its figures
+    in ``figures/``) and ``summary.md`` with a reading of the numbers and the wall time of every
+    stage per seed. A ``notes.md`` already in ``out`` (hand-written) is kept and shown in it.
 
     A run whose methods did not all finish is refused; with ``partial`` it is merged and every
     mean says (on the console and in ``summary.md``) how many seeds it covers.
@@ -88,24 +101,165 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
     runs.validate_metrics(metrics)
 
     _prepare_aggregate_dir(out)
-    for entry in loaded:
-        for method, per_seed in entry["evaluations"].items():
-            for seed in per_seed:
-                source = runs.evaluation_path(entry["path"], seed, method)
-                write_bytes(runs.evaluation_path(out, seed, method), source.read_bytes())
-    runs.write_metrics(out, metrics, _class_names(loaded, len(m0["class_counts"])))
-    params = dict(first["params"] or {})
-    if params:
-        params["seeds"] = sorted(owner)
-    params["run_name"] = out.name
-    text = summary_markdown(out, metrics, params=params, merged_from=merged_from)
-    write_text(out / "summary.md", text)
+    with runs.run_lock(out):
+        for entry in loaded:
+            for method, per_seed in entry["evaluations"].items():
+                for seed in per_seed:
+                    source = runs.evaluation_path(entry["path"], seed, method)
+                    write_bytes(runs.evaluation_path(out, seed, method), source.read_bytes())
+        runs.write_metrics(out, metrics, _class_names(loaded, len(m0["class_counts"])))
+        _merge_history(loaded, out)
+        first_seed = min(owner)
+        _copy_features(owner[first_seed], out, first_seed)
+        kept = _keep_model(owner[first_seed], out, first_seed, keep_model, merged) if keep_model else None
+        if notebook:
+            _analyse(out)
+        params = dict(first["params"] or {})
+        if params:
+            params["seeds"] = sorted(owner)
+        params["run_name"] = out.name
+        text = summary_markdown(out, metrics, params=params, merged_from=merged_from,
+                                after_results=reading_lines(metrics, merged) + _notes(out),
+                                after_evidence=_wall_time_lines(loaded) + _kept_model_lines(kept, out))
+        write_text(out / "summary.md", text)
     log.info("merged %d runs (seeds %s) into %s", len(loaded), sorted(owner), out)
     for method, seeds in short.items():
         log.warning("warning: partial merge: %s is the mean of %d of %d seeds (%s)", method, len(seeds),
                     len(owner), ", ".join(map(str, seeds)))
     print(out / "summary.md")
     return out
+
+
+# --- what a merged folder holds besides the numbers -----------------------------------------
+
+NOTES = "notes.md"                        # hand-written reading, kept across re-aggregation
+ANALYSIS_NOTEBOOK = "04_per_split_analysis.ipynb"
+NOTEBOOKS_MAX_BYTES = 5 * 2**20           # executed notebooks above this are stripped (figures stay in figures/)
+
+
+def _merge_history(loaded: list, out: Path) -> None:
+    """Every run's ``history.jsonl`` in one file (each record names its seed)."""
+    records = [record for entry in loaded for record in runs.read_history(entry["path"])]
+    if records:
+        write_text(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _copy_features(run: Path, out: Path, seed: int) -> None:
+    """The saved test features of ``seed`` (notebook 04 embeds them with t-SNE)."""
+    folder = runs.features_path(run, seed, "x").parent
+    for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
+        write_bytes(runs.features_path(out, seed, path.stem), path.read_bytes())
+
+
+def kept_model_path(out: Path, method: str, seed: int) -> Path:
+    return Path(out) / f"{method}_seed{seed}.pt"
+
+
+def _keep_model(run: Path, out: Path, seed: int, method: str, merged: dict) -> dict | None:
+    """Copy ``method``'s finished checkpoint of ``seed``; returns what summary.md says of it."""
+    source = runs.checkpoint_path(run, seed, method)
+    if not source.exists():
+        log.warning("warning: %s has no checkpoint of %s (seed %d); the merged folder keeps no model", run, method,
+                    seed)
+        return None
+    state = ckpt.load_checkpoint(source)
+    if not state["meta"].get("complete"):
+        raise CBDError(f"{source} is not a finished model; finish the run before merging it")
+    target = kept_model_path(out, method, seed)
+    write_bytes(target, source.read_bytes())
+    record = merged.get(method, {}).get(seed, {})
+    return {"path": target, "method": method, "seed": seed, "all": record.get("all"),
+            "data": state["meta"].get("data"), "dataset": state["meta"].get("dataset")}
+
+
+def _kept_model_lines(kept: dict | None, out: Path) -> list[str]:
+    if kept is None:
+        return []
+    command = f"python -m cbdlib evaluate --checkpoint {display_path(kept['path'])}"
+    data = kept["data"] or os.environ.get(f"CBD_{str(kept['dataset']).upper()}")
+    data_note = ("" if data is None else
+                 f" (add `--data PATH` when the dataset is not where the run found it: {_relative(data)})")
+    top1 = "not recorded" if kept["all"] is None else f"{100 * kept['all']:.2f}%"
+    return ["## Saved model", "",
+            f"`{kept['path'].name}`: {method_label(kept['method'])}, training seed {kept['seed']}, the only checkpoint "
+            f"kept here. Its recorded test top-1 is {top1} "
+            f"([evaluations/seed_{kept['seed']}/{kept['method']}.json](evaluations/seed_{kept['seed']}/"
+            f"{kept['method']}.json)); re-evaluate it with", "", f"    {command}", "",
+            f"from the project root{data_note}.", ""]
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the project root when that is shorter (e.g. ../shared/...), else as given."""
+    try:
+        relative = os.path.relpath(Path(path).resolve(), config.project_root())
+    except ValueError:
+        return str(path)
+    return relative if len(relative) < len(str(path)) else str(path)
+
+
+def _wall_time_lines(loaded: list) -> list[str]:
+    """Wall time of every engine stage and notebook per seed run, summed over each run's resumes."""
+    columns = [(entry["path"], ", ".join(map(str, entry["seeds"]))) for entry in loaded]
+    table: dict[str, list] = {}
+    resumed: set = set()
+    for k, (run, _) in enumerate(columns):
+        for ledger, prefix in ((runs.STAGE_TIMES, "stage "), (runs.NOTEBOOK_TIMES, "")):
+            for name, entry in runs.wall_times(run / ledger).items():
+                row = table.setdefault(prefix + name, [None] * len(columns))
+                row[k] = entry["s"]
+                if entry.get("resumed"):
+                    resumed.add((prefix + name, k))
+    if not table:
+        return []
+    # Stages, then notebooks, each in the order the ledgers wrote them; the total last.
+    order = sorted(table, key=lambda name: (name == "total", not name.startswith("stage ")))
+    lines = ["## Wall time per seed", "",
+             "Each run's own ledgers, summed over every invocation of it; *r*: that run was interrupted and "
+             "resumed. Engine stages are inside notebooks 02 and 03.", "",
+             "| stage | " + " | ".join(f"seed {seeds}" for _, seeds in columns) + " | sum |",
+             "|---|" + "---:|" * (len(columns) + 1)]
+    for name in order:
+        cells = ["n/a" if v is None else format_seconds(v) + (" *r*" if (name, k) in resumed else "")
+                 for k, v in enumerate(table[name])]
+        total = sum(v for v in table[name] if v is not None)
+        label = f"**{name}**" if name == "total" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {format_seconds(total)} |")
+    return lines + [""]
+
+
+def _notes(out: Path) -> list[str]:
+    path = out / NOTES
+    if not path.exists():
+        return []
+    return ["## Notes", "", f"Hand-written, from [{NOTES}]({NOTES}):", "",
+            path.read_text().strip(), ""]
+
+
+def _analyse(out: Path) -> None:
+    """Notebook 04 on the merged folder (figures, tables, t-SNE), as ``cbdlib run`` would run it."""
+    notebooks = {nb.name: nb for nb in discover_notebooks(default_notebooks_dir())}
+    if ANALYSIS_NOTEBOOK not in notebooks:
+        raise CBDError(f"{ANALYSIS_NOTEBOOK} not found in {default_notebooks_dir()}")
+    nb = notebooks[ANALYSIS_NOTEBOOK]
+    log.info("running %s on the merged results ...", nb.name)
+    with kernel_environment(out, results_root=out.parent):
+        seconds = execute_notebook(nb, out, {"run_name": out.name})
+    log.info("%s done in %s", nb.name, format_seconds(seconds))
+    executed = out / nb.name
+    if executed.stat().st_size > NOTEBOOKS_MAX_BYTES:
+        _strip_outputs(executed)
+
+
+def _strip_outputs(path: Path) -> None:
+    """Drop a notebook's outputs (its figures are also PNG files in ``figures/``)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    write_text(path, nbformat.writes(nb))
+    log.info("%s was over %d MB: outputs stripped, figures kept in figures/", path.name, NOTEBOOKS_MAX_BYTES >> 20)
 
 
 def _expected_methods(params: dict | None) -> list[str]:
@@ -143,14 +297,17 @@ def _short_coverage(loaded: list, merged: dict, seeds: list, partial: bool) -> d
 
 
 def _prepare_aggregate_dir(out: Path) -> None:
-    """``out`` is new, empty, or a previous aggregate (its evaluations are replaced); never a run folder."""
+    """``out`` is new, empty, or a previous aggregate (all but its ``notes.md`` is replaced); never a run folder."""
     if (out / "params.yaml").exists() or (out / "checkpoints").exists():
         raise CBDError(f"{out} is a run folder; aggregate writes to a new folder")
     if (out / "metrics.json").exists():
         previous = read_metrics(out, required=False) or {}
         if "merged_from" not in previous:
             raise CBDError(f"{out} already holds a metrics.json that is not an aggregate; choose a new folder")
-        shutil.rmtree(out / "evaluations", ignore_errors=True)
+        for folder in ("evaluations", "features", "figures"):
+            shutil.rmtree(out / folder, ignore_errors=True)
+        for path in [*out.glob("*_seed*.pt"), out / "history.jsonl", out / ANALYSIS_NOTEBOOK]:
+            path.unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

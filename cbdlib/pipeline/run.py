@@ -103,16 +103,18 @@ def package_dir() -> Path:
 
 
 @contextlib.contextmanager
-def kernel_environment(run_dir: Path):
+def kernel_environment(run_dir: Path, results_root: Path | None = None):
     """The environment the notebook kernels start with: this process's package first on their
-    ``PYTHONPATH``, its resolved results folder, and the token of its lock on ``run_dir``.
+    ``PYTHONPATH``, its resolved results folder (or ``results_root``), and the token of its lock
+    on ``run_dir``.
 
     Without it a kernel imports whichever ``cbdlib`` its own ``sys.path`` finds (an editable
     install of another clone) and writes into that clone's ``results/``.
     """
     path = [str(package_dir().parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                           if p and p != str(package_dir().parent)]
-    values = {"PYTHONPATH": os.pathsep.join(path), "CBD_RESULTS_DIR": str(runs.results_root().resolve()),
+    results = Path(results_root) if results_root is not None else runs.results_root()
+    values = {"PYTHONPATH": os.pathsep.join(path), "CBD_RESULTS_DIR": str(results.resolve()),
               PACKAGE_ENV: str(package_dir()), runs.LOCK_TOKEN_ENV: runs.lock_token(run_dir)}
     for name in ("CBD_CIFAR10", "CBD_CIFAR100", "CBD_CACHE_DIR"):  # the kernels run in notebooks/
         if os.environ.get(name):

@@ -104,11 +104,14 @@ def _split_description(metrics: dict) -> list[str]:
 def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params: dict | None = None,
                      command: str | None = None, params_file: str | os.PathLike | None = None,
                      overrides: dict | None = None, timings: dict | None = None, wall_s: float | None = None,
-                     merged_from: list | None = None, resumed: set | None = None) -> str:
+                     merged_from: list | None = None, resumed: set | None = None,
+                     after_results: list[str] | None = None, after_evidence: list[str] | None = None) -> str:
     """The run folder's ``summary.md``: how it was produced, the data, the results, the evidence.
 
     ``timings`` and ``wall_s`` are summed over invocations; ``resumed`` names the notebooks (and
-    ``"total"``) that an earlier, interrupted invocation had started.
+    ``"total"``) that an earlier, interrupted invocation had started. ``after_results`` and
+    ``after_evidence`` are markdown lines of sections placed there (aggregate's reading, its
+    wall times per seed and its saved model).
     """
     run_dir = Path(run_dir)
     params = params or {}
@@ -158,6 +161,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
                 format_split_table(metrics), ""]
         if any(b in metrics.get("methods", {}) for b in config.DECOUPLED_BASELINES):
             out += [BASELINES_NOTE, ""]
+        out += after_results or []
     else:
         out += ["## Results", "", "No `metrics.json` in this folder: the notebooks wrote no results.", ""]
 
@@ -177,6 +181,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out.append(f"- torch: {metrics.get('torch')}")
         out.append(f"- git commit: `{metrics.get('git_commit')}`")
         out.append("")
+    out += after_evidence or []
 
     resumed = resumed or set()
     if timings:

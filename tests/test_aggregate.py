@@ -1,0 +1,127 @@
+"""``cbdlib aggregate`` leaves a merged folder as complete as a run's: every seed's history, the
+first seed's features and CBD-ENS model, notebook 04's figures, wall times and a reading that
+agrees with the numbers."""
+import json
+
+import pytest
+
+from cbdlib import __main__ as cli
+from cbdlib import runs
+from cbdlib.config import make_params, resolve
+from cbdlib.data import load_long_tail
+from cbdlib.engine import Experiment
+from cbdlib.evaluate import evaluate_checkpoint
+from cbdlib.pipeline import aggregate_runs, format_seconds
+from cbdlib.pipeline.reading import compare, reading_lines, verdict
+
+SMALL = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=2, decoupled_epochs=1, lws_epochs=1,
+             batch_size=32, lr=0.05, warmup_epochs=1, teachers=["vanilla:1", "aug:1"], device="cpu", smoke=False,
+             tsne_samples=100)
+
+
+@pytest.fixture(scope="module")
+def seed_runs(tmp_path_factory):
+    """Two finished run folders of one experiment, training seeds 1 and 2, with wall-time ledgers."""
+    root = tmp_path_factory.mktemp("seeds")
+    digits = load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
+    folders = []
+    for seed in (1, 2):
+        out = root / f"run_seed{seed}"
+        settings = resolve(make_params({**SMALL, "seeds": [seed], "run_name": out.name}))
+        out.mkdir()
+        with runs.timed(out / runs.NOTEBOOK_TIMES, "total"):  # as cbdlib run times its notebooks
+            Experiment(settings, out, data=digits, quiet=True).run("all")
+        folders.append(out)
+    return folders
+
+
+def test_a_merged_folder_holds_history_features_one_model_figures_and_wall_times(seed_runs, tmp_path):
+    a, b = seed_runs
+    out = aggregate_runs([a, b], tmp_path / "merged")
+
+    def keys(run):
+        return {(r["model"], r["seed"], r["stage"], r["epoch"]) for r in runs.read_history(run)}
+
+    assert keys(out) == keys(a) | keys(b) and {s for _, s, _, _ in keys(out)} == {1, 2}
+
+    saved = sorted(p.name for p in (a / "features" / "seed_1").glob("*.npz"))
+    assert saved and sorted(p.name for p in (out / "features" / "seed_1").glob("*.npz")) == saved
+    for name in saved:
+        assert (out / "features" / "seed_1" / name).read_bytes() == (a / "features" / "seed_1" / name).read_bytes()
+    assert not (out / "features" / "seed_2").exists()
+
+    # The first seed's CBD-ENS is the only model kept, and it scores what its run recorded.
+    assert [p.name for p in out.rglob("*.pt")] == ["cbd_ens_seed1.pt"]
+    assert (out / "cbd_ens_seed1.pt").read_bytes() == runs.checkpoint_path(a, 1, "cbd_ens").read_bytes()
+    recorded = json.loads(runs.evaluation_path(a, 1, "cbd_ens").read_text())
+    again = evaluate_checkpoint(out / "cbd_ens_seed1.pt", device="cpu")
+    for key in ("all", "head", "mid", "tail"):
+        assert again[key] == pytest.approx(recorded[key], abs=1e-9), key
+
+    # Notebook 04 ran on the merged results.
+    for figure in ("04_split_accuracy.png", "04_per_class_accuracy.png", "04_gain_vs_class_size.png", "04_tsne.png"):
+        assert (out / "figures" / figure).stat().st_size > 1000, figure
+    assert (out / "04_per_split_analysis.ipynb").exists()
+
+    summary = (out / "summary.md").read_text()
+    assert "## Reading" in summary and "## Saved model" in summary
+    assert f"python -m cbdlib evaluate --checkpoint {out / 'cbd_ens_seed1.pt'}" in summary
+    assert f"{100 * recorded['all']:.2f}%" in summary
+    stage_sum = sum(runs.wall_times(run / runs.STAGE_TIMES)["teachers"]["s"] for run in (a, b))
+    row = next(line for line in summary.splitlines() if line.startswith("| stage teachers |"))
+    assert row.endswith(f"| {format_seconds(stage_sum)} |")  # summed over the seeds
+    assert "| **total** |" in summary and "![04_tsne](figures/04_tsne.png)" in summary
+
+
+def test_aggregating_again_keeps_the_notes_and_replaces_the_rest(seed_runs, tmp_path, capsys):
+    a, b = seed_runs
+    out = tmp_path / "merged"
+    aggregate_runs([a, b], out, notebook=False)
+    (out / "notes.md").write_text("Read with care: two seeds of a tiny model.\n")
+    (out / "figures").mkdir()
+    (out / "figures" / "stale.png").write_bytes(b"old")
+    status = cli.main(["aggregate", str(a), str(b), "--out", str(out), "--no-notebook", "--keep-model", "none"])
+    assert status == 0
+    assert not (out / "figures").exists() and not list(out.glob("*.pt"))
+    summary = (out / "summary.md").read_text()
+    assert "## Notes" in summary and "Read with care: two seeds of a tiny model." in summary
+    assert "## Saved model" not in summary
+
+
+# --- the reading -------------------------------------------------------------------------------
+
+def _metrics(means: dict, stds: dict) -> dict:
+    return {"seeds": [1, 2, 3],
+            "methods": {m: {"all": v[0], "tail": v[1], "few": None} for m, v in means.items()},
+            "std": {m: {"all": v[0], "tail": v[1], "few": None} for m, v in stds.items()}}
+
+
+def _per_seed(values: dict) -> dict:
+    return {m: {s: {"all": v, "tail": v, "few": None} for s, v in enumerate(vs, 1)} for m, vs in values.items()}
+
+
+def test_a_gap_counts_only_beyond_the_sum_of_the_two_stds():
+    metrics = _metrics({"cbd_ens": (0.70, 0.66), "crt": (0.65, 0.65)}, {"cbd_ens": (0.01, 0.02), "crt": (0.02, 0.0)})
+    evaluations = _per_seed({"cbd_ens": [0.69, 0.70, 0.71], "crt": [0.66, 0.65, 0.72]})
+    overall = compare(metrics, evaluations, "cbd_ens", "crt", "all")
+    assert overall["gap"] == pytest.approx(0.05) and overall["spread"] == pytest.approx(0.03)
+    assert overall["beyond_spread"] and (overall["wins"], overall["losses"], overall["seeds"]) == (2, 1, 3)
+    assert "CBD-ENS **beats** cRT overall by more than the seed spread" in verdict(overall)
+    assert "+5.00 points against a spread of 3.00" in verdict(overall) and "higher in 2 of 3 seeds" in verdict(overall)
+    tail = compare(metrics, evaluations, "cbd_ens", "crt", "tail")
+    assert not tail["beyond_spread"] and "within the seed spread of cRT on the tail third" in verdict(tail)
+    behind = compare(metrics, evaluations, "crt", "cbd_ens", "all")
+    assert "cRT **trails** CBD-ENS overall" in verdict(behind)
+    assert compare(metrics, evaluations, "cbd_ens", "crt", "few") is None  # a split without classes
+    assert compare(metrics, evaluations, "cbd_ens", "lws", "all") is None  # not in the run
+
+
+def test_the_reading_asks_against_the_best_baseline_the_teacher_ensemble_and_cbd():
+    metrics = _metrics({"ce": (0.50, 0.10), "crt": (0.60, 0.60), "lws": (0.60, 0.62), "teacher_ensemble": (0.55, 0.2),
+                        "cbd": (0.64, 0.6), "cbd_ens": (0.66, 0.64)},
+                       {m: (0.0, 0.0) for m in ("ce", "crt", "lws", "teacher_ensemble", "cbd", "cbd_ens")})
+    text = "\n".join(reading_lines(metrics, {}))
+    assert "best by overall accuracy: cRT, `crt`" in text  # a tie goes to the first in table order
+    assert "CBD-ENS **beats** teacher ensemble overall" in text
+    assert "CBD-ENS **beats** CBD on the tail third" in text
+    assert reading_lines({"seeds": [1], "methods": {"ce": {"all": 0.5}}, "std": {}}, {}) == []
