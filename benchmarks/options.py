@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from cbdlib.augment import BatchAugmenter, aug_config, vanilla_config
 from cbdlib.bench import synthetic_data
-from cbdlib.engine import loop
+from cbdlib.engine.loop import init_model
 from cbdlib.engine.precision import autocast
 from cbdlib.models import ModelSpec
 
@@ -33,7 +33,7 @@ def step_rate(arch: str, precision: str, channels_last: bool, compiled: bool, fo
               steps: int = 15, warmup: int = 4) -> tuple[float, float, bool]:
     """(best img/s, warm-up seconds, whether every gradient stayed finite)."""
     torch.manual_seed(0)
-    model = loop.init_model(ModelSpec(arch, 10, "cosine"), 0)
+    model = init_model(ModelSpec(arch, 10, "cosine"), 0)
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -50,7 +50,9 @@ def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | Non
     import shutil
 
     from .engine import Experiment
-    from .engine.loop import derive_seed, fit, init_model, predict
+    from .data.device import predict
+    from .engine.loop import fit, init_model
+    from .seeding import derive_seed
 
     run_dir = Path(run_dir)
     stored = runs.read_params_yaml(run_dir)

@@ -28,7 +28,10 @@ import torch
 
 from .cli_util import exits_cleanly, setup_logging
 from .data.longtail import long_tail_counts
-from .engine import loop
+from .data.device import DeviceData
+from .devices import resolve_device, use_channels_last
+from .engine.job import Job
+from .engine.loop import fit, init_model
 from .engine.compiled import should_compile
 from .engine.precision import resolve_precision
 from .engine.together import fit_together
@@ -48,14 +51,14 @@ PROFILES = {
 NAIVE_WORKERS = {"cuda": 8, "cpu": 0}  # DataLoader workers of the naive reference (2 cores: the main process)
 
 
-def synthetic_data(images: int, device: torch.device, num_classes: int = 10, seed: int = 0) -> loop.DeviceData:
+def synthetic_data(images: int, device: torch.device, num_classes: int = 10, seed: int = 0) -> DeviceData:
     rng = np.random.default_rng(seed)
     # CIFAR-LT's exponential profile at IR 100, scaled to about ``images`` in all.
     profile = long_tail_counts(5000, num_classes, 100)
     counts = [max(1, round(c * images / sum(profile))) for c in profile]
     labels = np.repeat(np.arange(num_classes), counts)
     pixels = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
-    return loop.DeviceData(
+    return DeviceData(
         train_images=torch.from_numpy(pixels).to(device), train_labels=torch.from_numpy(labels).to(device),
         val_images=torch.from_numpy(pixels[:100]).to(device), val_labels=torch.from_numpy(labels[:100]).to(device),
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_classes=num_classes,
@@ -67,7 +70,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def naive_images_per_second(data: loop.DeviceData, arch: str, batch_size: int, steps: int, workers: int, device: torch.device) -> float:
+def naive_images_per_second(data: DeviceData, arch: str, batch_size: int, steps: int, workers: int, device: torch.device) -> float:
     """The usual way: PIL transforms in a DataLoader, float32, one model."""
     from PIL import Image
     from torchvision import transforms
@@ -88,7 +91,7 @@ def naive_images_per_second(data: loop.DeviceData, arch: str, batch_size: int, s
     loader = torch.utils.data.DataLoader(PilDataset(), batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, pin_memory=device.type == "cuda",
                                          persistent_workers=workers > 0)
-    model = loop.init_model(ModelSpec(arch, data.num_classes, "linear"), 0).to(device).train()
+    model = init_model(ModelSpec(arch, data.num_classes, "linear"), 0).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
     warmup, timed, start = 5, 0, None
     while timed < steps:
@@ -113,8 +116,8 @@ def naive_images_per_second(data: loop.DeviceData, arch: str, batch_size: int, s
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def _job(name: str, spec: ModelSpec, batch_size: int, epochs: int, **kw) -> loop.Job:
-    return loop.Job(name=name, train_seed=1, spec=spec, epochs=epochs, batch_size=batch_size, lr=0.1, **kw)
+def _job(name: str, spec: ModelSpec, batch_size: int, epochs: int, **kw) -> Job:
+    return Job(name=name, train_seed=1, spec=spec, epochs=epochs, batch_size=batch_size, lr=0.1, **kw)
 
 
 def _epoch_seconds(history: Path, model: str, epoch: int) -> float:
@@ -122,18 +125,18 @@ def _epoch_seconds(history: Path, model: str, epoch: int) -> float:
     return sum(r["time_s"] * r.get("trained_with", 1) for r in rows if r["model"] == model and r["epoch"] == epoch)
 
 
-def _subset(data: loop.DeviceData, images: int | None) -> loop.DeviceData:
+def _subset(data: DeviceData, images: int | None) -> DeviceData:
     if images is None or images >= len(data.train_labels):
         return data
     keep = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))[:images]
     keep = keep.to(data.train_labels.device)
     labels = data.train_labels[keep]
-    return loop.DeviceData(train_images=data.train_images[keep], train_labels=labels, val_images=data.val_images,
+    return DeviceData(train_images=data.train_images[keep], train_labels=labels, val_images=data.val_images,
                            val_labels=data.val_labels, mean=data.mean, std=data.std, num_classes=data.num_classes,
                            class_counts=torch.bincount(labels, minlength=data.num_classes).float())
 
 
-def measure_arch(arch: str, data: loop.DeviceData, batch: int, naive_steps: int, device: torch.device,
+def measure_arch(arch: str, data: DeviceData, batch: int, naive_steps: int, device: torch.device,
                  precision: str, use_compile: bool, tmp: Path) -> dict:
     """Naive and engine images/s of one architecture; the engine's one-model epoch in seconds."""
     workers = NAIVE_WORKERS["cuda" if device.type == "cuda" else "cpu"]
@@ -146,7 +149,7 @@ def measure_arch(arch: str, data: loop.DeviceData, batch: int, naive_steps: int,
     job = _job(f"teacher_vanilla_{arch}", cosine, batch, 2)
     history = tmp / f"{arch}.jsonl"
     t0 = time.perf_counter()
-    model = loop.fit(job, loop.init_model(cosine, job.seed), data, device=device, checkpoint_path=tmp / f"{arch}.pt",
+    model = fit(job, init_model(cosine, job.seed), data, device=device, checkpoint_path=tmp / f"{arch}.pt",
                      history_path=history, meta={}, stage="bench", quiet=True, precision=precision,
                      use_compile=use_compile)
     first = _epoch_seconds(history, job.name, 1)
@@ -158,7 +161,7 @@ def measure_arch(arch: str, data: loop.DeviceData, batch: int, naive_steps: int,
 
 
 def run_benchmark(device_name: str, size: str | None = None) -> dict:
-    device = loop.resolve_device(device_name)
+    device = resolve_device(device_name)
     size = size or ("full" if device.type == "cuda" else "tiny")
     profile = PROFILES[size]
     arch, batch = profile["arch"], profile["batch_size"]
@@ -172,7 +175,7 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
     result = {"device": device_description(device), "torch": torch.__version__, "git_commit": git_commit(),
               "size": size, "arch": arch, "batch_size": batch, "train_images": int(len(data.train_labels)),
               "precision": precision, "compile": use_compile, "threads": torch.get_num_threads(),
-              "channels_last": loop.use_channels_last(device)}
+              "channels_last": use_channels_last(device)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         main = measure_arch(arch, data, batch, profile["naive_steps"], device, precision, use_compile, tmp)
@@ -191,7 +194,7 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
               f"timed) ...", file=sys.stderr)
         cosine = ModelSpec(arch, data.num_classes, "cosine")
         jobs = [_job(f"teacher_{kind}_{s}", cosine, batch, 2, augment=kind) for kind in ("vanilla", "aug") for s in (1, 2)]
-        fit_together(jobs, [loop.init_model(cosine, j.seed) for j in jobs], together_data, device=device,
+        fit_together(jobs, [init_model(cosine, j.seed) for j in jobs], together_data, device=device,
                      checkpoint_paths=[tmp / f"{j.name}.pt" for j in jobs], history_path=tmp / "together.jsonl",
                      metas=[{}] * 4, stage="bench", quiet=True, precision=precision)
         four = _epoch_seconds(tmp / "together.jsonl", jobs[0].name, 2) * scale_together
@@ -206,7 +209,7 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
         teacher.eval().requires_grad_(False)
         teachers = [teacher] * 4  # the speed of four frozen teachers; their weights do not matter here
         history = tmp / "student.jsonl"
-        loop.fit(student_job, loop.init_model(student_spec, 7), data, device=device, checkpoint_path=tmp / "s.pt",
+        fit(student_job, init_model(student_spec, 7), data, device=device, checkpoint_path=tmp / "s.pt",
                  history_path=history, meta={}, stage="bench", teachers=teachers, quiet=True, precision=precision,
                  use_compile=use_compile)
         student = _epoch_seconds(history, "cbd_ens", 2)

@@ -362,21 +362,26 @@ def smoke_enabled(smoke: Optional[bool]) -> bool:
     return os.environ.get("CBD_SMOKE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-@dataclass
-class Settings:
-    """What a run actually uses: the parameters after smoke and derived values are applied."""
-
-    params: Params
-    smoke: bool
-    lr: float
-    decoupled_lr: float     # cRT / LWS learning rate used
-    teachers: list          # [(kind, seed), ...]
-    methods: list           # method names this run produces
-    max_train_per_class: Optional[int]
-    max_test_per_class: Optional[int]
-
-    def __getattr__(self, name: str) -> Any:  # settings read like params
-        return getattr(self.__dict__["params"], name)
+# What a run derives from its parameters; every other field of ``Settings`` is the parameter
+# of the same name as the run uses it (after the smoke profile).
+RESOLVED_FIELDS = (
+    ("params", "Params"),                          # the effective parameters, as params.yaml records them
+    ("smoke", "bool"),                             # whether the smoke profile applies
+    ("lr", "float"),                               # learning rate used
+    ("decoupled_lr", "float"),                     # cRT / LWS learning rate used
+    ("teachers", "list"),                          # [(kind, seed), ...], parsed from params.teachers
+    ("methods", "list"),                           # method names this run produces
+    ("max_train_per_class", "Optional[int]"),      # smoke's cap on training images per class
+    ("max_test_per_class", "Optional[int]"),       # smoke's cap on test images per class
+)
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [(f.name, f.type) for f in dataclasses.fields(Params) if f.name not in dict(RESOLVED_FIELDS)]
+    + list(RESOLVED_FIELDS),
+    frozen=True,
+    namespace={"__module__": __name__,
+               "__doc__": "What a run actually uses (frozen): every parameter after the smoke profile, with the "
+                          "derived values of RESOLVED_FIELDS filled in."})
 
 
 def resolve(params: Params) -> Settings:
@@ -400,7 +405,9 @@ def resolve(params: Params) -> Settings:
         decoupled_lr = 0.2 * effective.batch_size / 512  # Kang et al.: lr 0.2 at batch 512, scaled linearly
     teachers = parse_teachers(effective.teachers)
     methods = effective.methods or all_method_names(effective.teachers)
+    own = {f.name: getattr(effective, f.name) for f in dataclasses.fields(Params) if f.name not in dict(RESOLVED_FIELDS)}
     return Settings(
+        **own,
         params=effective,
         smoke=smoke,
         lr=lr,

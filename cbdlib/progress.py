@@ -112,6 +112,12 @@ class ModelProgress:
             self.bar.set_postfix({"s/epoch": f"{seconds:.1f}", **postfix}, refresh=False)
             self.bar.update(1)
 
+    def __enter__(self) -> "ModelProgress":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(finished=exc_type is None)
+
     def close(self, finished: bool) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -239,7 +239,7 @@ def notebook_environment() -> None:
 
 def describe(settings: Settings, run_dir: Path) -> str:
     """The effective settings of a run, as the notebook prints them."""
-    from .engine.loop import resolve_device
+    from .devices import resolve_device
 
     s = settings
     device = resolve_device(s.device)

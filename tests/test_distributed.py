@@ -124,11 +124,11 @@ def test_single_process_helpers_describe_rank_0_of_1(monkeypatch):
 # process or under torchrun; rank 0 saves every final state dict. ``--crash-after N``
 # interrupts the first model after N steps (a kill mid-epoch), leaving its checkpoint.
 WORKER = textwrap.dedent('''
-    import argparse, copy
+    import argparse, contextlib, copy
     from pathlib import Path
     import torch, torch.nn as nn
     from cbdlib.data import load_long_tail
-    from cbdlib.engine import distributed, loop
+    from cbdlib.engine import DeviceData, Job, distributed, hooks, loop
     from cbdlib.models import CosineClassifier, LinearClassifier, ModelSpec, Network, Projection
 
     parser = argparse.ArgumentParser()
@@ -137,8 +137,8 @@ WORKER = textwrap.dedent('''
     args = parser.parse_args()
     out = Path(args.out)
     distributed.init()
-    data = loop.DeviceData.from_long_tail(load_long_tail("digits", imbalance_ratio=10, val_per_class=10),
-                                          torch.device("cpu"))
+    data = DeviceData.from_long_tail(load_long_tail("digits", imbalance_ratio=10, val_per_class=10),
+                                     torch.device("cpu"))
 
     def mlp(seed, projection=None):
         torch.manual_seed(seed)
@@ -148,7 +148,7 @@ WORKER = textwrap.dedent('''
 
     def job(name, **kw):
         spec = ModelSpec(arch="mlp", num_classes=10)
-        return loop.Job(name=name, train_seed=1, spec=spec, epochs=2, batch_size=64, lr=0.05, schedule="cosine",
+        return Job(name=name, train_seed=1, spec=spec, epochs=2, batch_size=64, lr=0.05, schedule="cosine",
                         weight_decay=5e-4, **kw)
 
     def train(job, model, **kw):
@@ -156,13 +156,13 @@ WORKER = textwrap.dedent('''
                         history_path=out / "history.jsonl", meta={}, stage="test", quiet=True, **kw)
 
     if args.crash_after:
-        original, calls = loop._step_loss, [0]
-        def crash(*a):
+        calls = [0]
+        def crash(step, loss):
             calls[0] += 1
             if calls[0] > args.crash_after:
                 raise SystemExit(0)
-            return original(*a)
-        loop._step_loss = crash
+        crashing = contextlib.ExitStack()  # kept: the hook stays for the rest of this process
+        crashing.enter_context(hooks.on_step(crash))
     teacher = train(job("teacher", augment="aug"), mlp(1))
     teacher.eval().requires_grad_(False)
     student = train(job("student", sampling="class_balanced", loss="cbd", teachers=["teacher"]), mlp(2, 48),

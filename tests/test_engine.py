@@ -10,7 +10,7 @@ from cbdlib import CBDError
 from cbdlib import checkpoint as ckpt
 from cbdlib.config import all_method_names, make_params, resolve
 from cbdlib.data import load_long_tail
-from cbdlib.engine import Experiment, load_model, loop
+from cbdlib.engine import Experiment, hooks, load_model, predict
 from cbdlib.runs import checkpoint_path, validate_metrics
 
 TINY = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=12, decoupled_epochs=3,
@@ -71,26 +71,15 @@ def test_saved_models_reload_and_give_the_same_accuracy(finished_run, digits):
     out, metrics = finished_run
     for method in ("cbd_ens", "tau_norm", "ncm", "lws"):
         model = load_model(checkpoint_path(out, 1, method))
-        _, logits = loop.predict(model, digits.test_images, digits.mean, digits.std, torch.device("cpu"))
+        _, logits = predict(model, digits.test_images, digits.mean, digits.std, torch.device("cpu"))
         assert (logits.argmax(1) == digits.test_labels).mean() == pytest.approx(metrics["methods"][method]["all"])
 
 
-def _record_labels(monkeypatch):
+def test_stage2_batches_are_class_balanced_and_stage1_batches_follow_the_data(tmp_path, digits):
     seen = []
-    original = loop._step_loss
-
-    def spy(job, model, x, labels, *args):
-        seen.append((job.name, labels.tolist()))
-        return original(job, model, x, labels, *args)
-
-    monkeypatch.setattr(loop, "_step_loss", spy)
-    return seen
-
-
-def test_stage2_batches_are_class_balanced_and_stage1_batches_follow_the_data(tmp_path, digits, monkeypatch):
-    seen = _record_labels(monkeypatch)
     settings = tiny_settings(epochs=6, teachers=["vanilla:1"], methods=["teacher_vanilla_1", "cbd"])
-    Experiment(settings, tmp_path, data=digits, quiet=True).run("all")
+    with hooks.on_step(lambda step, loss: seen.append((step.job.name, step.labels.tolist()))):
+        Experiment(settings, tmp_path, data=digits, quiet=True).run("all")
     counts = np.array(digits.class_counts, float)
 
     def frequencies(name):
@@ -106,21 +95,19 @@ def test_stage2_batches_are_class_balanced_and_stage1_batches_follow_the_data(tm
     assert student_freq.min() > 2 * teacher_freq.min()
 
 
-def test_teachers_stay_bit_identical_during_distillation(tmp_path, digits, monkeypatch):
+def test_teachers_stay_bit_identical_during_distillation(tmp_path, digits):
     settings = tiny_settings(epochs=2, teachers=["vanilla:1", "aug:1"], methods=["cbd_ens"])
     exp = Experiment(settings, tmp_path, data=digits, quiet=True)
     exp.run("teachers")
     before = {n: {k: v.clone() for k, v in exp.load_trained(n, 1).state_dict().items()} for n in exp.teacher_names()}
     used = []
-    original = loop._step_loss
 
-    def spy(job, model, x, labels, teachers, *args):
-        used.extend(teachers)
-        assert all(not t.training for t in teachers)
-        return original(job, model, x, labels, teachers, *args)
+    def spy(step, loss):
+        used.extend(step.teachers)
+        assert all(not t.training for t in step.teachers)
 
-    monkeypatch.setattr(loop, "_step_loss", spy)
-    exp.run("students")
+    with hooks.on_step(spy):
+        exp.run("students")
     assert used, "the student saw no teacher"
     for teacher, name in zip(used[:2], exp.teacher_names()):
         after = teacher.state_dict()
@@ -128,25 +115,18 @@ def test_teachers_stay_bit_identical_during_distillation(tmp_path, digits, monke
         assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, digits, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, digits):
     settings = tiny_settings(epochs=4, teachers=["vanilla:1"], methods=["teacher_vanilla_1"])
     Experiment(settings, tmp_path / "straight", data=digits, quiet=True).run("teachers")
 
-    calls = {"n": 0}
-    original = loop._step_loss
-
-    def crash_in_epoch_three(*args):
-        calls["n"] += 1
-        if calls["n"] == 2 * (len(digits.train_labels) // 32) + 3:
+    def crash_in_epoch_three(step, loss):
+        if step.epoch == 2 and step.step == 2:
             raise KeyboardInterrupt  # stands for a kill mid-epoch
-        return original(*args)
 
-    monkeypatch.setattr(loop, "_step_loss", crash_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), hooks.on_step(crash_in_epoch_three):
         Experiment(settings, tmp_path / "resumed", data=digits, quiet=True).run("teachers")
     partial = ckpt.load_checkpoint(checkpoint_path(tmp_path / "resumed", 1, "teacher_vanilla_1"))
     assert partial["meta"]["epoch"] == 1 and not partial["meta"]["complete"]
-    monkeypatch.setattr(loop, "_step_loss", original)
     Experiment(settings, tmp_path / "resumed", data=digits, quiet=True).run("teachers")
     a = load_model(checkpoint_path(tmp_path / "straight", 1, "teacher_vanilla_1")).state_dict()
     b = load_model(checkpoint_path(tmp_path / "resumed", 1, "teacher_vanilla_1")).state_dict()

@@ -156,14 +156,12 @@ def test_smoke_names_the_given_values_it_replaces(tmp_path, monkeypatch, capsys)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["seeds"] == [1]
 
 
-def test_wall_times_are_summed_over_invocations_and_say_resumed(tmp_path, digits, monkeypatch):
+def test_wall_times_are_summed_over_invocations_and_say_resumed(tmp_path, digits):
     from test_reliability import _crash_after
 
     settings = tiny_settings(methods=["ce"])
-    _crash_after(monkeypatch, len(digits.train_labels) // 32 + 1)  # killed in epoch 2
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), _crash_after(len(digits.train_labels) // 32 + 1):  # killed in epoch 2
         Experiment(settings, tmp_path, data=digits, quiet=True).run("one_stage")
-    monkeypatch.undo()
     first = runs.wall_times(tmp_path / runs.STAGE_TIMES)["one_stage"]
     assert first["invocations"] == 1 and first["resumed"] and first["s"] > 0
     metrics = Experiment(settings, tmp_path, data=digits, quiet=True).run("one_stage")

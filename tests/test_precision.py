@@ -9,7 +9,7 @@ import torch
 from cbdlib import CBDError
 from cbdlib.config import make_params, resolve
 from cbdlib.data import load_long_tail
-from cbdlib.engine import Experiment, loop
+from cbdlib.engine import DeviceData, Experiment, Job, loop
 from cbdlib.engine import precision as prec
 from cbdlib.engine.losses import job_loss
 from cbdlib.evaluate import evaluate_checkpoint
@@ -61,7 +61,7 @@ def test_cosine_logits_and_the_distillation_term_stay_float32_under_bf16_autocas
             teacher_features = [teacher(x)[0]]
     assert backbone_out.dtype == torch.bfloat16  # the convolutions did run in bf16
     assert logits.dtype == torch.float32
-    job = loop.Job(name="cbd", train_seed=1, spec=spec, loss="cbd")
+    job = Job(name="cbd", train_seed=1, spec=spec, loss="cbd")
     loss, ce, distill = job_loss(job, features, logits, labels, torch.zeros(10), teacher_features)
     assert loss.dtype == ce.dtype == distill.dtype == torch.float32
 
@@ -73,10 +73,10 @@ def _conv_dtypes(model) -> list:
 
 
 def _fit(digits, tmp_path, precision, epochs=6):
-    data = loop.DeviceData.from_long_tail(digits, CPU)
+    data = DeviceData.from_long_tail(digits, CPU)
     spec = ModelSpec("resnet_tiny", digits.num_classes, "cosine")
-    job = loop.Job(name="teacher_vanilla_1", train_seed=1, spec=spec, epochs=epochs, batch_size=32, lr=0.05,
-                   warmup_epochs=1)
+    job = Job(name="teacher_vanilla_1", train_seed=1, spec=spec, epochs=epochs, batch_size=32, lr=0.05,
+              warmup_epochs=1)
     model = loop.init_model(spec, job.seed)
     dtypes = _conv_dtypes(model)
     history = tmp_path / f"{precision}.jsonl"
@@ -115,11 +115,11 @@ def test_the_precision_that_ran_is_recorded_and_evaluate_in_fp32_reproduces_the_
 
 @pytest.mark.slow
 def test_a_compiled_job_trains_and_saves_plain_state_dict_keys(digits, tmp_path):
-    data = loop.DeviceData.from_long_tail(digits, CPU)
+    data = DeviceData.from_long_tail(digits, CPU)
     spec = ModelSpec("resnet_tiny", digits.num_classes, "cosine")
     losses = {}
     for compiled in (False, True):
-        job = loop.Job(name="teacher_vanilla_1", train_seed=1, spec=spec, epochs=1, batch_size=32, lr=0.05)
+        job = Job(name="teacher_vanilla_1", train_seed=1, spec=spec, epochs=1, batch_size=32, lr=0.05)
         path = tmp_path / f"compiled_{compiled}.pt"
         history = tmp_path / f"compiled_{compiled}.jsonl"
         model = loop.fit(job, loop.init_model(spec, job.seed), data, device=CPU, checkpoint_path=path,

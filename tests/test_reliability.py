@@ -35,7 +35,7 @@ from cbdlib import checkpoint as ckpt
 from cbdlib import io as cio
 from cbdlib.config import make_params, resolve
 from cbdlib.data import load_long_tail
-from cbdlib.engine import Experiment, load_model, loop
+from cbdlib.engine import Experiment, hooks, load_model
 from cbdlib.runs import checkpoint_path, read_history
 
 ROOT = Path(cbdlib.__file__).resolve().parent.parent
@@ -511,29 +511,25 @@ def test_temp_files_of_a_killed_save_are_cleared(two_checkpoints):
     assert not stale.exists() and other.exists()
 
 
-def _crash_after(monkeypatch, steps: int):
-    """Raise KeyboardInterrupt (a kill) at the given training step of the process."""
+def _crash_after(steps: int):
+    """A step hook that raises KeyboardInterrupt (a kill) at the given training step of the process."""
     calls = {"n": 0}
-    original = loop._step_loss
 
-    def crashing(*args):
+    def crashing(step, loss):
         calls["n"] += 1
         if calls["n"] == steps:
             raise KeyboardInterrupt
-        return original(*args)
 
-    monkeypatch.setattr(loop, "_step_loss", crashing)
+    return hooks.on_step(crashing)
 
 
-def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(tmp_path, digits, monkeypatch,
+def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(tmp_path, digits,
                                                                                   caplog):
     settings = tiny_settings(methods=["ce"])
     Experiment(settings, tmp_path / "straight", data=digits, quiet=True).run("one_stage")
     steps_per_epoch = len(digits.train_labels) // 32
-    _crash_after(monkeypatch, 2 * steps_per_epoch + 1)  # two epochs saved, killed in the third
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), _crash_after(2 * steps_per_epoch + 1):  # killed in the third epoch
         Experiment(settings, tmp_path / "damaged", data=digits, quiet=True).run("one_stage")
-    monkeypatch.undo()
     path = checkpoint_path(tmp_path / "damaged", 1, "ce")
     assert ckpt.load_checkpoint(path)["meta"]["epoch"] == 1
     _flip_tensor_bytes(path)
@@ -551,25 +547,20 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_damage
 def test_disk_full_during_training_stops_cleanly_and_the_rerun_resumes(tmp_path, digits, monkeypatch):
     settings = tiny_settings(methods=["ce"])
     Experiment(settings, tmp_path / "straight", data=digits, quiet=True).run("one_stage")
-    steps_per_epoch = len(digits.train_labels) // 32
     full = {"on": False}
-    real_fsync, original = os.fsync, loop._step_loss
-    calls = {"n": 0}
+    real_fsync = os.fsync
 
     def fsync(fd):
         if full["on"]:
             _disk_full()
         return real_fsync(fd)
 
-    def step(*args):
-        calls["n"] += 1
-        full["on"] = calls["n"] > steps_per_epoch  # the disk fills up during epoch 2
-        return original(*args)
+    def step(step, loss):
+        full["on"] = step.epoch >= 1  # the disk fills up during epoch 2
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(loop, "_step_loss", step)
     out = tmp_path / "full"
-    with pytest.raises(CBDError) as err:
+    with pytest.raises(CBDError) as err, hooks.on_step(step):
         Experiment(settings, out, data=digits, quiet=True).run("one_stage")
     assert str(err.value) == f"could not write {checkpoint_path(out, 1, 'ce')}: No space left on device"
     monkeypatch.undo()
@@ -683,26 +674,17 @@ def test_every_load_in_the_package_is_safe():
 # =========================================================================== 4. numerical faults
 
 
-def test_a_nan_loss_in_epoch_two_stops_and_keeps_epoch_one(tmp_path, digits, monkeypatch, caplog):
+def test_a_nan_loss_in_epoch_two_stops_and_keeps_epoch_one(tmp_path, digits, caplog):
     steps_per_epoch = len(digits.train_labels) // 32
-    original = loop._step_loss
-    calls = {"n": 0}
+    def nan_from_epoch_two(step, loss):
+        return loss * float("nan") if step.epoch >= 1 else None
 
-    def nan_from_epoch_two(*args):
-        calls["n"] += 1
-        loss, ce, distill, logits = original(*args)
-        if calls["n"] > steps_per_epoch:
-            loss = loss * float("nan")
-        return loss, ce, distill, logits
-
-    monkeypatch.setattr(loop, "_step_loss", nan_from_epoch_two)
     settings = tiny_settings(methods=["ce"])
-    with pytest.raises(CBDError) as err:
+    with pytest.raises(CBDError) as err, hooks.on_step(nan_from_epoch_two):
         Experiment(settings, tmp_path, data=digits, quiet=True).run("one_stage")
     step = min(50, steps_per_epoch)  # the loss is read every 50 steps and at the end of an epoch
     assert str(err.value) == (f"non-finite loss in stage one_stage, model ce (seed 1), epoch 2, by step {step}; "
                               f"the checkpoint of the previous epoch is kept")
-    monkeypatch.undo()
     state = ckpt.load_checkpoint(checkpoint_path(tmp_path, 1, "ce"))
     assert state["meta"]["epoch"] == 0 and not state["meta"]["complete"]
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cbdlib.data import load_long_tail
-from cbdlib.engine import loop
+from cbdlib.engine import DeviceData, Job, hooks, loop
 from cbdlib.engine.together import TeacherFeatures, can_train_together, fit_together
 from cbdlib.models import ModelSpec
 from cbdlib.models.grouped import GroupedCifarResNet
@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def data():
     lt = load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
-    return loop.DeviceData.from_long_tail(lt, CPU)
+    return DeviceData.from_long_tail(lt, CPU)
 
 
 def _jobs():
@@ -26,10 +26,10 @@ def _jobs():
     common = dict(train_seed=1, epochs=2, batch_size=32, lr=0.01, warmup_epochs=1)
     cosine = ModelSpec("resnet_tiny", 10, "cosine")
     linear = ModelSpec("resnet_tiny", 10, "linear")
-    return [loop.Job(name="teacher_vanilla_1", spec=cosine, augment="vanilla", **common),
-            loop.Job(name="teacher_aug_1", spec=cosine, augment="aug", **common),
-            loop.Job(name="ce_cb", spec=linear, sampling="class_balanced", **common),
-            loop.Job(name="balanced_softmax", spec=linear, loss="balanced_softmax", **common)]
+    return [Job(name="teacher_vanilla_1", spec=cosine, augment="vanilla", **common),
+            Job(name="teacher_aug_1", spec=cosine, augment="aug", **common),
+            Job(name="ce_cb", spec=linear, sampling="class_balanced", **common),
+            Job(name="balanced_softmax", spec=linear, loss="balanced_softmax", **common)]
 
 
 def _history(path):
@@ -74,7 +74,7 @@ def test_training_together_matches_training_alone(tmp_path, data):
         torch.testing.assert_close(st["classifier.weight"], sa["classifier.weight"], atol=2e-3, rtol=2e-3)
 
 
-def test_resume_together_equals_uninterrupted(tmp_path, data, monkeypatch):
+def test_resume_together_equals_uninterrupted(tmp_path, data):
     jobs = _jobs()[:2]
     meta = {"dataset": "digits"}
 
@@ -85,22 +85,13 @@ def test_resume_together_equals_uninterrupted(tmp_path, data, monkeypatch):
         return models
 
     straight = run(tmp_path / "a")
-    # Interrupt in epoch 2: the first epoch's checkpoints remain.
-    import cbdlib.engine.together as together
 
-    original = together.job_loss
-    calls = {"n": 0}
-
-    def crash(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] > 2 * (len(data.train_labels) // 32) + 2:
+    def crash_in_epoch_two(step, loss):  # the first epoch's checkpoints remain
+        if step.epoch == 1 and step.step == 1:
             raise KeyboardInterrupt
-        return original(*args, **kw)
 
-    monkeypatch.setattr(together, "job_loss", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), hooks.on_step(crash_in_epoch_two):
         run(tmp_path / "b")
-    monkeypatch.setattr(together, "job_loss", original)
     resumed = run(tmp_path / "b")
     for m1, m2 in zip(straight, resumed):
         for key, value in m1.state_dict().items():

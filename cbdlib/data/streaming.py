@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import CBDError
+from ..seeding import derive_seed
 from .large import ImageList, LargeLongTail
 from .samplers import DistributedStrategySampler
 
@@ -173,7 +174,7 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def predict_loader(model, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(features, logits) of every batch of ``loader``, in eval mode and float32 (as
-    ``engine.loop.predict``: a saved model scores the same whatever precision trained it)."""
+    ``data.device.predict``: a saved model scores the same whatever precision trained it)."""
     model.eval()
     feats, logits = [], []
     for x, _ in iterate(loader):
@@ -188,7 +189,7 @@ def predict_loader(model, loader: DataLoader, device: torch.device) -> tuple[np.
 class StreamData:
     """What the training loop needs of a large dataset: labels, class counts and loaders.
 
-    The counterpart of ``cbdlib.engine.loop.DeviceData`` (images resident on the device):
+    The counterpart of ``cbdlib.data.device.DeviceData`` (images resident on the device):
     the same attributes and the same two methods, :meth:`batches` and :meth:`predict`.
     """
 
@@ -209,8 +210,6 @@ class StreamData:
     def batches(self, job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1):
         """A function ``epoch -> iterator`` of this rank's share of each global batch
         (normalised images on ``device``, labels), ``steps`` batches per epoch."""
-        from ..engine.loop import derive_seed
-
         local = batch_size // world
         sampler = SeededSampler(
             DistributedStrategySampler(self.train_labels, job.sampling, rank=rank, world_size=world,

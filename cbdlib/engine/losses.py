@@ -1,16 +1,18 @@
-"""The loss of one model's batch, shared by the one-model loop and the grouped one."""
+"""The loss of one model's batch, by the job's ``loss``: the one-model loop and the grouped
+one both call :func:`job_loss`; the CBD loss itself lives in ``cbdlib/distill.py``."""
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..distill import feature_distillation_loss, logit_distillation_loss
+from ..distill import cbd_loss, logit_distillation_loss
 from ..errors import CBDError
+from .job import Job
 
-if TYPE_CHECKING:
-    from .loop import Job
+
+def log_prior(class_counts: torch.Tensor) -> torch.Tensor:
+    """log of each class's share of the training images (Balanced Softmax's shift)."""
+    return torch.log(class_counts.clamp_min(1) / class_counts.sum())
 
 
 def job_loss(job: Job, features, logits, labels, log_prior, teacher_features=None, teacher_logits=None):
@@ -21,17 +23,12 @@ def job_loss(job: Job, features, logits, labels, log_prior, teacher_features=Non
         # Ren et al. 2020: train on logits shifted by the log class prior, predict with plain logits.
         ce = F.cross_entropy(logits + log_prior, labels)
         return ce, ce, zero
-    ce = F.cross_entropy(logits, labels)
     if job.loss == "ce":
+        ce = F.cross_entropy(logits, labels)
         return ce, ce, zero
     if job.loss != "cbd":
         raise CBDError(f"unknown loss {job.loss!r}")
-    targets = [t.float() for t in teacher_features]
-    if features.shape[1] != sum(t.shape[1] for t in targets) and len(targets) > 1:
-        # No projection: distil towards the normalised mean of the teachers' normalised features.
-        targets = [torch.stack([F.normalize(t, dim=1) for t in targets]).mean(0)]
-    distill = feature_distillation_loss(features.float(), targets)
-    loss = (1.0 - job.alpha) * ce + job.alpha * job.beta * distill
+    loss, ce, distill = cbd_loss(logits, labels, features.float(), teacher_features, job.alpha, job.beta)
     if job.logit_distill_weight > 0 and teacher_logits is not None:
         loss = loss + job.logit_distill_weight * logit_distillation_loss(logits, teacher_logits, job.logit_distill_temperature)
     return loss, ce, distill

@@ -8,6 +8,11 @@ from ..errors import CBDError
 # CIFAR-LT recipe (LDAM-DRW): decay points as fractions of the run (epochs 160 / 180 of 200).
 FIRST_DECAY_AT, FIRST_DECAY = 0.8, 0.01
 SECOND_DECAY_AT, SECOND_DECAY = 0.9, 0.0001
+# Runs shorter than these skip the decay step: in a 3-epoch smoke or test run, "the last 10%"
+# would be a whole epoch at lr x0.0001 (nothing learnt), and a 4-epoch run would spend its last
+# epoch at x0.01. Real runs (tens of epochs) have both steps.
+MIN_EPOCHS_FOR_FIRST_DECAY = 5
+MIN_EPOCHS_FOR_SECOND_DECAY = 10
 
 
 def warmup_epochs_for(epochs: int, warmup_epochs: int) -> int:
@@ -26,9 +31,9 @@ def lr_at(schedule: str, base_lr: float, epoch: int, step: int, steps_per_epoch:
         warmup = warmup_epochs_for(epochs, warmup_epochs)
         if epoch < warmup:
             return base_lr * (epoch + 1) / warmup
-        if epoch >= int(SECOND_DECAY_AT * epochs) and epochs >= 10:
+        if epoch >= int(SECOND_DECAY_AT * epochs) and epochs >= MIN_EPOCHS_FOR_SECOND_DECAY:
             return base_lr * SECOND_DECAY
-        if epoch >= int(FIRST_DECAY_AT * epochs) and epochs >= 5:
+        if epoch >= int(FIRST_DECAY_AT * epochs) and epochs >= MIN_EPOCHS_FOR_FIRST_DECAY:
             return base_lr * FIRST_DECAY
         return base_lr
     if schedule == "cosine":

@@ -38,7 +38,11 @@ from ..models import (
 from .. import runs
 from . import distributed
 from ..progress import PlannedModel, step_cost, write_plan
-from .loop import DeviceData, Job, derive_seed, epoch_steps, fit, init_model, predict, report, resolve_device
+from ..data.device import DeviceData, predict
+from ..devices import resolve_device
+from ..seeding import derive_seed
+from .job import Job
+from .loop import epoch_steps, fit, init_model, report
 from .precision import resolve_precision
 from .together import can_train_together, fit_together
 
@@ -93,6 +97,9 @@ class Experiment:
         self.together = (self.device.type == "cuda" and not distributed.is_distributed()
                          and self.test_images is not None)
         self._logits_cache: dict[tuple[int, str], np.ndarray] = {}
+        # What each stage runs for one training seed.
+        self.stage_runners = {"teachers": self._run_teachers, "one_stage": self._run_one_stage,
+                              "decoupled": self._run_decoupled, "students": self._run_students}
         self._recompute_only = False
         if self.main:
             write_plan(self.out, self.plan())  # what ``cbdlib run`` weighs its ETA by
@@ -165,7 +172,7 @@ class Experiment:
                 with runs.timed(self.out / runs.STAGE_TIMES, part) if self.main else contextlib.nullcontext():
                     if not self._train_together(part):
                         for seed in self.settings.seeds:
-                            getattr(self, f"_run_{part}")(seed)
+                            self.stage_runners[part](seed)
                 self.stage_times[part] = self.stage_times.get(part, 0.0) + time.perf_counter() - t0
                 report(f"stage {part} done in {self.stage_times[part]:.1f} s")
             metrics = self.write_metrics() if self.main else {}
@@ -234,7 +241,7 @@ class Experiment:
                     raise CBDError("no stage of this package makes it")
                 self._recompute_only = True
                 try:
-                    getattr(self, f"_run_{stage}")(seed)
+                    self.stage_runners[stage](seed)
                 finally:
                     self._recompute_only = False
                 if not runs.load_evaluations(self.out, []).get(method, {}).get(seed):

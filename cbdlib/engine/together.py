@@ -12,23 +12,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
 from .. import runs
-from ..augment import BatchAugmenter, aug_config, vanilla_config
-from ..data.samplers import IndexSampler
+from ..data.device import DeviceData
+from ..data.samplers import epoch_length
+from ..devices import use_channels_last
 from ..errors import CBDError
 from ..models import CIFAR_ARCHS, Network
 from ..models.grouped import GroupedCifarResNet, TeacherFeatures, unpack_state_dict
-from .losses import job_loss
 from ..progress import ModelProgress
-from .loop import (DeviceData, Job, _balanced_val_accuracy, _non_finite, derive_seed, epoch_steps, make_generator,
-                   report, use_channels_last)
+from . import hooks
+from .job import Job
+from .loop import (balanced_val_accuracy, epoch_line, epoch_record, epoch_steps, make_optimizer, report, resume,
+                   run_epoch, step_stats)
+from .losses import job_loss, log_prior
 from .precision import autocast
-from .schedule import lr_at
 
 # Jobs must agree on these to share one optimiser step.
 SHARED_FIELDS = ("epochs", "batch_size", "schedule", "lr", "warmup_epochs", "weight_decay", "momentum")
@@ -78,21 +79,10 @@ def _buffers_from_state(model: Network, job: Job, state: dict) -> list[torch.Ten
     return [opt.state.get(p, {}).get("momentum_buffer") for p in params]
 
 
-def fit_together(
-    jobs: list[Job],
-    models: list[Network],
-    data: DeviceData,
-    *,
-    device: torch.device,
-    checkpoint_paths: list[Path],
-    history_path: Path | None,
-    metas: list[dict],
-    stage: str,
-    teachers: list[list[Network] | None] | None = None,
-    quiet: bool = False,
-    check_every: int = 50,
-    precision: str = "fp32",
-) -> list[Network]:
+def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, device: torch.device,
+                 checkpoint_paths: list[Path], history_path: Path | None, metas: list[dict], stage: str,
+                 teachers: list[list[Network] | None] | None = None, quiet: bool = False, check_every: int = 50,
+                 precision: str = "fp32") -> list[Network]:
     """Train ``models`` for ``jobs`` in one batched step per iteration; returns the trained models."""
     if not can_train_together(jobs):
         raise CBDError("these models cannot share a step (different architecture or schedule)")
@@ -106,23 +96,15 @@ def fit_together(
     if use_channels_last(device):
         group.to(memory_format=torch.channels_last)
     backbone_params, own_params = group.param_lists()
-    optimizer = torch.optim.SGD(backbone_params + [p for ps in own_params for p in ps], lr=jobs[0].lr,
-                                momentum=jobs[0].momentum, weight_decay=jobs[0].weight_decay,
-                                foreach=device.type == "cuda" or None)
+    first = jobs[0]
+    optimizer = make_optimizer(backbone_params + [p for ps in own_params for p in ps], first, device)
     if resume_buffers is not None:
         _restore_buffers(optimizer, backbone_params, own_params, models, resume_buffers, device)
 
-    first = jobs[0]
-    size = data.train_images.shape[1]
-    augmenters = [BatchAugmenter(aug_config(size) if j.augment == "aug" else vanilla_config(size), data.mean, data.std,
-                                 channels_last=use_channels_last(device)) for j in jobs]
-    samplers = [IndexSampler(data.train_labels, j.sampling, num_classes=data.num_classes, total_epochs=j.epochs,
-                             generator_seed=j.seed, device=device) for j in jobs]
+    batch_size, steps = epoch_steps(epoch_length(first.sampling, data.class_counts.tolist()), first.batch_size)
+    epoch_batches = [data.batches(job, batch_size, steps, device) for job in jobs]
     teacher_features = [TeacherFeatures(t).to(device) if t else None for t in teachers]
-    n = len(samplers[0])
-    batch_size, steps = epoch_steps(n, first.batch_size)
-    log_prior = torch.log(data.class_counts.clamp_min(1) / data.class_counts.sum())
-    k_models = len(jobs)
+    step_loss = _group_step(jobs, group, teacher_features, teachers, log_prior(data.class_counts), precision, device)
     every = checkpoint_interval(first.epochs)
 
     # One bar for the group (the first model's epochs are everyone's), one closing line per model.
@@ -133,57 +115,17 @@ def fit_together(
         for epoch in range(start_epoch, first.epochs):
             t0 = time.perf_counter()
             group.train()
-            indices = [s.epoch_indices(epoch) for s in samplers]
-            generators = [make_generator(device, derive_seed(j.seed, "augment", epoch)) for j in jobs]
-            sums = torch.zeros(k_models, 4, device=device)
-            lr = first.lr
-            for step in range(steps):
-                lr = lr_at(first.schedule, first.lr, epoch, step, steps, first.epochs, first.warmup_epochs)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                batches = [idx[step * batch_size:(step + 1) * batch_size] for idx in indices]
-                labels = [data.train_labels[b] for b in batches]
-                xs = [aug(data.train_images[b], gen) for aug, b, gen in zip(augmenters, batches, generators)]
-                with autocast(device, precision):  # heads inside too, as in Network.forward
-                    pooled = group.backbone(torch.cat(xs, dim=1))
-                    feats = [group.projections[k](pooled[:, k]) for k in range(k_models)]
-                    all_logits = [group.heads[k](feats[k]) for k in range(k_models)]
-                losses, stats = [], []
-                for k, job in enumerate(jobs):
-                    logits = all_logits[k].float()
-                    t_feats = t_logits = None
-                    if job.loss == "cbd":
-                        with autocast(device, precision):
-                            t_feats = teacher_features[k](xs[k])
-                        if job.logit_distill_weight > 0:
-                            t_logits = teacher_features[k].logits(t_feats)
-                    loss, ce, distill = job_loss(job, feats[k], logits, labels[k], log_prior, t_feats, t_logits)
-                    losses.append(loss)
-                    stats.append(torch.stack([loss.detach(), ce.detach(), distill.detach(),
-                                              (logits.detach().argmax(1) == labels[k]).sum().float()]))
-                optimizer.zero_grad(set_to_none=True)
-                torch.stack(losses).sum().backward()
-                optimizer.step()
-                sums += torch.stack(stats)
-                if (step + 1) % check_every == 0 and not bool(torch.isfinite(sums[:, 0]).all()):
-                    bad = int((~torch.isfinite(sums[:, 0])).nonzero()[0])
-                    _non_finite(jobs[bad], stage, epoch, step)
-            totals = sums.tolist()  # one host sync per epoch
-            for k, job in enumerate(jobs):
-                if not np.isfinite(totals[k][0]):
-                    _non_finite(job, stage, epoch, steps - 1)
+            totals, lr = run_epoch(jobs, zip(*[batches(epoch) for batches in epoch_batches]), step_loss, optimizer,
+                                   epoch=epoch, steps=steps, stage=stage, check_every=check_every)
             _write_back(group, models)
             complete = epoch + 1 == first.epochs
             save_now = complete or (epoch + 1) % every == 0
-            buffers = _split_buffers(optimizer, backbone_params, own_params, k_models) if save_now and not complete else None
+            buffers = _split_buffers(optimizer, backbone_params, own_params, len(jobs)) if save_now and not complete else None
             elapsed = time.perf_counter() - t0
             for k, job in enumerate(jobs):
-                val_acc = _balanced_val_accuracy(models[k], data, device)
-                record = {"model": job.name, "seed": job.train_seed, "stage": stage, "epoch": epoch + 1,
-                          "loss": totals[k][0] / steps, "ce": totals[k][1] / steps,
-                          "distill": totals[k][2] / steps if job.loss == "cbd" else None,
-                          "train_acc": totals[k][3] / (steps * batch_size), "val_acc": val_acc, "lr": lr,
-                          "steps": steps, "time_s": round(elapsed / k_models, 3), "trained_with": k_models}
+                record = epoch_record(job, stage, epoch, totals[k], steps=steps, images=steps * batch_size,
+                                      val_acc=balanced_val_accuracy(models[k], data, device), lr=lr,
+                                      seconds=elapsed / len(jobs), trained_with=len(jobs))
                 if save_now:
                     ckpt.save_checkpoint(
                         checkpoint_paths[k], spec=job.spec.to_dict(),
@@ -192,14 +134,41 @@ def fit_together(
                         optimizer=None if complete else _individual_optimizer_state(models[k], job, buffers[k]))
                 if history_path is not None:
                     runs.append_history(history_path, record)
-                line = (f"{job.name} seed {job.train_seed} epoch {epoch + 1}/{job.epochs}: loss {record['loss']:.4f}, "
-                        f"train acc {record['train_acc']:.3f}, val acc {val_acc:.3f}, lr {lr:.4g}")
-                progress[k].epoch_done(line, record["time_s"], {"loss": f"{record['loss']:.3f}", "val": f"{val_acc:.3f}"})
+                progress[k].epoch_done(epoch_line(job, record), record["time_s"],
+                                       {"loss": f"{record['loss']:.3f}", "val": f"{record['val_acc']:.3f}"})
         finished = True
     finally:
         for p in progress:
             p.close(finished)
     return models
+
+
+def _group_step(jobs, group: _Group, teacher_features, teachers, prior, precision: str, device):
+    """The grouped ``step_loss`` for ``run_epoch``: one forward of every model's batch (each model
+    reads its own images from its own input channels), each model's own loss, summed."""
+    def step_loss(epoch: int, step: int, batch):
+        xs, labels = [x for x, _ in batch], [y for _, y in batch]
+        with autocast(device, precision):  # heads inside too, as in Network.forward
+            pooled = group.backbone(torch.cat(xs, dim=1))
+            feats = [group.projections[k](pooled[:, k]) for k in range(len(jobs))]
+            all_logits = [group.heads[k](feats[k]) for k in range(len(jobs))]
+        losses, stats = [], []
+        for k, job in enumerate(jobs):
+            logits = all_logits[k].float()
+            t_feats = t_logits = None
+            if job.loss == "cbd":
+                with autocast(device, precision):
+                    t_feats = teacher_features[k](xs[k])
+                if job.logit_distill_weight > 0:
+                    t_logits = teacher_features[k].logits(t_feats)
+            loss, ce, distill = job_loss(job, feats[k], logits, labels[k], prior, t_feats, t_logits)
+            if hooks.active():
+                loss = hooks.after_loss(hooks.Step(job, epoch, step, labels[k], tuple(teachers[k] or ())), loss)
+            losses.append(loss)
+            stats.append(step_stats(loss, ce, distill, logits, labels[k]))
+        return torch.stack(losses).sum(), torch.stack(stats)
+
+    return step_loss
 
 
 def _write_back(group: _Group, models: list[Network]) -> None:
@@ -240,16 +209,7 @@ def _restore_buffers(optimizer, backbone_params, own_params, models, buffers, de
 
 def _resume_point(jobs, models, paths) -> tuple[int | None, list | None]:
     """The common epoch to continue from; None when all are done. Mixed progress is an error."""
-    states = []
-    for job, model, path in zip(jobs, models, paths):
-        if path.exists() or ckpt.previous_path(path).exists():
-            state = ckpt.load_checkpoint(path, fallback=True)
-            if state["meta"].get("job") != job.identity():
-                raise CBDError(f"checkpoint {path} was made by a different job; delete it or use overwrite: true")
-            ckpt.load_state_strict(model, state["model"], f"checkpoint {path}")
-            states.append(state)
-        else:
-            states.append(None)
+    states = [resume(job, model, path) for job, model, path in zip(jobs, models, paths)]
     if all(s is not None and s["meta"]["complete"] for s in states):
         for job in jobs:
             report(f"{job.name} (seed {job.train_seed}): already trained")
