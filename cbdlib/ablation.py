@@ -14,9 +14,9 @@ from . import runs
 from .config import ParameterError, Settings, make_params, resolve, teacher_method_name
 from .errors import CBDError
 from .io import write_json, write_text
-from .metrics import accuracy_record
+from .metrics import ACCURACY_KEYS, accuracy_record
 
-SPLIT_COLUMNS = ("all", "many", "medium", "few", "head", "mid", "tail")
+SPLIT_COLUMNS = ACCURACY_KEYS
 
 
 def variants(settings: Settings) -> list[tuple[str, dict]]:

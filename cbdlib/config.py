@@ -98,12 +98,12 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Params)]
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    """Whether a YAML-parsed value fits a field's annotation (ints are accepted for floats)."""
-    hint = annotation
-    origin = typing.get_origin(hint)
-    if origin is typing.Union:
-        return any(_type_ok(value, a) for a in typing.get_args(hint))
+def fits_type(value: Any, hint: Any) -> bool:
+    """Whether a YAML-parsed value fits a type or annotation: a bool is no int, an int is a float,
+    a list is a list (YAML has no tuples). The one type rule of the schema and of the notebooks'
+    own parameters."""
+    if typing.get_origin(hint) is typing.Union:
+        return any(fits_type(value, a) for a in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -112,22 +112,27 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is list:
+    if hint in (list, tuple):
         return isinstance(value, list)
-    if hint is str:
-        return isinstance(value, str)
+    if hint in (str, dict):
+        return isinstance(value, hint)
     return True
+
+
+TYPE_WORDS = {bool: "a boolean (true/false)", int: "an integer", float: "a number", list: "a list",
+              tuple: "a list", dict: "a mapping", str: "a string"}
+
+
+def type_word(hint: Any) -> str:
+    """``hint`` in words, for error messages ("an integer", "a number or null")."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return " or ".join(type_word(a) for a in args) + " or null"
+    return TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 _HINTS = typing.get_type_hints(Params)
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _type_name(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args:
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    return getattr(hint, "__name__", str(hint))
 
 
 def check_value(key: str, value: Any) -> Any:
@@ -140,8 +145,8 @@ def check_value(key: str, value: Any) -> Any:
     accepts_float = hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
     if accepts_float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-    if not _type_ok(value, hint):
-        raise CBDError(f"parameter {key!r} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if not fits_type(value, hint):
+        raise CBDError(f"parameter {key!r} must be {type_word(hint)}, got {value!r} ({type(value).__name__})")
     if hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint)):
         if isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

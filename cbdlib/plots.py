@@ -27,8 +27,10 @@ from typing import Mapping, Sequence
 import matplotlib
 import numpy as np
 
+from .data.stats import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD, SHOT_SPLITS, THIRDS
 from .errors import CBDError
 from .methods import BASELINES, best_baseline, method_label
+from .metrics import ACCURACY_KEYS
 
 __all__ = [
     "SPLIT_KEYS",
@@ -53,12 +55,7 @@ __all__ = [
     "tsne_plot",
 ]
 
-# Same thresholds as cbdlib.data.stats; repeated here only for labels, membership comes from `splits`.
-MANY_SHOT_THRESHOLD = 100
-FEW_SHOT_THRESHOLD = 20
-SPLIT_KEYS = ("all", "many", "medium", "few", "head", "mid", "tail")
-SHOT_SPLITS = ("many", "medium", "few")
-THIRDS = ("head", "mid", "tail")
+SPLIT_KEYS = ACCURACY_KEYS   # membership always comes from the metrics' `splits`; the thresholds only label
 SPLIT_LABELS = {
     "all": "all",
     "many": f"many-shot (>{MANY_SHOT_THRESHOLD})",

@@ -37,9 +37,10 @@ import numpy as np
 from . import runs
 from .config import (
     DECOUPLED_BASELINES, ONE_STAGE_BASELINES, SMOKE_MAX_PER_CLASS, STUDENTS, Settings, check_rule, check_value,
-    field_names, make_params, resolve, teacher_method_name,
+    field_names, fits_type, make_params, resolve, teacher_method_name,
 )
 from .errors import CBDError
+from .data.stats import split_size_lines
 from .methods import TEACHER_NAME, best_baseline
 
 # The parameters each notebook declares in its ``parameters`` cell (tests check the cells against this).
@@ -168,7 +169,7 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
     if teacher is not None and not isinstance(teacher, str):
         raise CBDError(f"parameter 'tsne_method_teacher' must be a method name or None, got {teacher!r}")
     points = values.get("tsne_points", 1000)
-    if isinstance(points, bool) or not isinstance(points, int) or points < 10:
+    if not fits_type(points, int) or points < 10:
         raise CBDError(f"parameter 'tsne_points' must be an integer >= 10, got {points!r}")
     methods = values.get("methods")
     if methods is not None:
@@ -491,10 +492,8 @@ def available(metrics: Mapping, method: str, what: str) -> bool:
 
 def split_summary(metrics: Mapping) -> str:
     """How many classes fall in each split (always printed next to split accuracies)."""
-    s = metrics["splits"]
-    return (f"{len(metrics['class_counts'])} classes; many-shot (>100) {len(s['many'])}, medium (20-100) "
-            f"{len(s['medium'])}, few-shot (<20) {len(s['few'])}; head / mid / tail thirds "
-            f"{len(s['head'])} / {len(s['mid'])} / {len(s['tail'])}; seeds {metrics['seeds']}")
+    return (f"{len(metrics['class_counts'])} classes; " + "; ".join(split_size_lines(metrics["splits"]))
+            + f"; seeds {metrics['seeds']}")
 
 
 def class_names(run_dir: Path, metrics: Mapping) -> list[str]:

@@ -182,8 +182,8 @@ def test_unknown_key_is_refused_with_a_suggestion(tmp_path, results, notebooks):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("epochs", "ten", r"'epochs' must be int"),
-    ("teachers", "vanilla:1", r"'teachers' must be list"),
+    ("epochs", "ten", r"'epochs' must be an integer"),
+    ("teachers", "vanilla:1", r"'teachers' must be a list"),
     ("tsne_points", "many", r"'tsne_points' must be an integer"),
     ("tsne_points", 2.5, r"'tsne_points' must be an integer"),
     ("label", 3, r"'label' must be a string"),
@@ -219,7 +219,7 @@ def test_cli_run_error_is_one_line(tmp_path, results, notebooks):
     proc = subprocess.run([sys.executable, "-m", "cbdlib", "run", "--params", str(path), "-p", "epochs=ten"],
                           capture_output=True, text=True, env={**os.environ}, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: -p epochs=ten: parameter 'epochs' must be int")
+    assert proc.stderr.strip().startswith("error: -p epochs=ten: parameter 'epochs' must be an integer")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 

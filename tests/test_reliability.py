@@ -821,7 +821,7 @@ def test_a_parameter_of_the_wrong_type_is_one_line(tmp_path):
     params = write_params(tmp_path / "p.yaml", TINY)
     proc = run_cli(tmp_path, "-m", "cbdlib.train", "--params", str(params), "--out", str(tmp_path / "run"),
                    "-p", "epochs=ten")
-    assert_one_line_error(proc, "parameter 'epochs' must be int, got 'ten' (str)")
+    assert_one_line_error(proc, "parameter 'epochs' must be an integer, got 'ten' (str)")
     assert not (tmp_path / "run").exists()
 
 

@@ -81,7 +81,7 @@ def test_setup_refuses_a_parameter_the_notebook_does_not_declare(tmp_path, monke
 
 def test_setup_checks_types_and_values(tmp_path, monkeypatch):
     monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path))
-    with pytest.raises(CBDError, match="parameter 'epochs' must be int, got 'ten'"):
+    with pytest.raises(CBDError, match="parameter 'epochs' must be an integer, got 'ten'"):
         workbook.setup({"epochs": "ten"}, notebook="02")
     with pytest.raises(CBDError, match="imbalance_ratio must be >= 1"):
         workbook.setup({"imbalance_ratio": 0.5}, notebook="01")
@@ -213,7 +213,8 @@ def test_method_helpers(capsys):
     assert "cbd_ens is not in this run" in capsys.readouterr().out
     assert workbook.best_baseline(workbook.restrict(metrics, ["cbd"])) is None
     summary = workbook.split_summary(metrics)
-    assert "many-shot (>100) 0" in summary and "few-shot (<20) 3" in summary and "2 / 2 / 2" in summary
+    assert "many-shot (> 100 training images): 0 classes" in summary and "few (< 20): 3" in summary
+    assert "2 / 2 / 2" in summary
 
 
 def test_readers_give_clear_errors_for_a_missing_run(tmp_path):
@@ -336,7 +337,7 @@ def test_smoke_chain_fills_the_run_folder(smoke_chain):
 def test_smoke_chain_applies_the_papermill_parameters(smoke_chain):
     run_dir, nbs = smoke_chain
     text = outputs_text(nbs["01"])
-    assert "requested imbalance ratio 20" in text and "many-shot (> 100)" in text
+    assert "requested imbalance ratio 20" in text and "many-shot (> 100 training images)" in text
     assert "smoke profile" in outputs_text(nbs["02"])
     assert "epoch 2/2" in outputs_text(nbs["02"])  # the library's per-epoch log reaches the notebook
     assert "test top-1" in outputs_text(nbs["03"])

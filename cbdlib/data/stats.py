@@ -6,7 +6,9 @@ import numpy as np
 # Shot thresholds of the decoupling paper (Kang et al.): many > 100, few < 20 training images.
 MANY_SHOT_THRESHOLD = 100
 FEW_SHOT_THRESHOLD = 20
-SPLIT_NAMES = ("many", "medium", "few", "head", "mid", "tail")
+SHOT_SPLITS = ("many", "medium", "few")     # by training images, with the thresholds above
+THIRDS = ("head", "mid", "tail")            # classes sorted by training images, cut in three
+SPLIT_NAMES = SHOT_SPLITS + THIRDS
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
@@ -67,6 +69,15 @@ def describe(counts) -> dict:
     }
 
 
+def split_size_lines(splits: dict, many_shot_threshold: int = MANY_SHOT_THRESHOLD,
+                     few_shot_threshold: int = FEW_SHOT_THRESHOLD) -> list[str]:
+    """How many classes fall in each split, in words: printed next to every split accuracy."""
+    n = {k: len(splits.get(k) or []) for k in SPLIT_NAMES}
+    return [f"many-shot (> {many_shot_threshold} training images): {n['many']} class{'' if n['many'] == 1 else 'es'}; "
+            f"medium ({few_shot_threshold}-{many_shot_threshold}): {n['medium']}; few (< {few_shot_threshold}): {n['few']}",
+            f"head / mid / tail (thirds by training count): {n['head']} / {n['mid']} / {n['tail']} classes"]
+
+
 def format_stats(stats: dict) -> str:
     """Human-readable summary, always naming how many classes fall in each split."""
     s = stats
@@ -74,9 +85,6 @@ def format_stats(stats: dict) -> str:
         f"classes: {s['num_classes']}   training images: {s['num_images']}",
         f"imbalance ratio (max/min): {s['imbalance_ratio']:.1f}   Gini: {s['gini']:.3f}",
         f"class counts: {' '.join(str(c) for c in s['class_counts'])}",
-        f"many-shot (> {MANY_SHOT_THRESHOLD}): {len(s['splits']['many'])} classes   "
-        f"medium ({FEW_SHOT_THRESHOLD}-{MANY_SHOT_THRESHOLD}): {len(s['splits']['medium'])}   "
-        f"few (< {FEW_SHOT_THRESHOLD}): {len(s['splits']['few'])}",
-        f"head / mid / tail thirds: {len(s['splits']['head'])} / {len(s['splits']['mid'])} / {len(s['splits']['tail'])} classes",
+        *split_size_lines(s["splits"]),
     ]
     return "\n".join(lines)

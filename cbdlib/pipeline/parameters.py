@@ -83,41 +83,6 @@ def _literal(source: str) -> tuple[bool, Any]:
         return False, None
 
 
-def _fits_default(value: Any, default: Any) -> bool:
-    """Whether a YAML-parsed value has the type of a notebook's default literal (None accepts anything)."""
-    if default is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, list)
-    if isinstance(default, dict):
-        return isinstance(value, dict)
-    if isinstance(default, str):
-        return isinstance(value, str)
-    return True
-
-
-def _type_word(default: Any) -> str:
-    if isinstance(default, bool):
-        return "a boolean (true/false)"
-    if isinstance(default, int):
-        return "an integer"
-    if isinstance(default, float):
-        return "a number"
-    if isinstance(default, (list, tuple)):
-        return "a list"
-    if isinstance(default, dict):
-        return "a mapping"
-    if isinstance(default, str):
-        return "a string"
-    return type(default).__name__
-
-
 def validate_keys(values: dict, notebooks: list[Notebook], sources: dict) -> None:
     """Every key is a Params field or declared by a notebook, and has the right type.
 
@@ -142,9 +107,9 @@ def validate_keys(values: dict, notebooks: list[Notebook], sources: dict) -> Non
             if key not in nb.declared:
                 continue
             ok, default = _literal(nb.declared[key])
-            if ok and not _fits_default(value, default):
-                raise CBDError(f"{where}: parameter {key!r} must be {_type_word(default)} (its default in {nb.name} "
-                               f"is {nb.declared[key]}), got {value!r} ({type(value).__name__})")
+            if ok and default is not None and not config.fits_type(value, type(default)):
+                raise CBDError(f"{where}: parameter {key!r} must be {config.type_word(type(default))} (its default "
+                               f"in {nb.name} is {nb.declared[key]}), got {value!r} ({type(value).__name__})")
 
 
 def checked_params(values: dict, sources: dict) -> config.Params:

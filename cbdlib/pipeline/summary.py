@@ -13,10 +13,12 @@ from pathlib import Path
 from .. import config, runs
 from ..errors import CBDError, one_line
 from ..io import write_text
+from ..data.stats import split_size_lines
 from ..methods import best_baseline, method_order
+from ..metrics import ACCURACY_KEYS
 from .parameters import NOTEBOOK_PATTERN, yaml_scalar
 
-SPLIT_COLUMNS = ("all", "many", "medium", "few", "head", "mid", "tail")
+SPLIT_COLUMNS = ACCURACY_KEYS   # the results table's columns
 # Parameters a reader needs to judge a number (in this order in summary.md).
 KEY_PARAMETERS = ("arch", "epochs", "batch_size", "lr", "schedule", "warmup_epochs",
                   "weight_decay", "momentum", "alpha", "beta", "cosine_scale", "projection", "teachers",
@@ -89,16 +91,7 @@ def format_split_table(metrics: dict) -> str:
 
 
 def _split_description(metrics: dict) -> list[str]:
-    from ..data.stats import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
-
-    splits = metrics.get("splits", {})
-    n = {k: len(splits.get(k, [])) for k in SPLIT_COLUMNS[1:]}
-    return [
-        f"- many-shot (> {MANY_SHOT_THRESHOLD} training images): {n['many']} class{'' if n['many'] == 1 else 'es'}; "
-        f"medium ({FEW_SHOT_THRESHOLD}-{MANY_SHOT_THRESHOLD}): {n['medium']}; "
-        f"few (< {FEW_SHOT_THRESHOLD}): {n['few']}",
-        f"- head / mid / tail (thirds by training count): {n['head']} / {n['mid']} / {n['tail']} classes",
-    ]
+    return ["- " + line for line in split_size_lines(metrics.get("splits", {}))]
 
 
 def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params: dict | None = None,
