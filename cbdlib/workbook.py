@@ -20,10 +20,8 @@ here raises ``CBDError`` with a one-line message for bad input.
 from __future__ import annotations
 
 import ast
-import base64
 import csv
 import difflib
-import io
 import json
 import logging
 import os
@@ -42,6 +40,7 @@ from .config import (
 from .errors import CBDError
 from .data.stats import split_size_lines
 from .methods import TEACHER_NAME, best_baseline
+from .plots import imbalance_explorer  # noqa: F401  (notebook 01 calls it from here)
 
 # The parameters each notebook declares in its ``parameters`` cell (tests check the cells against this).
 NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -295,54 +294,6 @@ def dataset_summary(settings: Settings, data) -> str:
         lines.append(f"smoke runs train on at most {SMOKE_MAX_PER_CLASS} images per class; "
                      f"the statistics above are the full subset's")
     return "\n".join(lines)
-
-
-def _png_output(fig) -> dict:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    return {"output_type": "display_data", "metadata": {},
-            "data": {"image/png": base64.b64encode(buffer.getvalue()).decode("ascii"), "text/plain": "<figure>"}}
-
-
-def imbalance_explorer(n_max: int, class_names: list, imbalance_ratio: float = 10.0, profile: str = "exp"):
-    """An imbalance-ratio slider and a profile menu redrawing the class histogram of ``long_tail_counts``.
-
-    Returns an ``ipywidgets.VBox`` (``box.refresh()`` redraws, ``box.last_counts`` holds the
-    counts drawn). It fills its ``Output`` directly, so it also builds without a frontend.
-    """
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-
-    from . import plots
-    from .data import class_splits, long_tail_counts
-
-    ratio = w.FloatLogSlider(value=float(imbalance_ratio), base=10, min=0, max=3, step=0.05,
-                             description="imbalance", continuous_update=False, readout_format=".0f")
-    shape = w.Dropdown(options=["exp", "step"], value=profile, description="profile")
-    note = w.HTML()
-    out = w.Output()
-    box = w.VBox([w.HBox([ratio, shape]), note, out])
-    box.last_counts = None
-
-    def refresh(*_):
-        try:
-            counts = long_tail_counts(int(n_max), len(class_names), float(ratio.value), shape.value)
-            if min(counts) < 1:
-                raise CBDError(f"imbalance ratio {ratio.value:.0f} leaves a class with no image (n_max {n_max})")
-        except CBDError as error:
-            note.value = f"<b>{error}</b>"
-            return
-        fig = plots.class_histogram(counts, class_splits(counts), class_names)
-        plt.close(fig)  # shown through the Output widget only
-        note.value = f"<small>n_max {n_max}: {sum(counts)} training images</small>"
-        out.outputs = (_png_output(fig),)
-        box.last_counts = counts
-
-    ratio.observe(refresh, names="value")
-    shape.observe(refresh, names="value")
-    box.refresh = refresh
-    refresh()
-    return box
 
 
 # --------------------------------------------------------------------------- training notebooks

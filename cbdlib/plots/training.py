@@ -1,0 +1,130 @@
+"""Training curves from ``history.jsonl`` and tau-norm's validation curve."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from .style import (MAX_WIDTH_IN, PlotInputError, palette, percent_axis, pyplot, save_figure,
+                    style)
+
+
+_CURVE_LABELS = {
+    "loss": "total loss", "ce": "cross-entropy loss", "distill": "distillation loss",
+    "val_acc": "validation accuracy", "train_acc": "training accuracy", "lr": "learning rate",
+}
+
+
+def training_curves(history, keys=("loss", "ce", "distill", "val_acc", "lr"), title=None, path=None):
+    """One subplot per key present in any epoch record; one line per (model, seed).
+
+    ``history`` is a list of per-epoch dicts (``model``, ``seed``, ``epoch`` and values; a
+    value may be missing or None). Accuracy keys in [0, 1] are shown in %.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    records = [r for r in (history or []) if isinstance(r, Mapping)]
+    present = [k for k in keys if any(r.get(k) is not None for r in records)]
+    runs: dict[tuple, list] = {}
+    for r in records:
+        runs.setdefault((str(r.get("model", "model")), r.get("seed")), []).append(r)
+    seeds_of: dict[str, set] = {}
+    for model, seed in runs:
+        seeds_of.setdefault(model, set()).add(seed)
+    models = list(dict.fromkeys(m for m, _ in runs))
+    pal = palette(len(models))
+    styles = ["-", "--", ":", "-."]
+    plt = pyplot()
+    with style():
+        if not present:
+            fig, ax = plt.subplots(figsize=(5, 3))
+            ax.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            ax.set_title(title or "Training curves")
+            save_figure(fig, path)
+            return fig
+        ncols = 2 if len(present) == 4 else min(3, len(present))
+        nrows = math.ceil(len(present) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(min(3.4 * ncols, MAX_WIDTH_IN), 2.7 * nrows + 0.4),
+                                 squeeze=False)
+        flat = list(axes.ravel())
+        for extra in flat[len(present):]:
+            fig.delaxes(extra)
+        for ax, key in zip(flat, present):
+            is_acc = key.endswith("acc")
+            for (model, seed), recs in runs.items():
+                pts = [(r.get("epoch", i), r.get(key)) for i, r in enumerate(recs) if r.get(key) is not None]
+                if not pts:
+                    continue
+                pts.sort(key=lambda p: p[0])
+                ep = np.array([p[0] for p in pts], dtype=float)
+                val = np.array([p[1] for p in pts], dtype=float)
+                if is_acc and np.nanmax(val) <= 1.0:
+                    val = val * 100
+                several = len(seeds_of[model]) > 1
+                seed_rank = sorted(seeds_of[model], key=str).index(seed)
+                ax.plot(ep, val, color=pal[models.index(model)], linestyle=styles[seed_rank % len(styles)],
+                        marker="o" if len(ep) <= 15 else None, markersize=3, linewidth=1.5,
+                        label=f"{model} (seed {seed})" if several else model)
+            ax.set_title(_CURVE_LABELS.get(key, key))
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if is_acc:
+                percent_axis(ax)
+                ax.set_ylabel("accuracy")
+            else:
+                ax.set_ylabel(key)
+            if key == "lr":
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        handles, labels = flat[0].get_legend_handles_labels()
+        for ax in flat[1:len(present)]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        if title:
+            fig.suptitle(title, fontweight="bold")
+        fig.tight_layout()
+        # A shared legend under the panels, so that no curve is hidden by it.
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
+                   fontsize=8, frameon=False)
+    save_figure(fig, path)
+    return fig
+
+
+def tau_curve(curves, path=None, title="τ-norm: balanced validation accuracy against τ"):
+    """Balanced validation accuracy (%) against tau, one line per seed, the chosen tau marked.
+
+    ``curves`` is ``{seed: {"tau": [...], "val_acc": [...], "chosen": tau}}`` (as
+    ``cbdlib.workbook.tau_curves`` reads it from a run folder); accuracies are fractions.
+    """
+    plt = pyplot()
+    with style():
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        if not curves:
+            ax.text(0.5, 0.5, "no τ-norm validation curve", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            ax.set_title(title)
+            save_figure(fig, path)
+            return fig
+        pal = palette(len(curves))
+        for colour, (seed, curve) in zip(pal, curves.items()):
+            tau = np.asarray(curve["tau"], dtype=float)
+            acc = 100 * np.asarray(curve["val_acc"], dtype=float)
+            if tau.shape != acc.shape or tau.ndim != 1 or len(tau) == 0:
+                raise PlotInputError(f"seed {seed}: tau and val_acc must be lists of the same length, "
+                                     f"got {tau.shape} and {acc.shape}")
+            ax.plot(tau, acc, color=colour, marker="o", markersize=3, linewidth=1.5, label=f"seed {seed}")
+            chosen = curve.get("chosen")
+            if chosen is not None:
+                at = int(np.argmin(np.abs(tau - float(chosen))))
+                ax.plot([tau[at]], [acc[at]], marker="*", markersize=12, color=colour, linestyle="none",
+                        markeredgecolor="black", label=f"chosen τ = {tau[at]:g} (seed {seed})")
+        ax.set_xlabel("τ (classifier weights divided by their norm to the power τ)")
+        ax.set_ylabel("balanced validation accuracy (%)")
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+    save_figure(fig, path)
+    return fig
