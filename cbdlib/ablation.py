@@ -7,7 +7,6 @@ into ``metrics.json``, whose methods are the full-schedule results.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import runs
@@ -140,10 +139,3 @@ def ablation_markdown(result: dict) -> str:
         lines.append(f"| {r['variant']} | {r['alpha']:g} | {r['beta']:g} | {len(r['teachers'])} | "
                      f"{'yes' if r['projection'] else 'no'} | " + " | ".join(pct(r[k]) for k in SPLIT_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
-
-
-def load_ablation(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "ablation" / "ablation.json"
-    if not path.exists():
-        raise CBDError(f"no ablation in {run_dir}; run python -m cbdlib ablate {run_dir}")
-    return json.loads(path.read_text())

@@ -28,7 +28,6 @@ DECOUPLED_BN_MODES = ("train", "frozen")
 NCM_VARIANTS = ("cl2n", "cosine")
 
 
-
 @dataclass
 class Params:
     """Every key a run understands. Comments give the meaning; YAML files use the same names."""
@@ -445,10 +444,6 @@ def format_smoke_replacements(given: dict, origins: dict | None = None) -> str |
     shown = ", ".join(f"{k}={v!r} -> {used!r}" + (f" ({origins[k]})" if k in origins else "")
                       for k, (v, used) in replaced.items())
     return f"warning: the smoke profile (CBD_SMOKE or smoke: true) replaced given values: {shown}"
-
-
-def params_to_dict(params: Params) -> dict:
-    return dataclasses.asdict(params)
 
 
 def project_root() -> Path:

@@ -20,9 +20,7 @@ here raises ``CBDError`` with a one-line message for bad input.
 from __future__ import annotations
 
 import ast
-import csv
 import difflib
-import json
 import logging
 import os
 import sys
@@ -30,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import numpy as np
 
 from . import runs
 from .config import (
@@ -41,6 +38,8 @@ from .errors import CBDError
 from .data.stats import split_size_lines
 from .methods import TEACHER_NAME, best_baseline
 from .plots import imbalance_explorer  # noqa: F401  (notebook 01 calls it from here)
+from .runs.readers import (class_names, evaluation, has_features, history, load_features,  # noqa: F401
+                           load_metrics, paired_features, read_json, tau_choices, tau_curves, tsne_teacher)
 
 # The parameters each notebook declares in its ``parameters`` cell (tests check the cells against this).
 NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -334,73 +333,13 @@ def require_stage_one(settings: Settings, run_dir: Path) -> None:
         raise CBDError(f"{run_dir} lacks the trained {shown}: {how}")
 
 
-def history(run_dir: Path, stages=None, models=None) -> list[dict]:
-    """Per-epoch records of ``history.jsonl``, optionally only some stages / models."""
-    records = runs.read_history(Path(run_dir))
-    if stages is not None:
-        records = [r for r in records if r.get("stage") in set(stages)]
-    if models is not None:
-        records = [r for r in records if r.get("model") in set(models)]
-    return records
-
-
 def teacher_names(metrics: Mapping) -> list[str]:
     """The individual teachers present in ``metrics`` (vanilla first, then by seed)."""
     names = [m for m in metrics.get("methods", {}) if TEACHER_NAME.match(m)]
     return sorted(names, key=lambda m: (m.split("_")[1] != "vanilla", int(m.rsplit("_", 1)[1])))
 
 
-def tau_choices(run_dir: Path, seeds):
-    """Per seed, the tau of tau-norm chosen on the balanced validation set (a DataFrame)."""
-    import pandas as pd
-
-    rows = []
-    for seed in seeds:
-        path = runs.evaluation_path(Path(run_dir), seed, "tau_norm")
-        if not path.exists():
-            continue
-        record = _read_json(path)
-        rows.append({"seed": seed, "tau": record.get("tau"),
-                     "validation balanced accuracy (%)": round(100 * record.get("tau_val_balanced_acc", float("nan")), 1),
-                     "test top-1 (%)": round(100 * record["all"], 1)})
-    return pd.DataFrame(rows, columns=["seed", "tau", "validation balanced accuracy (%)", "test top-1 (%)"])
-
-
-def tau_curves(run_dir: Path, seeds) -> dict:
-    """Per seed, tau-norm's validation curve: ``{seed: {"tau": [...], "val_acc": [...], "chosen": tau}}``.
-
-    Seeds without a tau-norm evaluation, or whose evaluation predates the recorded curve, are left out.
-    """
-    curves = {}
-    for seed in seeds:
-        path = runs.evaluation_path(Path(run_dir), seed, "tau_norm")
-        if not path.exists():
-            continue
-        record = _read_json(path)
-        if "tau_val_curve" in record:
-            curves[seed] = {"tau": record["tau_grid"], "val_acc": record["tau_val_curve"], "chosen": record["tau"]}
-    return curves
-
-
 # --------------------------------------------------------------------------- reading a run back
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise CBDError(f"{path} is not valid JSON ({exc.msg}); rerun the stage that wrote it") from None
-
-
-def load_metrics(run_dir: Path) -> dict:
-    """``<run>/metrics.json``, checked against the contract's schema."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.exists():
-        raise CBDError(f"{path} not found: run notebooks 02 and 03 with run_name {Path(run_dir).name!r} first, "
-                       f"or python -m cbdlib run")
-    metrics = _read_json(path)
-    runs.validate_metrics(metrics)
-    return metrics
 
 
 def _check_method_name(name: Any) -> None:
@@ -445,74 +384,6 @@ def split_summary(metrics: Mapping) -> str:
     """How many classes fall in each split (always printed next to split accuracies)."""
     return (f"{len(metrics['class_counts'])} classes; " + "; ".join(split_size_lines(metrics["splits"]))
             + f"; seeds {metrics['seeds']}")
-
-
-def class_names(run_dir: Path, metrics: Mapping) -> list[str]:
-    """Class names from ``per_class.csv`` (labels as text when it is absent)."""
-    names = [str(c) for c in range(len(metrics["class_counts"]))]
-    path = Path(run_dir) / "per_class.csv"
-    if path.exists():
-        with path.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                label = int(row["label"])
-                if 0 <= label < len(names):
-                    names[label] = row["class_name"]
-    return names
-
-
-def evaluation(run_dir: Path, seed: int, method: str) -> dict:
-    """The evaluation record of one model and seed (test metrics and ``confusion``)."""
-    path = runs.evaluation_path(Path(run_dir), seed, method)
-    if not path.exists():
-        raise CBDError(f"no evaluation of {method} (seed {seed}) in {run_dir}; run its stage first")
-    return _read_json(path)
-
-
-def load_features(run_dir: Path, seed: int, method: str) -> dict:
-    """Saved test features of one model and seed: ``features``, ``labels``, ``indices`` arrays."""
-    path = runs.features_path(Path(run_dir), seed, method)
-    if not path.exists():
-        raise CBDError(f"no saved features of {method} (seed {seed}) in {run_dir}; features are saved for the "
-                       f"first listed teacher, ce and cbd_ens")
-    with np.load(path) as data:
-        return {key: data[key] for key in ("features", "labels", "indices")}
-
-
-def has_features(run_dir: Path, seed: int, method: str) -> bool:
-    """Whether test features of ``method`` were saved; prints a note when they were not."""
-    if runs.features_path(Path(run_dir), seed, method).exists():
-        return True
-    print(f"note: no saved features of {method} (seed {seed}) in this run, so its t-SNE is skipped")
-    return False
-
-
-def paired_features(run_dir: Path, seed: int, method_a: str, method_b: str):
-    """Features of two models on the same test images: ``(features_a, features_b, labels)``."""
-    a, b = load_features(run_dir, seed, method_a), load_features(run_dir, seed, method_b)
-    common, ia, ib = np.intersect1d(a["indices"], b["indices"], return_indices=True)
-    if len(common) == 0:
-        raise CBDError(f"{method_a} and {method_b} have no test image in common in their saved features")
-    return a["features"][ia], b["features"][ib], a["labels"][ia]
-
-
-def tsne_teacher(run_dir: Path, seed: int, requested: Optional[str] = None) -> Optional[str]:
-    """The model whose features notebook 04 embeds next to CBD-ENS's.
-
-    ``requested`` when its features were saved; else the vanilla teacher with the lowest seed
-    among the saved ones, else any saved teacher (with a note); None (with a note) when none is saved.
-    """
-    folder = runs.features_path(Path(run_dir), seed, "x").parent
-    saved = [p.stem for p in folder.glob("teacher_*.npz") if TEACHER_NAME.match(p.stem)]
-    saved.sort(key=lambda m: (m.split("_")[1] != "vanilla", int(m.rsplit("_", 1)[1])))
-    if requested is not None:
-        if runs.features_path(Path(run_dir), seed, requested).exists():
-            return requested
-        if saved:
-            print(f"note: no saved features of {requested}; using {saved[0]}")
-    if saved:
-        return saved[0]
-    print("note: no teacher features saved in this run, so the t-SNE is skipped")
-    return None
 
 
 def student_and_baseline(metrics: Mapping, student: str = "cbd_ens") -> Optional[tuple[str, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import dataclasses
 import json
 import logging
 import os
@@ -115,7 +116,7 @@ def fake_run(root: Path, name: str, seeds: list, evaluated: list, methods: list)
             record.update({k: split_accuracy(per_class, c) for k, c in splits.items()})
             runs.save_evaluation(run, seed, method, record)
             evaluations.setdefault(method, {})[seed] = record
-    params = config.params_to_dict(make_params({"run_name": name, "seeds": seeds, "methods": methods}))
+    params = dataclasses.asdict(make_params({"run_name": name, "seeds": seeds, "methods": methods}))
     (run / "params.yaml").write_text(yaml.safe_dump(params))
     metrics = runs.build_metrics(evaluations, dataset="digits", imbalance_ratio=10.0, class_counts=COUNTS,
                                  splits=splits, seeds=seeds, prov={"device": "cpu", "torch": "2", "git_commit": "x"})
@@ -564,7 +565,7 @@ def test_ablate_checks_epochs_and_can_replace_its_students(tmp_path, digits, cap
 def test_ablate_on_a_cpu_names_the_gpu_run_and_its_option(tmp_path, capsys):
     run = tmp_path / "gpu_run"
     run.mkdir()
-    (run / "params.yaml").write_text(yaml.safe_dump(config.params_to_dict(make_params({**TINY, "device": "auto"}))
+    (run / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(make_params({**TINY, "device": "auto"}))
                                                     | {"device": "cuda"}))
     status, err = run_main(cli.main, ["ablate", str(run)], capsys)
     assert status == 2 and error_line(err) == (f"error: {run}/params.yaml: device 'cuda' asked for, but CUDA is not "

@@ -5,6 +5,7 @@ parameters it received into the run folder, so routing is checked from outside. 
 end-to-end test (marked slow) runs the real notebooks on the smoke settings when they exist.
 """
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -61,7 +62,7 @@ def make_run(root: Path, name: str, seeds, counts=COUNTS, levels=None, epochs=20
             record = make_record(per_class_for(level, seed), method, seed)
             runs.save_evaluation(run, seed, method, record)
             evaluations.setdefault(method, {})[seed] = record
-    params = config.params_to_dict(config.make_params({"run_name": name, "dataset": "cifar10", "epochs": epochs,
+    params = dataclasses.asdict(config.make_params({"run_name": name, "dataset": "cifar10", "epochs": epochs,
                                                        "imbalance_ratio": 100, "seeds": list(seeds),
                                                        "methods": list(levels)}))  # each one is evaluated
     (run / "params.yaml").write_text(yaml.safe_dump(params))
@@ -245,7 +246,7 @@ def test_summary_markdown_states_the_evidence(tmp_path):
     (tmp_path / "figures" / "tsne.png").write_bytes(b"png")
     (tmp_path / "figures" / "split_table.csv").write_text("method,all\n")
     (tmp_path / "03_class_balanced_distillation.ipynb").write_text("{}")
-    params = config.params_to_dict(config.Params(run_name="r1", lr=0.1))
+    params = dataclasses.asdict(config.Params(run_name="r1", lr=0.1))
     text = pipeline.summary_markdown(tmp_path, metrics, params=params, command="python -m cbdlib run -p x=1",
                                      timings={"01_a.ipynb": 3.0, "02_b.ipynb": 125.0}, wall_s=130.0)
     assert text.startswith("# r1\n")

@@ -3,7 +3,6 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # before pyplot is imported anywhere
 
-import matplotlib  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

@@ -155,11 +155,6 @@ def wrap(model: torch.nn.Module, device: torch.device, sync_bn: bool = False) ->
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain network inside a DDP wrapper (or the model itself)."""
-    return model.module if is_ddp(model) else model
-
-
 def is_ddp(model: torch.nn.Module) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 

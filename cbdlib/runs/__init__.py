@@ -1,0 +1,81 @@
+"""Run folders: parameters, provenance, per-method evaluations, ``metrics.json`` and ``per_class.csv``.
+
+Layout of ``<run_name>/``::
+
+    params.yaml                       the effective parameters (smoke applied, lr stated)
+    checkpoints/seed_<s>/<method>.pt  one per trained model and training seed
+    evaluations/seed_<s>/<method>.json  test metrics (+ confusion) per model and seed
+    features/seed_<s>/<method>.npz    test features for t-SNE (a sample)
+    history.jsonl                     one line per model and epoch
+    metrics.json, per_class.csv       merged over seeds (mean and std)
+    figures/*.png, *.ipynb, summary.md
+
+``folder``: where a run lives and whether it starts, resumes or is refused, its lock;
+``timing``: wall time summed over invocations, provenance; ``records``: what it records.
+"""
+
+from .folder import (
+    clear_run_dir,
+    effective_params,
+    ensure_run_dir,
+    has_results,
+    lock_token,
+    LOCK_TOKEN_ENV,
+    prepare_run_dir,
+    read_params_yaml,
+    refuse_if_busy,
+    results_root,
+    RESUMABLE_KEYS,
+    run_dir_for,
+    run_lock,
+)
+from .timing import device_description, git_commit, NOTEBOOK_TIMES, provenance, STAGE_TIMES, timed, wall_times
+from .records import (
+    append_history,
+    build_metrics,
+    checkpoint_path,
+    evaluation_path,
+    features_path,
+    load_evaluations,
+    per_class_csv,
+    read_history,
+    save_evaluation,
+    save_features,
+    validate_metrics,
+    write_metrics,
+)
+
+__all__ = [
+    "append_history",
+    "build_metrics",
+    "checkpoint_path",
+    "clear_run_dir",
+    "device_description",
+    "effective_params",
+    "ensure_run_dir",
+    "evaluation_path",
+    "features_path",
+    "git_commit",
+    "has_results",
+    "load_evaluations",
+    "lock_token",
+    "LOCK_TOKEN_ENV",
+    "NOTEBOOK_TIMES",
+    "per_class_csv",
+    "prepare_run_dir",
+    "provenance",
+    "read_history",
+    "read_params_yaml",
+    "refuse_if_busy",
+    "results_root",
+    "RESUMABLE_KEYS",
+    "run_dir_for",
+    "run_lock",
+    "save_evaluation",
+    "save_features",
+    "STAGE_TIMES",
+    "timed",
+    "validate_metrics",
+    "wall_times",
+    "write_metrics",
+]

@@ -1,0 +1,200 @@
+"""What a run folder records: evaluations per model and seed, ``metrics.json``, ``per_class.csv``,
+``history.jsonl`` and the saved test features."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CBDError
+from ..io import append_line, write_json, write_text
+from ..methods import method_order
+from ..metrics import ACCURACY_KEYS, aggregate_records, check_finite
+
+log = logging.getLogger("cbdlib.runs")
+
+
+def evaluation_path(out: Path, seed: int, method: str) -> Path:
+    return out / "evaluations" / f"seed_{seed}" / f"{method}.json"
+
+
+def checkpoint_path(out: Path, seed: int, method: str) -> Path:
+    return out / "checkpoints" / f"seed_{seed}" / f"{method}.pt"
+
+
+def features_path(out: Path, seed: int, method: str) -> Path:
+    return out / "features" / f"seed_{seed}" / f"{method}.npz"
+
+
+def save_evaluation(out: Path, seed: int, method: str, record: dict) -> None:
+    check_finite(record, method)
+    write_json(evaluation_path(out, seed, method), record)
+
+
+def load_evaluations(out: Path, damaged: list | None = None) -> dict[str, dict[int, dict]]:
+    """{method: {seed: record}} for every evaluation in the run folder.
+
+    A damaged file is named in a ``CBDError``; with a ``damaged`` list it is appended there
+    as ``(path, reason)`` and left out instead (the caller recomputes it).
+    """
+    found: dict[str, dict[int, dict]] = {}
+    for path in sorted(Path(out).glob("evaluations/seed_*/*.json")):
+        try:
+            seed = int(path.parent.name.split("_", 1)[1])
+        except ValueError:
+            continue  # not a folder this package writes
+        try:
+            record = json.loads(path.read_text())
+            reason = None if isinstance(record, dict) else "not a JSON object"
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            reason = f"not valid JSON: {exc}".splitlines()[0]
+        if reason is None:
+            found.setdefault(path.stem, {})[seed] = record
+        elif damaged is not None:
+            damaged.append((path, reason))
+        else:
+            raise CBDError(f"{path} is damaged ({reason}); delete it and rerun the stage that wrote it "
+                           f"(it is recomputed from the checkpoint), or set overwrite: true")
+    return found
+
+
+def build_metrics(evaluations: dict, *, dataset: str, imbalance_ratio: float, class_counts: list, splits: dict,
+                  seeds: list, prov: dict) -> dict:
+    methods, stds = {}, {}
+    for name in method_order(evaluations):
+        records = [evaluations[name][s] for s in sorted(evaluations[name])]
+        methods[name], stds[name] = aggregate_records(records)
+        methods[name]["seeds"] = sorted(evaluations[name])
+    metrics = {
+        "dataset": dataset, "imbalance_ratio": imbalance_ratio, "class_counts": list(class_counts),
+        "splits": splits, "seeds": list(seeds), "device": prov["device"], "torch": prov["torch"],
+        "git_commit": prov["git_commit"], "precision": prov.get("precision", "unknown"), "methods": methods, "std": stds,
+    }
+    check_finite(metrics)
+    return metrics
+
+
+def per_class_csv(metrics: dict, class_names: list) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "label", "class_name", "train_count", "accuracy_mean", "accuracy_std", "seeds"])
+    for name, record in metrics["methods"].items():
+        for label, acc in enumerate(record["per_class"]):
+            std = metrics["std"][name]["per_class"][label]
+            writer.writerow([name, label, class_names[label], metrics["class_counts"][label],
+                             "" if acc is None else f"{acc:.6f}", "" if std is None else f"{std:.6f}",
+                             len(record.get("seeds", []))])
+    return buffer.getvalue()
+
+
+def write_metrics(out: Path, metrics: dict, class_names: list) -> None:
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "per_class.csv", per_class_csv(metrics, class_names))
+
+
+def _history_key(record: dict) -> tuple:
+    return (record.get("model"), record.get("seed"), record.get("stage"), record.get("epoch"))
+
+
+def _history_records(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of a history file and the numbers of its unreadable lines."""
+    records, bad = [], []
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif not (line.startswith(b"{") and not line.rstrip().endswith(b"}")):  # a line torn by a kill is no damage
+            bad.append(number)
+    return records, bad
+
+
+def read_history(out: Path) -> list[dict]:
+    """History records, keeping the last record per (model, seed, epoch) (a resumed run rewrites).
+
+    Lines torn by a kill are skipped; other unreadable lines are skipped with a warning naming them.
+    """
+    path = Path(out) / "history.jsonl"
+    if not path.exists():
+        return []
+    records, bad = _history_records(path)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        log.warning("warning: %s: skipped %d unreadable line%s (%s)", path, len(bad), "" if len(bad) == 1 else "s",
+                    shown)
+    latest: dict = {}
+    for rec in records:
+        latest[_history_key(rec)] = rec
+    return list(latest.values())
+
+
+# history file -> (its size when last seen here, the (model, seed, stage, epoch) keys in it)
+_HISTORY_KEYS: dict[str, tuple[int, set]] = {}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def append_history(path: str | os.PathLike, record: dict) -> None:
+    """Append one epoch's record, unless that epoch is already there.
+
+    A checkpoint that fell back to ``.prev.pt`` retrains an epoch whose line was written
+    (resumed training is deterministic, so the line would be the same): it is kept once.
+    """
+    path = Path(path)
+    size, keys = _HISTORY_KEYS.get(str(path), (None, None))
+    if size != _size(path):  # first use, or the file changed behind this process: read it again
+        keys = {_history_key(r) for r in _history_records(path)[0]} if path.exists() else set()
+    key = _history_key(record)
+    if key not in keys:
+        append_line(path, json.dumps(record))
+        keys.add(key)
+    _HISTORY_KEYS[str(path)] = (_size(path), keys)
+
+
+def validate_metrics(metrics: dict) -> None:
+    """Check a metrics object against the contract's schema (used by tests and ``aggregate``)."""
+    for key in ("dataset", "imbalance_ratio", "class_counts", "splits", "seeds", "device", "torch", "git_commit",
+                "methods", "std"):
+        if key not in metrics:
+            raise CBDError(f"metrics.json lacks {key!r}")
+    num_classes = len(metrics["class_counts"])
+    for name, record in metrics["methods"].items():
+        for key in ACCURACY_KEYS:
+            value = record.get(key, "absent")
+            if value == "absent":
+                raise CBDError(f"metrics.json: method {name} lacks {key!r}")
+            if value is not None and not (0.0 <= value <= 1.0):
+                raise CBDError(f"metrics.json: {name}.{key} = {value} is not a fraction")
+        if len(record["per_class"]) != num_classes:
+            raise CBDError(f"metrics.json: {name}.per_class has {len(record['per_class'])} entries, not {num_classes}")
+        if name not in metrics["std"]:
+            raise CBDError(f"metrics.json: no std for {name}")
+    check_finite(metrics)
+
+
+def save_features(out: Path, seed: int, method: str, features: np.ndarray, labels: np.ndarray, max_points: int, sample_seed: int = 0) -> None:
+    """A fixed, class-stratified sample of test features for t-SNE."""
+    rng = np.random.default_rng(sample_seed)
+    keep = np.sort(rng.permutation(len(labels))[:max_points])
+    path = features_path(out, seed, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, features=features[keep].astype(np.float32), labels=labels[keep], indices=keep)
+    from ..io import write_bytes
+
+    write_bytes(path, buffer.getvalue())
