@@ -7,7 +7,6 @@ Both are plain dataclasses so they print, compare and serialise as they are.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import typing
@@ -19,13 +18,11 @@ import yaml
 
 from .errors import CBDError
 from .methods import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS  # noqa: F401  (re-exported)
+from .param_rules import (  # noqa: F401  (re-exported)
+    DATASETS, DECOUPLED_BN_MODES, NCM_VARIANTS, PRECISIONS, RULES, SCHEDULES, TEACHER_KINDS, ParameterError, Rule,
+    check_device_available, check_rule,
+)
 
-DATASETS = ("digits", "cifar10", "cifar100", "folder", "splitfile", "imagenet_lt", "places_lt", "inat2018")
-SCHEDULES = ("cifar_lt", "cosine")
-PRECISIONS = ("auto", "bf16", "fp32")
-TEACHER_KINDS = ("vanilla", "aug")
-DECOUPLED_BN_MODES = ("train", "frozen")
-NCM_VARIANTS = ("cl2n", "cosine")
 
 
 @dataclass
@@ -158,127 +155,6 @@ def make_params(values: dict) -> Params:
     params = Params(**checked)
     validate(params)
     return params
-
-
-class ParameterError(CBDError):
-    """A value outside its key's allowed range; ``key`` names the parameter (for ``-p`` / file prefixes)."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What a key's value must satisfy: ``allows(value)``, stated as ``allowed`` ("> 0", "in [0, 1]")."""
-
-    allows: Any                 # value -> bool
-    allowed: Any                # str, or a function returning it (for lists known only at check time)
-    unknown_word: bool = False  # choices say "unknown arch 'x'" first
-
-    def check(self, key: str, value: Any) -> None:
-        if self.allows(value):
-            return
-        allowed = self.allowed() if callable(self.allowed) else self.allowed
-        if self.unknown_word:
-            raise ParameterError(key, f"unknown {key} {value!r}: {key} must be {allowed}")
-        raise ParameterError(key, f"{key} must be {allowed}, got {value!r}")
-
-
-def at_least(low) -> Rule:
-    return Rule(lambda v: v >= low, f">= {low:g}")
-
-
-def above(low) -> Rule:
-    return Rule(lambda v: v > low, f"> {low:g}")
-
-
-def between(low, high, *, high_open: bool = False) -> Rule:
-    if high_open:
-        return Rule(lambda v: low <= v < high, f"in [{low:g}, {high:g})")
-    return Rule(lambda v: low <= v <= high, f"in [{low:g}, {high:g}]")
-
-
-def one_of(*choices) -> Rule:
-    options = choices[0] if len(choices) == 1 and callable(choices[0]) else (lambda: choices)
-    return Rule(lambda v: v in options(), lambda: "one of " + ", ".join(map(str, options())), unknown_word=True)
-
-
-def _archs() -> tuple:
-    from .models import ARCHS  # torch is imported only when an arch is checked
-
-    return ARCHS
-
-
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def _device_usable(name: str) -> bool:
-    return bool(_DEVICE.fullmatch(name))
-
-
-# The allowed values of each key, checked for every run before anything is written.
-# A key of a None-able type skips its rule when None. Add a key here with its rule.
-RULES: dict[str, Rule] = {
-    "run_name": Rule(lambda v: bool(v) and "/" not in v and v not in (".", ".."), "a plain folder name"),
-    "dataset": one_of(*DATASETS),
-    "imbalance_ratio": at_least(1),
-    "profile": one_of("exp", "step"),
-    "lt_seed": at_least(0),
-    "val_per_class": at_least(1),
-    "image_size": at_least(1),
-    "arch": one_of(_archs),
-    "epochs": at_least(1),
-    "decoupled_epochs": at_least(1),
-    "lws_epochs": at_least(1),
-    "decoupled_lr": above(0),
-    "decoupled_weight_decay": at_least(0),
-    "decoupled_bn": one_of(*DECOUPLED_BN_MODES),
-    "ncm_variant": one_of(*NCM_VARIANTS),
-    "precision": one_of(*PRECISIONS),
-    "batch_size": at_least(1),
-    "lr": above(0),
-    "weight_decay": at_least(0),
-    "momentum": between(0, 1, high_open=True),
-    "schedule": one_of(*SCHEDULES),
-    "warmup_epochs": at_least(0),
-    "alpha": between(0, 1),
-    "beta": above(0),
-    "cosine_scale": above(0),
-    "projection_dim": at_least(1),
-    "logit_distill_weight": at_least(0),
-    "logit_distill_temperature": above(0),
-    "methods": Rule(lambda v: len(v) > 0, "null (every method) or a non-empty list of method names"),
-    "eval_batch_size": at_least(1),
-    "num_workers": at_least(0),
-    "tsne_samples": at_least(1),
-    "device": Rule(_device_usable, "auto, cpu, cuda or cuda:N"),
-}
-
-
-def check_rule(key: str, value: Any) -> None:
-    """Refuse a non-finite number, then a value outside ``RULES[key]`` (None passes: it means "derive")."""
-    if value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ParameterError(key, f"{key} must be a finite number, got {value!r}")
-    if key in RULES:
-        RULES[key].check(key, value)
-
-
-def check_device_available(name: str) -> None:
-    """``cuda`` / ``cuda:N`` only where such a GPU exists (checked before any work, not at the first model)."""
-    if not name.startswith("cuda"):
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ParameterError("device", f"device {name!r} asked for, but CUDA is not available here; "
-                                       "use device: auto or cpu")
-    index = int(name.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise ParameterError("device", f"device {name!r} asked for, but this machine has "
-                                       f"{torch.cuda.device_count()} GPU(s) (cuda:0..)")
 
 
 def validate(p: Params) -> None:
