@@ -16,7 +16,6 @@ for the tests.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -26,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli_util import exits_cleanly, setup_logging
 from .data.longtail import long_tail_counts
 from .data.device import DeviceData
 from .devices import resolve_device, use_channels_last
@@ -226,39 +224,11 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
     return result
 
 
-def summary_lines(result: dict) -> list[str]:
-    """The headline figures in words (stderr), the JSON object going to stdout."""
-    lines = [f"{result['device']}, torch {result['torch']}, {result['threads']} threads, precision "
-             f"{result['precision']}, compile {result['compile']}"]
-    for arch, r in [(result["arch"], result), *result.get("by_arch", {}).items()]:
-        lines.append(f"{arch} batch {result['batch_size']}: naive {r['naive_img_per_s']:.0f} img/s "
-                     f"({r['naive_workers']} workers), engine {r['engine_img_per_s']:.0f} img/s: "
-                     f"speedup {r['speedup']:.2f}x")
-    lines.append(f"4 models together: {result['together_ratio']:.2f}x one model's epoch; full CBD-ENS "
-                 f"experiment (extrapolated): {result['full_cbd_ens_s'] / 60:.0f} min")
-    return lines
-
-
-@exits_cleanly
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cbdlib.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--size", default=None, choices=tuple(PROFILES),
-                        help="tiny: seconds (the default on a CPU); full: CIFAR-10-LT sizes, ResNet-32 and ResNet-8 "
-                             "(the default on a GPU; about 8 minutes on a 2-core CPU)")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    setup_logging(verbose=False)
-    result = run_benchmark(args.device, args.size)
-    text = json.dumps(result, indent=2)
-    print(text)
-    for line in summary_lines(result):
-        print(line, file=sys.stderr)
-    if args.json:
-        from .io import write_text
+    """``python -m cbdlib.bench`` (the command's parser is in ``cbdlib/commands/bench.py``)."""
+    from .commands.bench import main as bench_main
 
-        write_text(args.json, text + "\n")
-    return 0
+    return bench_main(argv)
 
 
 if __name__ == "__main__":

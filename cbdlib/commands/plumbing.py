@@ -5,7 +5,7 @@ import functools
 import logging
 import sys
 
-from .errors import CBDError
+from ..errors import CBDError
 
 
 def setup_logging(verbose: bool = True) -> None:
