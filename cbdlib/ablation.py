@@ -48,8 +48,8 @@ def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | Non
     """
     import shutil
 
-    from .engine import Experiment
     from .data.device import predict
+    from .engine import Experiment
     from .engine.loop import fit, init_model
     from .seeding import derive_seed
 

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.longtail import long_tail_counts
 from .data.device import DeviceData
+from .data.longtail import long_tail_counts
 from .devices import resolve_device, use_channels_last
+from .engine.compiled import should_compile
 from .engine.job import Job
 from .engine.loop import fit, init_model
-from .engine.compiled import should_compile
 from .engine.precision import resolve_precision
 from .engine.together import fit_together
 from .models import ModelSpec
@@ -68,7 +68,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def naive_images_per_second(data: DeviceData, arch: str, batch_size: int, steps: int, workers: int, device: torch.device) -> float:
+def naive_images_per_second(data: DeviceData, arch: str, batch_size: int, steps: int, workers: int,
+                            device: torch.device) -> float:
     """The usual way: PIL transforms in a DataLoader, float32, one model."""
     from PIL import Image
     from torchvision import transforms
@@ -191,7 +192,8 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
         print(f"engine, four models together (2 epochs of {len(together_data.train_labels)} images; the second "
               f"timed) ...", file=sys.stderr)
         cosine = ModelSpec(arch, data.num_classes, "cosine")
-        jobs = [_job(f"teacher_{kind}_{s}", cosine, batch, 2, augment=kind) for kind in ("vanilla", "aug") for s in (1, 2)]
+        jobs = [_job(f"teacher_{kind}_{s}", cosine, batch, 2, augment=kind)
+                for kind in ("vanilla", "aug") for s in (1, 2)]
         fit_together(jobs, [init_model(cosine, j.seed) for j in jobs], together_data, device=device,
                      checkpoint_paths=[tmp / f"{j.name}.pt" for j in jobs], history_path=tmp / "together.jsonl",
                      metas=[{}] * 4, stage="bench", quiet=True, precision=precision)

@@ -81,7 +81,8 @@ def _intact(path: Path) -> bool:
     return True
 
 
-def save_checkpoint(path: str | os.PathLike, *, spec: dict, meta: dict, model: dict, optimizer: dict | None = None) -> None:
+def save_checkpoint(path: str | os.PathLike, *, spec: dict, meta: dict, model: dict,
+                    optimizer: dict | None = None) -> None:
     """Write atomically; the good file being replaced becomes ``<name>.prev.pt``.
 
     The new content reaches the disk before anything is renamed, so a failed write
@@ -178,5 +179,6 @@ def load_state_strict(model: torch.nn.Module, state: dict, what: str) -> None:
         raise CBDError(f"{what} does not match the model: {detail[:300] or 'weight shapes differ'}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CBDError(
-            f"{what} does not match the model: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+            f"{what} does not match the model: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
         )

@@ -19,10 +19,18 @@ import yaml
 from .errors import CBDError
 from .methods import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS  # noqa: F401  (re-exported)
 from .param_rules import (  # noqa: F401  (re-exported)
-    DATASETS, DECOUPLED_BN_MODES, NCM_VARIANTS, PRECISIONS, RULES, SCHEDULES, TEACHER_KINDS, ParameterError, Rule,
-    check_device_available, check_rule,
+    DATASETS,
+    DECOUPLED_BN_MODES,
+    NCM_VARIANTS,
+    PRECISIONS,
+    RULES,
+    SCHEDULES,
+    TEACHER_KINDS,
+    ParameterError,
+    Rule,
+    check_device_available,
+    check_rule,
 )
-
 
 
 @dataclass
@@ -30,15 +38,20 @@ class Params:
     """Every key a run understands. Comments give the meaning; YAML files use the same names."""
 
     run_name: str = "default"            # folder name under CBD_RESULTS_DIR
-    dataset: str = "digits"              # digits | cifar10 | cifar100 | folder | splitfile | imagenet_lt | places_lt | inat2018
+    # digits | cifar10 | cifar100 | folder | splitfile | imagenet_lt | places_lt | inat2018
+    dataset: str = "digits"
     data: Optional[str] = None           # path to the data (None: CBD_CIFAR10 / CBD_CIFAR100, or embedded)
     imbalance_ratio: float = 10.0        # n_max / n_min of the long-tailed training subset (>= 1)
     profile: str = "exp"                 # exp | step
     lt_seed: int = 0                     # draws the long-tailed subset (and digits' train/test split)
     val_per_class: int = 10              # balanced validation images per class (tau is chosen on these)
-    image_size: int = 32                 # folder / splitfile images are resized to this (CIFAR is 32); the crop side of imagenet_lt / places_lt / inat2018 (224)
+    # folder / splitfile images are resized to this (CIFAR is 32); the crop side of imagenet_lt /
+    # places_lt / inat2018 (224)
+    image_size: int = 32
     arch: str = "resnet32"               # resnet32 | resnet20 | resnet8 | resnet_tiny | resnet18/50/101/152
-    zero_init_residual: bool = True      # torchvision ResNets: each residual block's last BatchNorm gamma starts at 0 (official CBD); CIFAR ResNets ignore it
+    # torchvision ResNets: each residual block's last BatchNorm gamma starts at 0 (official CBD); CIFAR
+    # ResNets ignore it
+    zero_init_residual: bool = True
     epochs: int = 200                    # epochs for every model trained from scratch
     # Decoupled baselines as Kang et al. ran them: classifier re-training on ce's frozen backbone with
     # class-aware sampling (epoch = largest class count x classes), SGD, cosine decay to 0, no warm-up.
@@ -46,8 +59,11 @@ class Params:
     lws_epochs: int = 5                  # LWS epochs
     decoupled_lr: Optional[float] = None  # cRT / LWS learning rate; None: 0.2 x batch/512
     decoupled_weight_decay: float = 5e-4  # cRT / LWS weight decay
-    decoupled_bn: str = "train"          # train: the frozen backbone's BatchNorm statistics are re-estimated (Kang et al.) | frozen: kept
-    ncm_variant: str = "cl2n"            # cl2n: centred, L2-normalised features, Euclidean distance (Kang et al.) | cosine: cosine to normalised class means
+    # train: the frozen backbone's BatchNorm statistics are re-estimated (Kang et al.) | frozen: kept
+    decoupled_bn: str = "train"
+    # cl2n: centred, L2-normalised features, Euclidean distance (Kang et al.) | cosine: cosine to the
+    # normalised class means
+    ncm_variant: str = "cl2n"
     batch_size: int = 128                # global batch size (the decoupled stage uses it too)
     lr: Optional[float] = None           # learning rate used; None: 0.1 (cifar_lt) or 0.1 * batch/256 (cosine)
     weight_decay: float = 2e-4
@@ -67,11 +83,13 @@ class Params:
     methods: Optional[list] = None       # None: every method; else a subset of the contract's names
     eval_batch_size: int = 512
     num_workers: int = 0                 # DataLoader workers (only the streaming path uses them)
-    sync_bn: bool = False                # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
+    sync_bn: bool = False                # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     tsne_samples: int = 2000             # test images embedded by t-SNE in notebook 04
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    precision: str = "auto"              # auto (bf16 autocast where the CPU/GPU computes bf16 natively, else fp32) | bf16 | fp32
-    torch_compile: Optional[bool] = None  # torch.compile the training step; None: when a job has enough steps to repay it
+    # auto (bf16 autocast where the CPU/GPU computes bf16 natively, else fp32) | bf16 | fp32
+    precision: str = "auto"
+    # torch.compile the training step; None: when a job has enough steps to repay it
+    torch_compile: Optional[bool] = None
     smoke: Optional[bool] = None         # None: follow CBD_SMOKE; True/False override it
     overwrite: bool = False              # allow replacing a run folder made with other parameters
 
@@ -285,7 +303,8 @@ def resolve(params: Params) -> Settings:
         decoupled_lr = 0.2 * effective.batch_size / 512  # Kang et al.: lr 0.2 at batch 512, scaled linearly
     teachers = parse_teachers(effective.teachers)
     methods = effective.methods or all_method_names(effective.teachers)
-    own = {f.name: getattr(effective, f.name) for f in dataclasses.fields(Params) if f.name not in dict(RESOLVED_FIELDS)}
+    resolved = dict(RESOLVED_FIELDS)
+    own = {f.name: getattr(effective, f.name) for f in dataclasses.fields(Params) if f.name not in resolved}
     return Settings(
         **own,
         params=effective,

@@ -55,7 +55,8 @@ def cbd_loss(
     return (1.0 - alpha) * ce + alpha * beta * distill, ce, distill
 
 
-def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: list[torch.Tensor],
+                            temperature: float) -> torch.Tensor:
     """Ablation only (the paper distils features): KL(teacher || student) at temperature T, times T^2,
     towards the mean of the teachers' logits."""
     with torch.autocast(device_type=student_logits.device.type, enabled=False):

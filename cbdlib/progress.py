@@ -229,7 +229,8 @@ class RunFollower:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=round(total), initial=round(done), unit="step", file=self.stream,
-                                dynamic_ncols=True, bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}]")
+                                dynamic_ncols=True,
+                                bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}]")
             current = self._current
             if current is not None:
                 key = _history_key(current)
@@ -254,8 +255,9 @@ class RunFollower:
         seconds = self.model_seconds.get((p.model, p.seed, p.stage), 0.0)
         eta = self.eta_seconds()
         left = f", about {format_seconds(eta)} left" if eta is not None and done < total else ""
-        return (f"{p.model} seed {p.seed} done: {p.epochs} epoch{'' if p.epochs == 1 else 's'}, {format_seconds(seconds)} "
-                f"({seconds / max(1, p.epochs):.1f} s/epoch); run {100 * done / max(total, 1e-9):.0f}% done{left}")
+        return (f"{p.model} seed {p.seed} done: {p.epochs} epoch{'' if p.epochs == 1 else 's'}, "
+                f"{format_seconds(seconds)} ({seconds / max(1, p.epochs):.1f} s/epoch); "
+                f"run {100 * done / max(total, 1e-9):.0f}% done{left}")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

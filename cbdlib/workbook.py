@@ -28,18 +28,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-
 from . import runs
 from .config import (
-    DECOUPLED_BASELINES, ONE_STAGE_BASELINES, SMOKE_MAX_PER_CLASS, STUDENTS, Settings, check_rule, check_value,
-    field_names, fits_type, make_params, resolve, teacher_method_name,
+    DECOUPLED_BASELINES,
+    ONE_STAGE_BASELINES,
+    SMOKE_MAX_PER_CLASS,
+    STUDENTS,
+    Settings,
+    check_rule,
+    check_value,
+    field_names,
+    fits_type,
+    make_params,
+    resolve,
+    teacher_method_name,
 )
-from .errors import CBDError
 from .data.stats import split_size_lines
+from .errors import CBDError
 from .methods import TEACHER_NAME, best_baseline
 from .plots import imbalance_explorer  # noqa: F401  (notebook 01 calls it from here)
-from .runs.readers import (class_names, evaluation, has_features, history, load_features,  # noqa: F401
-                           load_metrics, paired_features, read_json, tau_choices, tau_curves, tsne_teacher)
+from .runs.readers import (  # noqa: F401
+    class_names,
+    evaluation,
+    has_features,
+    history,
+    load_features,
+    load_metrics,
+    paired_features,
+    read_json,
+    tau_choices,
+    tau_curves,
+    tsne_teacher,
+)
 
 # The parameters each notebook declares in its ``parameters`` cell (tests check the cells against this).
 NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -284,7 +304,8 @@ def dataset_summary(settings: Settings, data) -> str:
 
     lines = [
         f"dataset: {data.name}, images {'x'.join(str(v) for v in data.image_shape)}, "
-        f"requested imbalance ratio {settings.imbalance_ratio:g} ({settings.profile} profile, lt_seed {settings.lt_seed})",
+        f"requested imbalance ratio {settings.imbalance_ratio:g} "
+        f"({settings.profile} profile, lt_seed {settings.lt_seed})",
         format_stats(data.stats()),
         f"validation: {len(data.val_labels)} images (balanced, {settings.val_per_class} per class); "
         f"test: {len(data.test_labels)} images",

@@ -1,12 +1,19 @@
 """The batch augmenter of the training loop: random numbers drawn once per batch, then pure ops."""
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import CBDError
-from .ops import (check_bhwc, crop_from_uniform, flip_from_uniform, grayscale_from_uniform, jitter_from_uniform,
-                  normalize_nchw, to_float, uniform)
+from .ops import (
+    check_bhwc,
+    crop_from_uniform,
+    flip_from_uniform,
+    grayscale_from_uniform,
+    jitter_from_uniform,
+    normalize_nchw,
+    to_float,
+    uniform,
+)
 from .recipes import AugmentConfig, FloatSeq
 
 

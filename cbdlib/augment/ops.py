@@ -2,13 +2,11 @@
 crop, flip, colour jitter, grayscale, conversion and normalisation."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
 from ..errors import CBDError
 from .recipes import LUMA_WEIGHTS, AugmentConfig, FloatSeq
-
 
 # --------------------------------------------------------------------------- helpers
 

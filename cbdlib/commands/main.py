@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--partial", action="store_true",
                      help="merge runs whose methods did not all finish; each mean says how many seeds it covers")
     agg.add_argument("--keep-model", default="cbd_ens", metavar="METHOD",
-                     help="the one checkpoint the merged folder keeps, of the first seed (default cbd_ens; none: no model)")
+                     help="the one checkpoint the merged folder keeps, of the first seed "
+                          "(default cbd_ens; none: no model)")
     agg.add_argument("--no-notebook", action="store_true",
                      help="do not run notebook 04 on the merged results (no figures)")
     agg.set_defaults(func=_aggregate)
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("run_dir", help="a run folder whose teachers are trained")
     ab.add_argument("--epochs", type=int, default=None, help="epochs per student (default: a quarter of the run's)")
     ab.add_argument("--seed", type=int, default=None, help="training seed whose teachers are used (default: the first)")
-    ab.add_argument("--overwrite", action="store_true", help="replace the ablation students already in RUN_DIR/ablation")
+    ab.add_argument("--overwrite", action="store_true",
+                    help="replace the ablation students already in RUN_DIR/ablation")
     ab.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's own)")
     ab.set_defaults(func=_ablate)
 

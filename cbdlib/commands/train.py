@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .plumbing import exits_cleanly, setup_logging
 from ..config import format_smoke_replacements, load_params_file, make_params, parse_override, resolve
 from ..engine import distributed
+from .plumbing import exits_cleanly, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cbdlib.train", description=__doc__.splitlines()[0])
     parser.add_argument("--params", required=True, help="YAML parameter file (see notebooks/params/)")
     parser.add_argument("--out", required=True, help="run folder to write (created if absent)")
-    parser.add_argument("--stage", default="all", choices=sorted(STAGE_GROUPS), help="which stage to run (default: all)")
+    parser.add_argument("--stage", default="all", choices=sorted(STAGE_GROUPS),
+                        help="which stage to run (default: all)")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter (value parsed as YAML); repeatable")
     return parser

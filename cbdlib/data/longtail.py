@@ -68,7 +68,8 @@ def split_pool(
         raise CBDError(f"class(es) {empty.tolist()} have no training images")
     reserve = val_per_class if reserve_first else 0
     if reserve and pool_sizes.min() <= reserve:
-        raise CBDError(f"val_per_class={val_per_class} leaves no training image in the smallest class ({pool_sizes.min()} images)")
+        raise CBDError(f"val_per_class={val_per_class} leaves no training image in the smallest class "
+                       f"({pool_sizes.min()} images)")
     available = pool_sizes - reserve
     if imbalance_ratio == 1:
         counts = available.tolist()

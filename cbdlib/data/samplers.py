@@ -384,7 +384,8 @@ class DistributedStrategySampler(StrategySampler):
         return len(self.index_sampler) // self.world_size
 
 
-def make_sampler(strategy: str, labels: LabelsLike, *, dataloader: bool = False, **kw) -> IndexSampler | StrategySampler:
+def make_sampler(strategy: str, labels: LabelsLike, *, dataloader: bool = False,
+                 **kw) -> IndexSampler | StrategySampler:
     """Build a sampler for ``strategy``: an :class:`IndexSampler`, or a :class:`StrategySampler`
     when ``dataloader=True``. Other keywords go to the constructor."""
     unknown = sorted(set(kw) - _SAMPLER_KEYWORDS)

@@ -73,8 +73,9 @@ def split_size_lines(splits: dict, many_shot_threshold: int = MANY_SHOT_THRESHOL
                      few_shot_threshold: int = FEW_SHOT_THRESHOLD) -> list[str]:
     """How many classes fall in each split, in words: printed next to every split accuracy."""
     n = {k: len(splits.get(k) or []) for k in SPLIT_NAMES}
-    return [f"many-shot (> {many_shot_threshold} training images): {n['many']} class{'' if n['many'] == 1 else 'es'}; "
-            f"medium ({few_shot_threshold}-{many_shot_threshold}): {n['medium']}; few (< {few_shot_threshold}): {n['few']}",
+    many, few = many_shot_threshold, few_shot_threshold
+    return [f"many-shot (> {many} training images): {n['many']} class{'' if n['many'] == 1 else 'es'}; "
+            f"medium ({few}-{many}): {n['medium']}; few (< {few}): {n['few']}",
             f"head / mid / tail (thirds by training count): {n['head']} / {n['mid']} / {n['tail']} classes"]
 
 

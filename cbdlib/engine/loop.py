@@ -150,13 +150,15 @@ def raise_non_finite(job: Job, stage: str, epoch: int, step: int):
     raise NonFiniteLoss(
         f"non-finite loss in stage {stage}, model {job.name} (seed {job.train_seed}), epoch {epoch + 1}, "
         f"by step {step + 1}; "
-        + ("the checkpoint of the previous epoch is kept" if epoch > 0 else "no epoch had finished, so no checkpoint was written")
+        + ("the checkpoint of the previous epoch is kept" if epoch > 0
+           else "no epoch had finished, so no checkpoint was written")
     )
 
 
 def step_stats(loss, ce, distill, logits, labels) -> torch.Tensor:
     """One model's (loss, ce, distill, correct) of a batch, kept on the device."""
-    return torch.stack([loss.detach(), ce.detach(), distill.detach(), (logits.detach().argmax(1) == labels).sum().float()])
+    correct = (logits.detach().argmax(1) == labels).sum().float()
+    return torch.stack([loss.detach(), ce.detach(), distill.detach(), correct])
 
 
 def epoch_record(job: Job, stage: str, epoch: int, totals: list[float], *, steps: int, images: int, val_acc: float,

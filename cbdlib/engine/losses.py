@@ -30,5 +30,6 @@ def job_loss(job: Job, features, logits, labels, log_prior, teacher_features=Non
         raise CBDError(f"unknown loss {job.loss!r}")
     loss, ce, distill = cbd_loss(logits, labels, features.float(), teacher_features, job.alpha, job.beta)
     if job.logit_distill_weight > 0 and teacher_logits is not None:
-        loss = loss + job.logit_distill_weight * logit_distillation_loss(logits, teacher_logits, job.logit_distill_temperature)
+        logit_term = logit_distillation_loss(logits, teacher_logits, job.logit_distill_temperature)
+        loss = loss + job.logit_distill_weight * logit_term
     return loss, ce, distill

@@ -20,7 +20,8 @@ def warmup_epochs_for(epochs: int, warmup_epochs: int) -> int:
     return min(warmup_epochs, epochs // 2)
 
 
-def lr_at(schedule: str, base_lr: float, epoch: int, step: int, steps_per_epoch: int, epochs: int, warmup_epochs: int = 5) -> float:
+def lr_at(schedule: str, base_lr: float, epoch: int, step: int, steps_per_epoch: int, epochs: int,
+          warmup_epochs: int = 5) -> float:
     """The learning rate of one optimisation step.
 
     ``cifar_lt``: linear warm-up over ``warmup_epochs`` (per epoch, as in LDAM-DRW), then

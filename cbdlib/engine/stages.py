@@ -27,20 +27,26 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
+from .. import runs
 from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Settings, teacher_method_name
 from ..data import LongTailData, load_for_settings
+from ..data.device import DeviceData, predict
 from ..data.samplers import epoch_length
+from ..devices import resolve_device
 from ..errors import CBDError
 from ..metrics import accuracy_record, balanced_accuracy
 from ..models import (
-    TORCHVISION_ARCHS, LinearClassifier, LWSClassifier, ModelSpec, NCMClassifier, Network, TauNormClassifier,
+    TORCHVISION_ARCHS,
+    LinearClassifier,
+    LWSClassifier,
+    ModelSpec,
+    NCMClassifier,
+    Network,
+    TauNormClassifier,
 )
-from .. import runs
-from . import distributed
 from ..progress import PlannedModel, step_cost, write_plan
-from ..data.device import DeviceData, predict
-from ..devices import resolve_device
 from ..seeding import derive_seed
+from . import distributed
 from .job import Job
 from .loop import epoch_steps, fit, init_model, report
 from .precision import resolve_precision
@@ -68,7 +74,8 @@ _STAGE_OF = {"teacher_ensemble": "teachers", **{m: "one_stage" for m in ONE_STAG
 class Experiment:
     """One run folder: its data on the device, and the stages that fill it."""
 
-    def __init__(self, settings: Settings, out_dir: str | Path, *, data: LongTailData | None = None, quiet: bool | None = None):
+    def __init__(self, settings: Settings, out_dir: str | Path, *, data: LongTailData | None = None,
+                 quiet: bool | None = None):
         self.settings = settings
         distributed.init(cpu=settings.device == "cpu")  # a no-op outside torchrun (or when already joined)
         self.main = distributed.is_main()
@@ -145,7 +152,8 @@ class Experiment:
         entries = []
         for seed in s.seeds:
             for job in [*self._teacher_jobs(seed), *self._one_stage_jobs(seed)]:
-                entries.append(PlannedModel(job.name, seed, "teachers" if job.name.startswith("teacher_") else "one_stage",
+                stage = "teachers" if job.name.startswith("teacher_") else "one_stage"
+                entries.append(PlannedModel(job.name, seed, stage,
                                             job.epochs, plain_steps, step_cost()))
             class_aware = epoch_length("class_aware", list(self.data.class_counts))
             class_aware_steps = epoch_steps(class_aware, s.batch_size)[1]
@@ -421,7 +429,8 @@ def load_model(path: str | Path, expected: dict | None = None, device: torch.dev
     if expected:
         ckpt.check_compatible(state["meta"], expected, f"checkpoint {Path(path).name}")
     if not state["meta"].get("complete", False):
-        raise CBDError(f"checkpoint {path} is from an unfinished run (epoch {state['meta'].get('epoch', 0) + 1}); finish its stage first")
+        raise CBDError(f"checkpoint {path} is from an unfinished run (epoch {state['meta'].get('epoch', 0) + 1}); "
+                       f"finish its stage first")
     spec = ModelSpec(**state["spec"])
     model = build_model(spec)
     ckpt.load_state_strict(model, state["model"], f"checkpoint {path}")

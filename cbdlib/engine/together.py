@@ -26,8 +26,17 @@ from ..models.grouped import GroupedCifarResNet, TeacherFeatures, unpack_state_d
 from ..progress import ModelProgress
 from . import hooks
 from .job import Job
-from .loop import (balanced_val_accuracy, epoch_line, epoch_record, epoch_steps, make_optimizer, report, resume,
-                   run_epoch, step_stats)
+from .loop import (
+    balanced_val_accuracy,
+    epoch_line,
+    epoch_record,
+    epoch_steps,
+    make_optimizer,
+    report,
+    resume,
+    run_epoch,
+    step_stats,
+)
 from .losses import job_loss, log_prior
 from .precision import autocast
 
@@ -120,7 +129,8 @@ def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, de
             _write_back(group, models)
             complete = epoch + 1 == first.epochs
             save_now = complete or (epoch + 1) % every == 0
-            buffers = _split_buffers(optimizer, backbone_params, own_params, len(jobs)) if save_now and not complete else None
+            buffers = (_split_buffers(optimizer, backbone_params, own_params, len(jobs))
+                       if save_now and not complete else None)
             elapsed = time.perf_counter() - t0
             for k, job in enumerate(jobs):
                 record = epoch_record(job, stage, epoch, totals[k], steps=steps, images=steps * batch_size,

@@ -13,7 +13,12 @@ import torch.nn as nn
 
 from ..errors import CBDError
 from .heads import (
-    CosineClassifier, LinearClassifier, LWSClassifier, NCMClassifier, Projection, TauNormClassifier,
+    CosineClassifier,
+    LinearClassifier,
+    LWSClassifier,
+    NCMClassifier,
+    Projection,
+    TauNormClassifier,
 )
 from .resnet_cifar import CifarResNet
 
@@ -52,7 +57,8 @@ class Network(nn.Module):
     student: the projected feature after its ReLU, the one that is distilled).
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, classifier: nn.Module, projection: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module, feature_dim: int, classifier: nn.Module,
+                 projection: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.backbone_dim = feature_dim

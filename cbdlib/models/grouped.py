@@ -65,7 +65,8 @@ class TeacherFeatures(nn.Module):
         archs = {type(t.backbone) for t in teachers}
         dims = {t.backbone_dim for t in teachers}
         self.grouped = None
-        if grouped and len(teachers) > 1 and archs == {CifarResNet} and len(dims) == 1 and all(t.projection is None for t in teachers):
+        plain = all(t.projection is None for t in teachers)
+        if grouped and len(teachers) > 1 and archs == {CifarResNet} and len(dims) == 1 and plain:
             try:
                 self.grouped = GroupedCifarResNet.from_models([t.backbone for t in teachers]).eval()
                 self.grouped.requires_grad_(False)

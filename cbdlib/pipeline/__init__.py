@@ -8,8 +8,15 @@
 from .aggregate import aggregate_runs
 from .parameters import NOTEBOOK_PATTERN, Notebook, declared_parameters, discover_notebooks, validate_keys
 from .run import PACKAGE_ENV, execute_notebook, format_command, kernel_environment, package_dir, run_pipeline
-from .summary import (INDEX_COLUMNS, SPLIT_COLUMNS, append_index, format_seconds, format_split_table, index_row,
-                      summary_markdown)
+from .summary import (
+                      INDEX_COLUMNS,
+                      SPLIT_COLUMNS,
+                      append_index,
+                      format_seconds,
+                      format_split_table,
+                      index_row,
+                      summary_markdown,
+)
 
 __all__ = [
     "INDEX_COLUMNS", "NOTEBOOK_PATTERN", "Notebook", "PACKAGE_ENV", "SPLIT_COLUMNS", "aggregate_runs", "append_index",

@@ -14,8 +14,16 @@ from pathlib import Path
 from .. import config, runs
 from ..errors import CBDError, one_line
 from ..io import write_text
-from .parameters import (Notebook, checked_params, default_notebooks_dir, discover_notebooks, notebook_parameters,
-                         quiet_logger, validate_keys, yaml_scalar)
+from .parameters import (
+    Notebook,
+    checked_params,
+    default_notebooks_dir,
+    discover_notebooks,
+    notebook_parameters,
+    quiet_logger,
+    validate_keys,
+    yaml_scalar,
+)
 from .summary import append_index, display_path, format_seconds, index_row, read_metrics, summary_markdown
 
 log = logging.getLogger("cbdlib.pipeline")

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 from .. import config, runs
+from ..data.stats import split_size_lines
 from ..errors import CBDError, one_line
 from ..io import write_text
-from ..data.stats import split_size_lines
 from ..methods import best_baseline, method_order
 from ..metrics import ACCURACY_KEYS
 from .parameters import NOTEBOOK_PATTERN, yaml_scalar
@@ -187,8 +187,9 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out += [f"| **total** | {format_seconds(total)}{' (resumed)' if 'total' in resumed else ''} |", ""]
     if metrics is not None and metrics.get("stage_times_s"):
         again = set(metrics.get("resumed_stages", []))
+        stages = metrics["stage_times_s"].items()
         out.append("Training stages (summed over every invocation of the engine): " + ", ".join(
-            f"{k} {format_seconds(v)}{' (resumed)' if k in again else ''}" for k, v in metrics["stage_times_s"].items()))
+            f"{k} {format_seconds(v)}{' (resumed)' if k in again else ''}" for k, v in stages))
         out.append("")
 
     figures = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").is_dir() else []

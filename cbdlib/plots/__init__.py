@@ -18,8 +18,14 @@ builds its own figure with matplotlib's object API and returns the
 A split accuracy of ``None`` (no class in that split) is drawn as missing and written "n/a".
 """
 from ..methods import method_label
-from .accuracy import (confusion_matrix_plot, gain_vs_class_size, per_class_accuracy, split_accuracy_bars,
-                       split_accuracy_frame, split_accuracy_table)
+from .accuracy import (
+                       confusion_matrix_plot,
+                       gain_vs_class_size,
+                       per_class_accuracy,
+                       split_accuracy_bars,
+                       split_accuracy_frame,
+                       split_accuracy_table,
+)
 from .dataset import class_histogram, counts_table, cumulative_share, sample_grid
 from .style import MAX_WIDTH_IN, SPLIT_KEYS, SPLIT_LABELS, PlotInputError, save_figure
 from .training import tau_curve, training_curves

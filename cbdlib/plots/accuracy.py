@@ -8,9 +8,26 @@ import numpy as np
 
 from ..data.stats import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD, SHOT_SPLITS
 from ..methods import BASELINES, best_baseline, method_label
-from .style import (MAX_WIDTH_IN, SPLIT_KEYS, SPLIT_LABELS, PlotInputError, as_float, class_labels,
-                    membership, methods_in, order_by_count, palette, per_class_of, percent_axis, pyplot, save_figure,
-                    seaborn, split_colours, style, tick_labels)
+from .style import (
+    MAX_WIDTH_IN,
+    SPLIT_KEYS,
+    SPLIT_LABELS,
+    PlotInputError,
+    as_float,
+    class_labels,
+    membership,
+    methods_in,
+    order_by_count,
+    palette,
+    per_class_of,
+    percent_axis,
+    pyplot,
+    save_figure,
+    seaborn,
+    split_colours,
+    style,
+    tick_labels,
+)
 
 
 def split_accuracy_frame(metrics, methods=None, std=False):

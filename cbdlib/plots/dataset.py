@@ -1,13 +1,25 @@
 """Figures of the long-tailed training set: class histogram, cumulative share, sample grid, counts table."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..data.stats import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD, SHOT_SPLITS, THIRDS
-from .style import (MAX_WIDTH_IN, SPLIT_LABELS, PlotInputError, class_labels,
-                    membership, order_by_count, palette, percent_axis, pyplot, save_figure,
-                    split_colours, style, thirds_of, tick_labels)
+from .style import (
+    MAX_WIDTH_IN,
+    SPLIT_LABELS,
+    PlotInputError,
+    class_labels,
+    membership,
+    order_by_count,
+    palette,
+    percent_axis,
+    pyplot,
+    save_figure,
+    split_colours,
+    style,
+    thirds_of,
+    tick_labels,
+)
 
 
 def class_histogram(class_counts, splits, class_names=None, path=None):

@@ -13,7 +13,6 @@ from ..data.stats import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD, THIRDS
 from ..errors import CBDError
 from ..metrics import ACCURACY_KEYS
 
-
 SPLIT_KEYS = ACCURACY_KEYS   # membership always comes from the metrics' `splits`; the thresholds only label
 SPLIT_LABELS = {
     "all": "all",

@@ -6,9 +6,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .style import (MAX_WIDTH_IN, PlotInputError, palette, percent_axis, pyplot, save_figure,
-                    style)
-
+from .style import MAX_WIDTH_IN, PlotInputError, palette, percent_axis, pyplot, save_figure, style
 
 _CURVE_LABELS = {
     "loss": "total loss", "ce": "cross-entropy loss", "distill": "distillation loss",

@@ -1,13 +1,10 @@
 """t-SNE maps of test features (a teacher's and the CBD-ENS student's, side by side)."""
 from __future__ import annotations
 
-
 import matplotlib
 import numpy as np
 
-from .style import (MAX_WIDTH_IN, PlotInputError, class_labels,
-                    pyplot, save_figure,
-                    style)
+from .style import MAX_WIDTH_IN, PlotInputError, class_labels, pyplot, save_figure, style
 
 
 def subsample_indices(n: int, max_points=None, seed: int = 0) -> np.ndarray:

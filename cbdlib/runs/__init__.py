@@ -15,21 +15,20 @@ Layout of ``<run_name>/``::
 """
 
 from .folder import (
+    LOCK_TOKEN_ENV,
+    RESUMABLE_KEYS,
     clear_run_dir,
     effective_params,
     ensure_run_dir,
     has_results,
     lock_token,
-    LOCK_TOKEN_ENV,
     prepare_run_dir,
     read_params_yaml,
     refuse_if_busy,
     results_root,
-    RESUMABLE_KEYS,
     run_dir_for,
     run_lock,
 )
-from .timing import device_description, git_commit, NOTEBOOK_TIMES, provenance, STAGE_TIMES, timed, wall_times
 from .records import (
     append_history,
     build_metrics,
@@ -44,6 +43,7 @@ from .records import (
     validate_metrics,
     write_metrics,
 )
+from .timing import NOTEBOOK_TIMES, STAGE_TIMES, device_description, git_commit, provenance, timed, wall_times
 
 __all__ = [
     "append_history",

@@ -14,7 +14,6 @@ import yaml
 from ..config import Params, Settings, project_root
 from ..errors import CBDError
 from ..io import write_text
-
 from .timing import NOTEBOOK_TIMES, STAGE_TIMES
 
 log = logging.getLogger("cbdlib.runs")

@@ -121,7 +121,8 @@ def tau_choices(run_dir: Path, seeds):
             continue
         record = read_json(path)
         rows.append({"seed": seed, "tau": record.get("tau"),
-                     "validation balanced accuracy (%)": round(100 * record.get("tau_val_balanced_acc", float("nan")), 1),
+                     "validation balanced accuracy (%)":
+                         round(100 * record.get("tau_val_balanced_acc", float("nan")), 1),
                      "test top-1 (%)": round(100 * record["all"], 1)})
     return pd.DataFrame(rows, columns=["seed", "tau", "validation balanced accuracy (%)", "test top-1 (%)"])
 

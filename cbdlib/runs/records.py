@@ -73,7 +73,8 @@ def build_metrics(evaluations: dict, *, dataset: str, imbalance_ratio: float, cl
     metrics = {
         "dataset": dataset, "imbalance_ratio": imbalance_ratio, "class_counts": list(class_counts),
         "splits": splits, "seeds": list(seeds), "device": prov["device"], "torch": prov["torch"],
-        "git_commit": prov["git_commit"], "precision": prov.get("precision", "unknown"), "methods": methods, "std": stds,
+        "git_commit": prov["git_commit"], "precision": prov.get("precision", "unknown"),
+        "methods": methods, "std": stds,
     }
     check_finite(metrics)
     return metrics
@@ -187,7 +188,8 @@ def validate_metrics(metrics: dict) -> None:
     check_finite(metrics)
 
 
-def save_features(out: Path, seed: int, method: str, features: np.ndarray, labels: np.ndarray, max_points: int, sample_seed: int = 0) -> None:
+def save_features(out: Path, seed: int, method: str, features: np.ndarray, labels: np.ndarray, max_points: int,
+                  sample_seed: int = 0) -> None:
     """A fixed, class-stratified sample of test features for t-SNE."""
     rng = np.random.default_rng(sample_seed)
     keep = np.sort(rng.permutation(len(labels))[:max_points])

@@ -10,7 +10,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from .. import __version__
 from ..config import project_root
 from ..errors import CBDError
@@ -88,7 +87,8 @@ def git_commit() -> str:
     if env:
         return env
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True,
+                             timeout=10)
         if out.returncode == 0:
             commit = out.stdout.strip()
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_root(),
