@@ -194,8 +194,8 @@ def test_parallel_decoding_matches_serial(tmp_path, monkeypatch):
     tree = mixed_tree(tmp_path / "tree")
     serial = load_source("folder", tree, image_size=4)
     # Force the worker-process path (normally only for thousands of images).
-    monkeypatch.setattr(sources, "_PARALLEL_MIN_IMAGES", 1)
-    monkeypatch.setattr(sources, "_worker_count", lambda: 2)
+    monkeypatch.setattr(sources.decode, "PARALLEL_MIN_IMAGES", 1)
+    monkeypatch.setattr(sources.decode, "worker_count", lambda: 2)
     monkeypatch.setenv("CBD_CACHE_DIR", str(tmp_path / "other-cache"))
     parallel = load_source("folder", tree, image_size=4)
     for a, b in zip(serial, parallel):
@@ -272,12 +272,12 @@ def test_cifar_refuses_wrong_image_size(tmp_path):
 
 def test_cifar_absent_without_env_or_download(tmp_path, monkeypatch):
     monkeypatch.delenv("CBD_CIFAR10", raising=False)
-    monkeypatch.setattr(sources, "default_data_dir", lambda: tmp_path / "data")
+    monkeypatch.setattr(sources.cifar, "default_data_dir", lambda: tmp_path / "data")
 
     def offline(dataset, root):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(sources, "download_cifar", offline)
+    monkeypatch.setattr(sources.cifar, "download_cifar", offline)
     with pytest.raises(CBDError, match="CBD_CIFAR10") as err:
         load_source("cifar10", None)
     assert "--data" in str(err.value) and "\n" not in str(err.value)
@@ -296,13 +296,13 @@ def test_cifar_env_var_pointing_nowhere(tmp_path, monkeypatch):
 
 def counting_decoder(monkeypatch):
     calls = []
-    real = sources.decode_images
+    real = sources.decode.decode_images
 
     def wrapped(*args, **kwargs):
         calls.append(len(args[0]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sources, "decode_images", wrapped)
+    monkeypatch.setattr(sources.decode, "decode_images", wrapped)
     return calls
 
 
@@ -314,7 +314,7 @@ def test_second_load_hits_cache(tmp_path, monkeypatch, private_cache):
     def refuse(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(sources, "decode_images", refuse)
+    monkeypatch.setattr(sources.decode, "decode_images", refuse)
     second = load_source("folder", archive, image_size=6)
     for a, b in zip(first, second):
         assert np.array_equal(a.images, b.images) and a.class_names == b.class_names
