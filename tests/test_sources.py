@@ -253,6 +253,37 @@ def test_cifar100_pickles(tmp_path):
     assert test.images.shape == (2, 32, 32, 3)
 
 
+class _Hostile:
+    """Unpickling this calls ``open(target, "w")``: the file appears if pickled code runs."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("packed", ["folder", "tar.gz"])
+def test_a_hostile_pickle_in_a_cifar_batch_is_refused_and_runs_nothing(tmp_path, packed):
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    cifar10_pickles(folder)
+    target = tmp_path / "pwned"
+    rows = np.zeros((2, 3072), dtype=np.uint8)
+    blob = pickle.dumps({b"batch_label": b"x", b"data": rows, b"labels": [1, 2], b"extra": _Hostile(target)},
+                        protocol=2)
+    # The batch really is hostile: plain unpickling, as torchvision's loader does, creates the target.
+    pickle.loads(blob, encoding="latin1")
+    assert target.exists()
+    target.unlink()
+    (folder / "data_batch_3").write_bytes(blob)
+    data = tmp_path / "data" if packed == "folder" else make_tar(tmp_path / "data", tmp_path / "c.tar.gz")
+    with pytest.raises(CBDError, match=r"data_batch_3\)?: not a readable CIFAR pickle \(refusing to load "
+                                       r"(builtins|io)\.open\)") as err:
+        load_source("cifar10", data)
+    assert "\n" not in str(err.value)
+    assert not target.exists()
+
+
 def test_cifar10_image_tree_archive_uses_sorted_names(tmp_path):
     names = sorted(CIFAR10_NAMES, reverse=True)
     layout = {split: {n: [solid((i, i, i), size=(32, 32))] for i, n in enumerate(names)} for split in ("train", "test")}
