@@ -41,6 +41,7 @@ from .config import (
     field_names, make_params, resolve, teacher_method_name,
 )
 from .errors import CBDError
+from .notebook_outputs import check_outputs, expected_outputs, mark_started
 
 # The parameters each notebook declares in its ``parameters`` cell (tests check the cells against this).
 NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -127,6 +128,7 @@ def setup(namespace: Mapping[str, Any], notebook: str) -> tuple[Settings, Path]:
     run_dir = runs.run_dir_for(settings.run_name)
     runs.refuse_if_busy(run_dir)
     notebook_environment()
+    mark_started(notebook)  # the final check cell requires outputs written after this
     return settings, run_dir
 
 
@@ -182,6 +184,7 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
     run_dir = runs.run_dir_for(options.run_name)
     runs.refuse_if_busy(run_dir)
     notebook_environment()
+    mark_started("04")
     return options, run_dir
 
 
@@ -607,9 +610,9 @@ def save_table(table, path: Path) -> Path:
 
 __all__ = [
     "NOTEBOOK_PARAMETERS", "AnalysisOptions", "analysis_setup", "available", "best_baseline", "check_injected",
-    "class_names", "collect_params", "configure_logging", "dataset_summary", "describe", "evaluation", "experiment",
-    "has_features", "history", "imbalance_explorer", "injected_names", "key_methods",
-    "load_data", "load_features", "load_metrics", "notebook_environment", "paired_features", "require_stage_one",
-    "restrict", "save_table", "setup", "split_summary", "stage_one_missing", "student_and_baseline",
-    "tau_choices", "tau_curves", "teacher_names", "tsne_teacher",
+    "check_outputs", "class_names", "collect_params", "configure_logging", "dataset_summary", "describe",
+    "evaluation", "expected_outputs", "experiment", "has_features", "history", "imbalance_explorer",
+    "injected_names", "key_methods", "load_data", "load_features", "load_metrics", "notebook_environment",
+    "paired_features", "require_stage_one", "restrict", "save_table", "setup", "split_summary",
+    "stage_one_missing", "student_and_baseline", "tau_choices", "tau_curves", "teacher_names", "tsne_teacher",
 ]

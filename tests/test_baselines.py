@@ -12,7 +12,6 @@ import torch  # noqa: E402
 
 from cbdlib import CBDError, plots, workbook  # noqa: E402
 from cbdlib.config import load_params, load_params_file, make_params, params_dir, resolve  # noqa: E402
-from cbdlib.data import load_long_tail  # noqa: E402
 from cbdlib.data.samplers import CLASS_AWARE_SAMPLES_PER_CLASS, IndexSampler, StrategySampler, epoch_length  # noqa: E402
 from cbdlib.engine import Experiment, load_model  # noqa: E402
 from cbdlib.engine.stages import first_best  # noqa: E402
@@ -121,11 +120,6 @@ def test_an_ncm_head_rebuilt_from_its_spec_and_state_gives_the_same_logits():
 
 
 # --------------------------------------------------------------------------- cRT / LWS on digits
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
 
 
 def decoupled_run(out, digits, decoupled_bn):

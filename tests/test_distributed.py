@@ -201,6 +201,7 @@ def assert_same_weights(a, b, tolerance=1e-6):
             assert diff <= tolerance * max(1.0, expected.abs().max().item()), (model, key, diff)
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_train_the_same_weights_as_one_process_also_after_a_resume(worker, one_process, tmp_path):
     """Same global batch (64 = 2 x 32): the same batches, augmentations and averaged gradients.
 
@@ -221,6 +222,7 @@ def test_two_ddp_ranks_train_the_same_weights_as_one_process_also_after_a_resume
 # ---------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 def test_torchrun_teachers_stage_completes_and_agrees_with_one_process(tmp_path):
     command = ["--params", str(SMOKE), "--stage", "teachers"]
     done = torchrun("-m", "cbdlib.train", *command, "--out", str(tmp_path / "ddp"))

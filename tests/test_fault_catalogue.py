@@ -36,7 +36,7 @@ from cbdlib.engine import Experiment
 from cbdlib.metrics import split_accuracy
 from cbdlib.runs import checkpoint_path, evaluation_path
 from test_pipeline import write_notebook
-from test_reliability import ROOT, TINY, _image_tree, cli_env, digits, one_thread, tiny_settings, write_params  # noqa: F401 (fixtures)
+from test_reliability import ROOT, TINY, _image_tree, cli_env, one_thread, tiny_settings, write_params  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(autouse=True)
@@ -413,7 +413,7 @@ def test_a_full_disk_while_the_executed_notebook_is_written_keeps_the_previous_c
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(LocalHandler, "write", full_disk)
-    with pytest.raises(CBDError) as err:
+    with pytest.raises(CBDError, match="could not write the executed notebook") as err:
         pipeline.run_pipeline(params, {}, progress=False, notebooks_dir=notebooks)
     assert str(err.value) == (f"could not write the executed notebook {run / '01_only.ipynb'}: No space left on "
                               f"device (the previous copy is kept); free some space and rerun the same command "
@@ -474,6 +474,7 @@ WAIT = ("import time\nfrom cbdlib import runs, workbook\nsettings, run_dir = wor
         "        time.sleep(0.05)\n")
 
 
+@pytest.mark.slow
 def test_one_writer_for_the_whole_pipeline(tmp_path):
     notebooks = _one_notebook(tmp_path, WAIT, "run_name = 'default'\nsmoke = None\n")
     params = write_params(tmp_path / "p.yaml", {"run_name": "busy", "dataset": "digits"})
@@ -519,7 +520,7 @@ def test_a_label_one_past_the_last_class_is_named(tmp_path):
     (root / "test.txt").write_text("\n".join(lines) + "\n")
     lines[5] = lines[5].rsplit(" ", 1)[0] + " 10"  # one past the last of 10 classes
     (root / "train.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(CBDError) as err:
+    with pytest.raises(CBDError, match="line 6: label 10 has no image in the test split") as err:
         load_long_tail("splitfile", str(root), imbalance_ratio=1, val_per_class=1, image_size=8)
     assert str(err.value) == (f"{root / 'train.txt'}, line 6: label 10 has no image in the test split test.txt, "
                               f"whose labels run 0..9; labels must run 0..C-1: is that line mistyped?")
@@ -532,7 +533,7 @@ def test_a_label_one_past_the_last_class_in_a_large_benchmark_is_named(tmp_path)
     train = root / "ImageNet_LT_train.txt"
     train.write_text(train.read_text() + "train/n000/train_0.JPEG 3\n")
     entry = len(train.read_text().splitlines())
-    with pytest.raises(CBDError) as err:
+    with pytest.raises(CBDError, match="label 3 .* has no image in the test split ImageNet_LT_test.txt") as err:
         load_long_tail("imagenet_lt", str(root), imbalance_ratio=1)
     assert str(err.value) == (f"{train}: label 3 (image {entry}) has no image in the test split ImageNet_LT_test.txt, "
                               f"whose labels run 0..2; labels must run 0..C-1")
@@ -541,6 +542,7 @@ def test_a_label_one_past_the_last_class_in_a_large_benchmark_is_named(tmp_path)
 # =========================================================================== 7. ablate
 
 
+@pytest.mark.slow
 def test_ablate_checks_epochs_and_can_replace_its_students(tmp_path, digits, capsys):
     out = tmp_path / "run"
     Experiment(tiny_settings(methods=["teacher_vanilla_1"], epochs=2), out, data=digits, quiet=True).run("teachers")

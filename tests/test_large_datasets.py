@@ -222,6 +222,7 @@ def test_an_unreadable_image_in_a_worker_is_one_clear_error(imagenet_lt):
     assert ImageFileDataset(data.test, eval_transform(32, data.mean, data.std))[0][0].shape == (3, 32, 32)
 
 
+@pytest.mark.slow
 def test_experiment_trains_and_evaluates_on_the_streaming_path(imagenet_lt, tmp_path):
     settings = resolve(make_params(dict(
         dataset="imagenet_lt", data=str(imagenet_lt), imbalance_ratio=1, image_size=32, arch="resnet_tiny",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from cbdlib.config import make_params, resolve
 from cbdlib.data import load_long_tail
 from cbdlib.engine import Experiment, load_model, loop
 from cbdlib.runs import checkpoint_path, read_history
+from conftest import copy_run, run_settings
 
 ROOT = Path(cbdlib.__file__).resolve().parent.parent
 
@@ -50,11 +50,6 @@ TINY = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=3, 
 
 def tiny_settings(**changes):
     return resolve(make_params({**TINY, **changes}))
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -214,6 +209,7 @@ def straight_run(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_sigkilled_training_resumes_to_the_same_results(tmp_path, straight_run):
     """``python -m cbdlib.train ... --stage all``: SIGKILL mid-teacher, then mid-student, rerun; same numbers."""
     params = write_params(tmp_path / "crash.yaml", CRASH_PARAMS)
@@ -242,6 +238,7 @@ def test_sigkilled_training_resumes_to_the_same_results(tmp_path, straight_run):
     assert ("cbd_ens", CRASH_PARAMS["epochs"]) in epochs and ("teacher_vanilla_1", 1) in epochs
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_busy_run_folder_is_refused(tmp_path):
     params = write_params(tmp_path / "p.yaml", {**TINY, "epochs": 200, "methods": ["teacher_vanilla_1"]})
     out = tmp_path / "run"
@@ -279,20 +276,7 @@ def test_a_second_process_on_a_busy_run_folder_is_refused(tmp_path):
             proc.wait()
 
 
-def _pipeline_unavailable() -> str | None:
-    try:
-        import cbdlib.pipeline  # noqa: F401
-    except Exception as exc:  # being written concurrently: say why and skip
-        return f"cbdlib.pipeline cannot be imported ({type(exc).__name__}: {exc})"
-    if not any((ROOT / "notebooks").glob("0[1-4]_*.ipynb")):
-        return "notebooks/01..04 are absent"
-    if importlib.util.find_spec("papermill") is None:
-        return "papermill is not installed"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_pipeline_unavailable() is not None, reason=str(_pipeline_unavailable()))
 def test_sigkilled_pipeline_resumes_to_the_same_results(tmp_path, straight_run):
     """``python -m cbdlib run``: SIGKILL (process group) while notebook 02 trains the teacher, rerun.
 
@@ -358,7 +342,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, disk_ful
     target.parent.mkdir()
     target.write_text('{"old": true}\n')
     new = {"write_text": "new", "write_json": {"new": 1}, "write_bytes": b"new"}[writer]
-    with pytest.raises(CBDError) as err:
+    with pytest.raises(CBDError, match="No space left on device") as err:
         getattr(cio, writer)(target, new)
     assert str(err.value) == f"could not write {target}: No space left on device"
     assert target.read_text() == '{"old": true}\n'
@@ -569,7 +553,7 @@ def test_disk_full_during_training_stops_cleanly_and_the_rerun_resumes(tmp_path,
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(loop, "_step_loss", step)
     out = tmp_path / "full"
-    with pytest.raises(CBDError) as err:
+    with pytest.raises(CBDError, match="No space left on device") as err:
         Experiment(settings, out, data=digits, quiet=True).run("one_stage")
     assert str(err.value) == f"could not write {checkpoint_path(out, 1, 'ce')}: No space left on device"
     monkeypatch.undo()
@@ -697,7 +681,7 @@ def test_a_nan_loss_in_epoch_two_stops_and_keeps_epoch_one(tmp_path, digits, mon
 
     monkeypatch.setattr(loop, "_step_loss", nan_from_epoch_two)
     settings = tiny_settings(methods=["ce"])
-    with pytest.raises(CBDError) as err:
+    with pytest.raises(CBDError, match=r"non-finite loss in stage one_stage, model ce \(seed 1\), epoch 2") as err:
         Experiment(settings, tmp_path, data=digits, quiet=True).run("one_stage")
     step = min(50, steps_per_epoch)  # the loss is read every 50 steps and at the end of an epoch
     assert str(err.value) == (f"non-finite loss in stage one_stage, model ce (seed 1), epoch 2, by step {step}; "
@@ -774,7 +758,7 @@ def test_a_label_far_out_of_range_in_a_train_split_file_is_named_briefly(tmp_pat
     (root / "test.txt").write_text("\n".join(lines) + "\n")
     lines[3] = lines[3].rsplit(" ", 1)[0] + " 9999"  # a typo: one label far beyond the others
     (root / "train.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(CBDError) as err:
+    with pytest.raises(CBDError, match=r"train\.txt.*line 4") as err:
         load_long_tail("splitfile", str(root), imbalance_ratio=1, val_per_class=1, image_size=8)
     message = str(err.value)
     assert "\n" not in message and len(message) < 300, message[:400]
@@ -809,13 +793,12 @@ def test_split_file_and_cifar_images_of_other_modes_are_converted(tmp_path):
     assert train.images.shape == (10, 32, 32, 3) and np.all(train.images[names.index("cat")] == 100)
 
 
-def test_a_teacher_with_another_class_count_is_refused(tmp_path, digits):
-    settings = tiny_settings(epochs=1, methods=["teacher_vanilla_1", "cbd"])
-    exp = Experiment(settings, tmp_path, data=digits, quiet=True)
-    exp.run("teachers")
-    path = checkpoint_path(tmp_path, 1, "teacher_vanilla_1")
+def test_a_teacher_with_another_class_count_is_refused(tmp_path, teacher_run, digits):
+    out = copy_run(teacher_run, tmp_path)
+    path = checkpoint_path(out, 1, "teacher_vanilla_1")
     state = ckpt.load_checkpoint(path)
     ckpt.save_checkpoint(path, spec=state["spec"], meta={**state["meta"], "num_classes": 12}, model=state["model"])
+    exp = Experiment(run_settings(methods=["cbd"]), out, data=digits, quiet=True)
     with pytest.raises(CBDError, match=r"^checkpoint teacher_vanilla_1.pt was trained with num_classes=12, "
                                        r"but this run has num_classes=10$"):
         exp.run("students")
