@@ -97,7 +97,7 @@ def smoke_run() -> Path:
     env = {**os.environ, "CBD_SMOKE": "1", "MPLBACKEND": "Agg"}
     done = subprocess.run([sys.executable, "-m", "cbdlib", "run", "--no-progress"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.stderr.strip().splitlines() or [""])[-1] + "\n" + done.stderr[-3000:]
     run = results / "default"
     assert done.stdout.strip().endswith(str(run / "summary.md")), done.stdout[-2000:]
     # Everything the run wrote is inside its folder, besides its line in the results index.

@@ -31,7 +31,7 @@ def long_tailed_labels(counts=(400, 120, 40, 12, 4), seed=0):
     return np.random.default_rng(seed).permutation(labels)
 
 
-def run(args, timeout=120, **env):
+def run(args, timeout=900, **env):  # a hang guard, not a speed requirement
     """A subprocess in the project root; returns it after checking its exit status."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     done = subprocess.run(args, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)

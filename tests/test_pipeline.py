@@ -217,7 +217,7 @@ def test_failing_notebook_names_it(tmp_path, results, notebooks):
 def test_cli_run_error_is_one_line(tmp_path, results, notebooks):
     path = params_file(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "cbdlib", "run", "--params", str(path), "-p", "epochs=ten"],
-                          capture_output=True, text=True, env={**os.environ}, timeout=60)
+                          capture_output=True, text=True, env={**os.environ}, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: -p epochs=ten: parameter 'epochs' must be int")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

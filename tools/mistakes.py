@@ -1,11 +1,12 @@
 """Apply each deliberate mistake of docs/testing.md, run the tests said to catch it, revert.
 
-    python tools/mistakes.py [ID ...]        # all mistakes, or the ones named
+    python tools/mistakes.py [--show] [ID ...]   # all mistakes, or the ones named
 
 Each mistake is a literal replacement in one file of cbdlib (it must match exactly once, so a
 changed source stops this script instead of silently testing nothing). The file is restored
 from git after its tests ran, so run it on a clean checkout. Prints one line per mistake:
-CAUGHT with the failing tests, or MISSED. Exit status 1 if any mistake was missed.
+CAUGHT with the failing tests, or MISSED (``--show`` adds pytest's one-line reason for each
+failure). Exit status 1 if any mistake was missed.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ MISTAKES = {
 }
 
 
-def run(mistake_id: str) -> bool:
+def run(mistake_id: str, show: bool = False) -> bool:
     path, replacements, tests = MISTAKES[mistake_id]
     file = ROOT / path
     original = file.read_text()
@@ -128,7 +129,7 @@ def run(mistake_id: str) -> bool:
         text = text.replace(old, new)
     try:
         file.write_text(text)
-        env = {**os.environ, "CBD_SMOKE": "1", "MPLBACKEND": "Agg"}
+        env = {**os.environ, "CBD_SMOKE": "1", "MPLBACKEND": "Agg", "COLUMNS": "4000"}  # whole reasons
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0",
                                "-o", "addopts=", *tests], cwd=ROOT, env=env, capture_output=True, text=True)
     finally:
@@ -137,14 +138,19 @@ def run(mistake_id: str) -> bool:
     caught = done.returncode != 0 and bool(failed)
     print(f"{mistake_id}: {'CAUGHT by ' + ', '.join(failed) if caught else 'MISSED (rc ' + str(done.returncode) + ')'}",
           flush=True)
+    if show:
+        for line in re.findall(r"^(?:FAILED|ERROR) \S+ - (.*)$", done.stdout, re.M):
+            print(f"    {line[:300]}", flush=True)
     return caught
 
 
-def main(ids: list[str]) -> int:
+def main(args: list[str]) -> int:
+    show = "--show" in args
+    ids = [a for a in args if a != "--show"]
     unknown = [i for i in ids if i not in MISTAKES]
     if unknown:
         raise SystemExit(f"unknown mistakes: {', '.join(unknown)}; choose from {', '.join(MISTAKES)}")
-    results = [run(i) for i in ids or list(MISTAKES)]
+    results = [run(i, show) for i in ids or list(MISTAKES)]
     return 0 if all(results) else 1
 
 
