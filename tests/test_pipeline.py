@@ -349,12 +349,15 @@ def test_end_to_end_smoke_run(smoke_run):
     assert "| `cbd_ens` | 1 |" in summary and "**Smoke run**" in summary
 
 
-def test_the_real_notebooks_refuse_an_unknown_key_before_running(tmp_path):
-    env = {**os.environ, "CBD_RESULTS_DIR": str(tmp_path), "CBD_SMOKE": "1"}
-    cli = [sys.executable, "-m", "cbdlib", "run", "--params", "notebooks/params/smoke.yaml"]
-    for bad in ("epochs=ten", "epochz=3"):
-        proc = subprocess.run(cli + ["-p", bad], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and bad.split("=")[0] in lines[0], proc.stderr
+def test_the_real_notebooks_refuse_a_bad_value_or_an_unknown_key_before_running(tmp_path, monkeypatch, capsys):
+    from cbdlib.__main__ import main
+
+    monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("CBD_SMOKE", "1")
+    monkeypatch.chdir(ROOT)
+    for bad, message in (("epochs=ten", "parameter 'epochs' must be int"), ("epochz=3", "unknown parameter 'epochz'")):
+        capsys.readouterr()
+        assert main(["run", "--params", "notebooks/params/smoke.yaml", "--no-progress", "-p", bad]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: -p {bad}: ") and message in lines[0], lines
     assert list(tmp_path.iterdir()) == []
