@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from .data.stats import SPLIT_NAMES
+from .errors import CBDError
 
 ACCURACY_KEYS = ("all",) + SPLIT_NAMES
 
@@ -86,3 +87,62 @@ def check_finite(obj, where: str = "metrics") -> None:
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             check_finite(v, f"{where}[{i}]")
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def validate_metrics(metrics: dict) -> None:
+    """Check a metrics object against the contract's schema (used by tests, notebook 04 and ``aggregate``).
+
+    Accuracies are fractions in [0, 1] (per class too) or null; a split with no class is null;
+    every method has a std record of the same keys (non-negative or null); nothing is NaN.
+    """
+    if not isinstance(metrics, dict):
+        raise CBDError(f"metrics.json holds {type(metrics).__name__}, not a JSON object")
+    for key in ("dataset", "imbalance_ratio", "class_counts", "splits", "seeds", "device", "torch", "git_commit",
+                "methods", "std"):
+        if key not in metrics:
+            raise CBDError(f"metrics.json lacks {key!r}")
+    for key in ("splits", "methods", "std"):
+        if not isinstance(metrics[key], dict):
+            raise CBDError(f"metrics.json: {key} is not a mapping")
+    num_classes = len(metrics["class_counts"])
+    splits = metrics["splits"]
+    for split in SPLIT_NAMES:
+        if not isinstance(splits.get(split), list):
+            raise CBDError(f"metrics.json: splits lacks the list of {split!r} classes")
+    for name, record in metrics["methods"].items():
+        if not isinstance(record, dict):
+            raise CBDError(f"metrics.json: method {name} is not a mapping")
+        for key in ACCURACY_KEYS:
+            value = record.get(key, "absent")
+            if value == "absent":
+                raise CBDError(f"metrics.json: method {name} lacks {key!r}")
+            if value is not None and not _is_fraction(value):
+                raise CBDError(f"metrics.json: {name}.{key} = {value!r} is not a fraction")
+            if key in SPLIT_NAMES and not splits[key] and value is not None:
+                raise CBDError(f"metrics.json: {name}.{key} = {value!r}, but the {key} split has no class "
+                               "(null expected)")
+        per_class = record.get("per_class")
+        if not isinstance(per_class, list) or len(per_class) != num_classes:
+            size = len(per_class) if isinstance(per_class, list) else "no"
+            raise CBDError(f"metrics.json: {name}.per_class has {size} entries, not {num_classes}")
+        for label, value in enumerate(per_class):
+            if value is not None and not _is_fraction(value):
+                raise CBDError(f"metrics.json: {name}.per_class[{label}] = {value!r} is not a fraction")
+        std = metrics["std"].get(name)
+        if not isinstance(std, dict):
+            raise CBDError(f"metrics.json: no std for {name}")
+        for key in ACCURACY_KEYS:
+            value = std.get(key, "absent")
+            if value == "absent":
+                raise CBDError(f"metrics.json: std of {name} lacks {key!r}")
+            if value is not None and not _is_fraction(value):
+                raise CBDError(f"metrics.json: std {name}.{key} = {value!r} is not a standard deviation of fractions "
+                               "(in [0, 1])")
+    try:
+        check_finite(metrics)
+    except ValueError as error:
+        raise CBDError(f"metrics.json: {error}") from None

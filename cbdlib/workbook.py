@@ -46,6 +46,7 @@ from .config import (
 from .data.stats import split_size_lines
 from .errors import CBDError
 from .methods import TEACHER_NAME, best_baseline
+from .notebook_outputs import check_outputs, expected_outputs, mark_started  # noqa: F401
 from .plots import imbalance_explorer  # noqa: F401  (notebook 01 calls it from here)
 from .runs.readers import (  # noqa: F401
     class_names,
@@ -145,6 +146,7 @@ def setup(namespace: Mapping[str, Any], notebook: str) -> tuple[Settings, Path]:
     run_dir = runs.run_dir_for(settings.run_name)
     runs.refuse_if_busy(run_dir)
     notebook_environment()
+    mark_started(notebook)  # the final check cell requires outputs written after this
     return settings, run_dir
 
 
@@ -200,6 +202,7 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
     run_dir = runs.run_dir_for(options.run_name)
     runs.refuse_if_busy(run_dir)
     notebook_environment()
+    mark_started("04")
     return options, run_dir
 
 
@@ -438,9 +441,9 @@ def save_table(table, path: Path) -> Path:
 
 __all__ = [
     "NOTEBOOK_PARAMETERS", "AnalysisOptions", "analysis_setup", "available", "best_baseline", "check_injected",
-    "class_names", "collect_params", "configure_logging", "dataset_summary", "describe", "evaluation", "experiment",
-    "has_features", "history", "imbalance_explorer", "injected_names", "key_methods",
-    "load_data", "load_features", "load_metrics", "notebook_environment", "paired_features", "require_stage_one",
-    "restrict", "save_table", "setup", "split_summary", "stage_one_missing", "student_and_baseline",
-    "tau_choices", "tau_curves", "teacher_names", "tsne_teacher",
+    "check_outputs", "class_names", "collect_params", "configure_logging", "dataset_summary", "describe",
+    "evaluation", "expected_outputs", "experiment", "has_features", "history", "imbalance_explorer",
+    "injected_names", "key_methods", "load_data", "load_features", "load_metrics", "notebook_environment",
+    "paired_features", "require_stage_one", "restrict", "save_table", "setup", "split_summary",
+    "stage_one_missing", "student_and_baseline", "tau_choices", "tau_curves", "teacher_names", "tsne_teacher",
 ]

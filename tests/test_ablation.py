@@ -3,26 +3,23 @@ import json
 import subprocess
 import sys
 
-import yaml
+import pytest
 
-from cbdlib.config import params_dir
+from conftest import copy_run
 
 
-def test_ablation_rows_are_labelled_and_kept_out_of_metrics(tmp_path):
-    params = yaml.safe_load((params_dir() / "smoke.yaml").read_text())
-    params.update(teachers=["vanilla:1", "vanilla:2", "aug:1"], methods=["teacher_vanilla_1"])
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
-    run = tmp_path / "run"
-    train = subprocess.run([sys.executable, "-m", "cbdlib.train", "--params", str(tmp_path / "p.yaml"), "--out", str(run),
-                            "--stage", "teachers"], capture_output=True, text=True, timeout=300)
-    assert train.returncode == 0, train.stderr
+@pytest.mark.slow
+def test_ablation_rows_are_labelled_and_kept_out_of_metrics(teacher_run, tmp_path):
+    run = copy_run(teacher_run, tmp_path)  # four trained teachers: vanilla 1 and 2, aug 1 and 2
     before = json.loads((run / "metrics.json").read_text())["methods"].keys()
     done = subprocess.run([sys.executable, "-m", "cbdlib", "ablate", str(run), "--epochs", "1"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     result = json.loads((run / "ablation" / "ablation.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
     assert len(rows) == 7
+    assert rows["paper (alpha 0.4, beta 100, all teachers, projection)"]["teachers"] == [
+        "teacher_vanilla_1", "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2"]
     assert rows["alpha 0 (no distillation)"]["alpha"] == 0.0
     assert rows["beta 10"]["beta"] == 10.0
     assert rows["1 vanilla teacher (CBD)"]["teachers"] == ["teacher_vanilla_1"]

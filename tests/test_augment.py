@@ -67,14 +67,17 @@ def test_configs():
     assert (a.jitter_p, a.brightness, a.contrast, a.saturation, a.hue, a.grayscale_p) == (0.8, 0.8, 0.8, 0.8, 0.2, 0.2)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(crop_padding=-1), dict(jitter_p=1.5), dict(grayscale_p=-0.1), dict(brightness=-1.0), dict(hue=0.6)],
-)
-def test_config_validation(kwargs):
-    with pytest.raises(CBDError):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(crop_padding=-1), r"crop_padding must be a non-negative integer, got -1"),
+    (dict(jitter_p=1.5), r"jitter_p must be a probability in \[0, 1\], got 1.5"),
+    (dict(grayscale_p=-0.1), r"grayscale_p must be a probability in \[0, 1\], got -0.1"),
+    (dict(brightness=-1.0), r"brightness jitter strength must be >= 0, got -1.0"),
+    (dict(hue=0.6), r"hue jitter strength must be in \[0, 0.5\], got 0.6"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(CBDError, match=message):
         AugmentConfig(**kwargs)
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"image_size must be a positive integer, got 0"):
         vanilla_config(0)
 
 
@@ -317,7 +320,7 @@ def test_to_float_and_normalize():
     xf = to_float(x)
     assert xf.dtype == torch.float32 and float(xf.max()) <= 1.0
     torch.testing.assert_close(xf * 255, x.float())
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"to_float expects a uint8 tensor, got torch\.float32"):
         to_float(xf)
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
     out = normalize_nchw(xf, mean, std)
@@ -340,7 +343,8 @@ def test_eval_augmenter_is_plain_normalisation(device):
     assert out.is_contiguous()
     torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(3, device=device), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.std(dim=(0, 2, 3)), torch.ones(3, device=device), atol=1e-5, rtol=0)
-    ref = (bchw(xf) - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(std, device=device).view(1, 3, 1, 1)
+    mean_t, std_t = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
+    ref = (bchw(xf) - mean_t) / std_t
     torch.testing.assert_close(out, ref)
 
 
@@ -366,11 +370,11 @@ def test_cpu_generator_with_other_device_images_and_bad_input():
     x = rand_uint8(4, 8, 8, seed=26)
     aug = BatchAugmenter(aug_config(8), (0.5,) * 3, (0.5,) * 3)
     assert aug(x, None).shape == (4, 3, 8, 8)
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"BatchAugmenter expects uint8 images, got torch\.float32"):
         aug(x.float(), gen(0))
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"images must have 3 channels in the last dim, got shape \(4, 8, 8, 2\)"):
         aug(x[..., :2], gen(0))
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"std must be positive, got \[0\.0, 1\.0, 1\.0\]"):
         BatchAugmenter(None, (0.5,) * 3, (0.0, 1.0, 1.0))
 
 
@@ -404,5 +408,5 @@ def test_augmenter_draw_apply_split_and_vanilla_geometry():
         assert plain or mirror, f"image {i} is not a (mirrored) window"
         n_flipped += int(mirror and not plain)
     assert 10 < n_flipped < 50
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"apply needs uniforms of shape \(60, 13\) from draw\(\)"):
         aug.apply(x, None)

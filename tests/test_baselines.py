@@ -12,7 +12,6 @@ import torch  # noqa: E402
 
 from cbdlib import CBDError, plots, workbook  # noqa: E402
 from cbdlib.config import load_params, load_params_file, make_params, params_dir, resolve  # noqa: E402
-from cbdlib.data import load_long_tail  # noqa: E402
 from cbdlib.data.samplers import CLASS_AWARE_SAMPLES_PER_CLASS, IndexSampler, StrategySampler, epoch_length  # noqa: E402
 from cbdlib.engine import Experiment, load_model  # noqa: E402
 from cbdlib.engine.stages import first_best  # noqa: E402
@@ -123,11 +122,6 @@ def test_an_ncm_head_rebuilt_from_its_spec_and_state_gives_the_same_logits():
 # --------------------------------------------------------------------------- cRT / LWS on digits
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
-
-
 def decoupled_run(out, digits, decoupled_bn):
     settings = resolve(make_params(dict(
         dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=2, decoupled_epochs=2, lws_epochs=1,
@@ -201,7 +195,8 @@ def test_the_whole_tau_curve_is_recorded_and_plotted(train_bn_run, tmp_path):
     fig = plots.tau_curve(curves, path=tmp_path / "tau.png")
     assert (tmp_path / "tau.png").stat().st_size > 0
     line, star = fig.axes[0].get_lines()
-    assert np.allclose(line.get_xdata(), curve["tau"]) and np.allclose(line.get_ydata(), 100 * np.array(curve["val_acc"]))
+    assert np.allclose(line.get_xdata(), curve["tau"])
+    assert np.allclose(line.get_ydata(), 100 * np.array(curve["val_acc"]))
     assert star.get_xdata()[0] == curve["chosen"]
 
 

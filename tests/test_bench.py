@@ -3,10 +3,13 @@ import json
 import subprocess
 import sys
 
-CONTRACT_KEYS = {"device", "torch", "git_commit", "precision", "naive_img_per_s", "engine_img_per_s", "speedup", "one_model_s",
-                 "four_together_s", "together_ratio", "full_cbd_ens_s", "full_cbd_ens_extrapolated"}
+import pytest
+
+CONTRACT_KEYS = {"device", "torch", "git_commit", "precision", "naive_img_per_s", "engine_img_per_s", "speedup",
+                 "one_model_s", "four_together_s", "together_ratio", "full_cbd_ens_s", "full_cbd_ens_extrapolated"}
 
 
+@pytest.mark.slow
 def test_cpu_benchmark_reports_the_contract_keys(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "-m", "cbdlib.bench", "--device", "cpu", "--json", str(out)],

@@ -3,7 +3,14 @@ import pytest
 
 from cbdlib import CBDError
 from cbdlib.config import (
-    SMOKE_SETTINGS, Params, all_method_names, check_value, load_params, make_params, params_dir, parse_override,
+    SMOKE_SETTINGS,
+    Params,
+    all_method_names,
+    check_value,
+    load_params,
+    make_params,
+    params_dir,
+    parse_override,
     resolve,
 )
 

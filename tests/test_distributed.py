@@ -31,7 +31,7 @@ def long_tailed_labels(counts=(400, 120, 40, 12, 4), seed=0):
     return np.random.default_rng(seed).permutation(labels)
 
 
-def run(args, timeout=120, **env):
+def run(args, timeout=900, **env):  # a hang guard, not a speed requirement
     """A subprocess in the project root; returns it after checking its exit status."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     done = subprocess.run(args, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
@@ -40,7 +40,8 @@ def run(args, timeout=120, **env):
 
 
 def torchrun(*args, nproc=2, **kw):
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], **kw)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return run(command, **kw)
 
 
 # ---------------------------------------------------------------- the sampler
@@ -201,6 +202,7 @@ def assert_same_weights(a, b, tolerance=1e-6):
             assert diff <= tolerance * max(1.0, expected.abs().max().item()), (model, key, diff)
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_train_the_same_weights_as_one_process_also_after_a_resume(worker, one_process, tmp_path):
     """Same global batch (64 = 2 x 32): the same batches, augmentations and averaged gradients.
 
@@ -221,6 +223,7 @@ def test_two_ddp_ranks_train_the_same_weights_as_one_process_also_after_a_resume
 # ---------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 def test_torchrun_teachers_stage_completes_and_agrees_with_one_process(tmp_path):
     command = ["--params", str(SMOKE), "--stage", "teachers"]
     done = torchrun("-m", "cbdlib.train", *command, "--out", str(tmp_path / "ddp"))

@@ -8,36 +8,21 @@ import torch
 
 from cbdlib import CBDError
 from cbdlib import checkpoint as ckpt
-from cbdlib.config import all_method_names, make_params, resolve
-from cbdlib.data import load_long_tail
+from cbdlib.config import all_method_names
 from cbdlib.engine import Experiment, hooks, load_model, predict
 from cbdlib.runs import checkpoint_path, validate_metrics
+from conftest import RUN, copy_run, run_settings
 
-TINY = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=12, decoupled_epochs=3,
-            batch_size=32, lr=0.05, teachers=["vanilla:1", "vanilla:2", "aug:1", "aug:2"], seeds=[1],
-            device="cpu", smoke=False, tsne_samples=100, warmup_epochs=1)
+TINY = RUN  # the shared runs' settings (tests/conftest.py)
 
 
 def tiny_settings(**changes):
-    return resolve(make_params({**TINY, **changes}))
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, digits):
-    out = tmp_path_factory.mktemp("run")
-    exp = Experiment(tiny_settings(), out, data=digits, quiet=True)
-    metrics = exp.run("all")
-    return out, metrics
+    return run_settings(**changes)
 
 
 @pytest.mark.slow
 def test_every_method_is_trained_evaluated_and_above_chance(finished_run):
-    out, metrics = finished_run
+    out, metrics = finished_run.out, finished_run.metrics
     validate_metrics(metrics)
     assert set(metrics["methods"]) == set(all_method_names(TINY["teachers"]))
     chance = 1 / 10
@@ -50,15 +35,8 @@ def test_every_method_is_trained_evaluated_and_above_chance(finished_run):
 
 
 @pytest.mark.slow
-def test_tau_is_chosen_on_validation_and_recorded(finished_run):
-    out, _ = finished_run
-    record = json.loads((out / "evaluations" / "seed_1" / "tau_norm.json").read_text())
-    assert record["tau"] in record["tau_grid"]
-
-
-@pytest.mark.slow
 def test_history_holds_ce_and_distillation_terms(finished_run):
-    out, _ = finished_run
+    out = finished_run.out
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     student = [r for r in rows if r["model"] == "cbd_ens"]
     assert len(student) == TINY["epochs"]
@@ -68,7 +46,7 @@ def test_history_holds_ce_and_distillation_terms(finished_run):
 
 @pytest.mark.slow
 def test_saved_models_reload_and_give_the_same_accuracy(finished_run, digits):
-    out, metrics = finished_run
+    out, metrics = finished_run.out, finished_run.metrics
     for method in ("cbd_ens", "tau_norm", "ncm", "lws"):
         model = load_model(checkpoint_path(out, 1, method))
         _, logits = predict(model, digits.test_images, digits.mean, digits.std, torch.device("cpu"))
@@ -133,25 +111,22 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, digits):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_teacher_from_another_dataset_is_refused(tmp_path, digits):
-    settings = tiny_settings(epochs=1, teachers=["vanilla:1"], methods=["teacher_vanilla_1", "cbd"])
-    exp = Experiment(settings, tmp_path, data=digits, quiet=True)
-    exp.run("teachers")
-    path = checkpoint_path(tmp_path, 1, "teacher_vanilla_1")
+def test_a_teacher_from_another_dataset_is_refused(tmp_path, teacher_run, digits):
+    out = copy_run(teacher_run, tmp_path)
+    path = checkpoint_path(out, 1, "teacher_vanilla_1")
     state = ckpt.load_checkpoint(path)
     state["meta"]["num_classes"] = 100
     state["meta"]["dataset"] = "cifar100"
     path.unlink()
     ckpt.save_checkpoint(path, spec=state["spec"], meta=state["meta"], model=state["model"])
+    exp = Experiment(tiny_settings(methods=["cbd"]), out, data=digits, quiet=True)
     with pytest.raises(CBDError, match=r"trained with dataset='cifar100', but this run has dataset='digits'"):
         exp.run("students")
 
 
-def test_a_corrupt_checkpoint_is_refused_with_a_clear_error(tmp_path, digits):
-    settings = tiny_settings(epochs=1, teachers=["vanilla:1"], methods=["teacher_vanilla_1"])
-    Experiment(settings, tmp_path, data=digits, quiet=True).run("teachers")
-    path = checkpoint_path(tmp_path, 1, "teacher_vanilla_1")
-    path.write_bytes(path.read_bytes()[:2000])  # truncated
+def test_a_corrupt_checkpoint_is_refused_with_a_clear_error(tmp_path, teacher_run):
+    path = tmp_path / "teacher_vanilla_1.pt"
+    path.write_bytes(checkpoint_path(teacher_run, 1, "teacher_vanilla_1").read_bytes()[:2000])  # truncated
     with pytest.raises(CBDError, match="cannot load checkpoint"):
         load_model(path)
 

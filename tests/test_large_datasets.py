@@ -11,11 +11,17 @@ from cbdlib import CBDError
 from cbdlib.config import make_params, resolve
 from cbdlib.data import load_long_tail
 from cbdlib.data.large import LargeLongTail, load_large
+from cbdlib.data.samplers import DistributedStrategySampler
 from cbdlib.data.streaming import (
-    ImageFileDataset, SeededSampler, StreamData, eval_resize, eval_transform, make_eval_loader, make_train_loader,
+    ImageFileDataset,
+    SeededSampler,
+    StreamData,
+    eval_resize,
+    eval_transform,
+    make_eval_loader,
+    make_train_loader,
     train_transform,
 )
-from cbdlib.data.samplers import DistributedStrategySampler
 from cbdlib.engine import Experiment
 from cbdlib.runs import validate_metrics
 
@@ -222,6 +228,7 @@ def test_an_unreadable_image_in_a_worker_is_one_clear_error(imagenet_lt):
     assert ImageFileDataset(data.test, eval_transform(32, data.mean, data.std))[0][0].shape == (3, 32, 32)
 
 
+@pytest.mark.slow
 def test_experiment_trains_and_evaluates_on_the_streaming_path(imagenet_lt, tmp_path):
     settings = resolve(make_params(dict(
         dataset="imagenet_lt", data=str(imagenet_lt), imbalance_ratio=1, image_size=32, arch="resnet_tiny",

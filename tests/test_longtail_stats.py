@@ -139,9 +139,9 @@ def test_stats_bad_input_is_one_clear_line(args, message):
 
 
 @pytest.mark.integration
-def test_cifar10_lt_ir100_from_the_offline_copy():
-    if not os.environ.get("CBD_CIFAR10"):
-        pytest.skip("CBD_CIFAR10 not set: point it at CIFAR-10 (e.g. the offline cifar10-jpg.tar.gz)")
+@pytest.mark.slow
+def test_cifar10_lt_ir100_from_the_offline_copy(cifar10_cache, monkeypatch):
+    monkeypatch.setenv("CBD_CACHE_DIR", str(cifar10_cache))  # decoded once per session (see conftest.py)
     data = load_long_tail("cifar10", None, imbalance_ratio=100, lt_seed=0, val_per_class=10)
     assert data.class_counts == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     assert len(data.train_labels) == 12406

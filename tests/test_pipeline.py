@@ -205,7 +205,7 @@ def test_notebook_only_key_with_none_default_takes_any_type(notebooks):
 def test_failing_notebook_names_it(tmp_path, results, notebooks):
     write_notebook(notebooks / "03_fails.ipynb", "run_name = 'default'\n",
                    "x = 1\nraise ValueError('boom: the data\\nsecond line')\n")
-    with pytest.raises(CBDError) as info:
+    with pytest.raises(CBDError, match="03_fails.ipynb failed") as info:
         pipeline.run_pipeline(params_file(tmp_path), {}, progress=False, notebooks_dir=notebooks)
     message = str(info.value)
     partial = results / "fixture" / "03_fails.ipynb"
@@ -218,7 +218,7 @@ def test_failing_notebook_names_it(tmp_path, results, notebooks):
 def test_cli_run_error_is_one_line(tmp_path, results, notebooks):
     path = params_file(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "cbdlib", "run", "--params", str(path), "-p", "epochs=ten"],
-                          capture_output=True, text=True, env={**os.environ}, timeout=60)
+                          capture_output=True, text=True, env={**os.environ}, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: -p epochs=ten: parameter 'epochs' must be an integer")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -334,27 +334,31 @@ CONTRACT_METHODS = ["teacher_vanilla_1", "teacher_vanilla_2", "teacher_aug_1", "
 
 
 @pytest.mark.slow
-def test_end_to_end_smoke_run(tmp_path):
-    missing = [n for n in REAL_NOTEBOOKS if not (ROOT / "notebooks" / n).exists()]
-    if missing:
-        pytest.skip(f"the workbook's notebooks are not written yet: {', '.join(missing)}")
-    env = {**os.environ, "CBD_RESULTS_DIR": str(tmp_path), "CBD_SMOKE": "1", "MPLBACKEND": "Agg"}
-    cli = [sys.executable, "-m", "cbdlib", "run", "--params", "notebooks/params/smoke.yaml"]
-    proc = subprocess.run(cli + ["--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "smoke"
-    assert proc.stdout.strip().endswith(str(run / "summary.md"))
+def test_end_to_end_smoke_run(smoke_run):
+    """``python -m cbdlib run`` on the smoke profile (the session's shared run, see conftest.py)."""
+    run = smoke_run
     metrics = json.loads((run / "metrics.json").read_text())
     runs.validate_metrics(metrics)
     assert sorted(metrics["methods"]) == sorted(CONTRACT_METHODS)
     for name in ("params.yaml", "per_class.csv", "history.jsonl", "summary.md", *REAL_NOTEBOOKS):
         assert (run / name).is_file(), name
     assert list((run / "figures").glob("*.png"))
-    rows = list(csv.DictReader((tmp_path / "index.csv").open()))
-    assert rows[-1]["run_name"] == "smoke" and rows[-1]["path"] == str(run)
+    rows = [r for r in csv.DictReader((run.parent / "index.csv").open()) if r["path"] == str(run)]
+    assert len(rows) == 1 and rows[0]["run_name"] == "default"
+    assert float(rows[0]["cbd_ens_all"]) == pytest.approx(metrics["methods"]["cbd_ens"]["all"], abs=1e-4)
+    summary = (run / "summary.md").read_text()
+    assert "| `cbd_ens` | 1 |" in summary and "**Smoke run**" in summary
 
-    for bad in ("epochs=ten", "epochz=3"):
-        proc = subprocess.run(cli + ["-p", bad], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and bad.split("=")[0] in lines[0], proc.stderr
+
+def test_the_real_notebooks_refuse_a_bad_value_or_an_unknown_key_before_running(tmp_path, monkeypatch, capsys):
+    from cbdlib.__main__ import main
+
+    monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("CBD_SMOKE", "1")
+    monkeypatch.chdir(ROOT)
+    for bad, message in (("epochs=ten", "parameter 'epochs' must be int"), ("epochz=3", "unknown parameter 'epochz'")):
+        capsys.readouterr()
+        assert main(["run", "--params", "notebooks/params/smoke.yaml", "--no-progress", "-p", bad]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: -p {bad}: ") and message in lines[0], lines
+    assert list(tmp_path.iterdir()) == []

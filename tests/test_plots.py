@@ -302,7 +302,8 @@ def test_training_curves(tmp_path):
 
 
 def test_method_explorer(metrics):
-    ipywidgets = pytest.importorskip("ipywidgets")
+    import ipywidgets
+
     box = plots.method_explorer(metrics, class_names=NAMES)
     assert isinstance(box, ipywidgets.VBox)
     selector = box.children[0].children[0]

@@ -8,7 +8,6 @@ import torch
 
 from cbdlib import CBDError
 from cbdlib.config import make_params, resolve
-from cbdlib.data import load_long_tail
 from cbdlib.engine import DeviceData, Experiment, Job, loop
 from cbdlib.engine import precision as prec
 from cbdlib.engine.losses import job_loss
@@ -17,11 +16,6 @@ from cbdlib.models import ModelSpec
 from cbdlib.runs import checkpoint_path
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
 
 
 def test_explicit_precisions_are_taken_as_they_are():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from cbdlib.errors import CBDError
 from cbdlib.data.samplers import STRATEGIES, IndexSampler, StrategySampler, make_sampler
+from cbdlib.errors import CBDError
 
 COUNTS = [1000, 300, 100, 30, 10]
 
@@ -199,9 +199,9 @@ def test_single_class_and_single_image():
 
 
 def test_unknown_strategy_raises():
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"unknown sampling strategy 'balanced-ish'; expected one of instance"):
         IndexSampler(long_tailed_labels(), "balanced-ish")
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"unknown sampling strategy 'nope'; expected one of instance"):
         make_sampler("nope", long_tailed_labels())
 
 
@@ -209,30 +209,30 @@ def test_strategy_name_normalisation():
     assert IndexSampler([0, 1], "Class-Balanced").strategy == "class_balanced"
 
 
-@pytest.mark.parametrize("bad", [
-    np.array([], dtype=np.int64),
-    np.array([0.0, 1.0]),
-    np.array([[0, 1], [1, 0]]),
-    np.array([0, -1, 2]),
-    np.array([True, False]),
+@pytest.mark.parametrize("bad, message", [
+    (np.array([], dtype=np.int64), r"labels are empty: cannot sample from an empty training set"),
+    (np.array([0.0, 1.0]), r"labels must have an integer dtype, got torch.float64"),
+    (np.array([[0, 1], [1, 0]]), r"labels must be 1-D, got shape \(2, 2\)"),
+    (np.array([0, -1, 2]), r"labels must be non-negative, found -1"),
+    (np.array([True, False]), r"labels must have an integer dtype, got torch.bool"),
 ])
-def test_bad_labels_raise(bad):
-    with pytest.raises(CBDError):
+def test_bad_labels_raise(bad, message):
+    with pytest.raises(CBDError, match=message):
         IndexSampler(bad, "instance")
 
 
 def test_bad_arguments_raise():
     labels = long_tailed_labels()
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"num_classes=3 but labels go up to 4"):
         IndexSampler(labels, num_classes=3)  # labels go up to 4
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"total_epochs must be a positive integer, got 0"):
         IndexSampler(labels, "progressive", total_epochs=0)
     s = IndexSampler(labels, "class_balanced")
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"epoch must be a non-negative integer, got -1"):
         s.epoch_indices(-1)
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"epoch must be a non-negative integer, got -2"):
         s.class_probabilities(-2)
-    with pytest.raises(CBDError):
+    with pytest.raises(CBDError, match=r"make_sampler: unknown keyword\(s\) seed"):
         make_sampler("instance", labels, seed=1)  # the keyword is generator_seed
 
 

@@ -20,10 +20,10 @@ def data():
     return DeviceData.from_long_tail(lt, CPU)
 
 
-def _jobs():
+def _jobs(epochs=2):
     # A gentle lr: at 0.05 a perturbation of 1e-7 in the weights alone grows to 0.5% in one epoch
     # (cosine heads amplify float noise), which would hide a real difference.
-    common = dict(train_seed=1, epochs=2, batch_size=32, lr=0.01, warmup_epochs=1)
+    common = dict(train_seed=1, epochs=epochs, batch_size=32, lr=0.01, warmup_epochs=1)
     cosine = ModelSpec("resnet_tiny", 10, "cosine")
     linear = ModelSpec("resnet_tiny", 10, "linear")
     return [Job(name="teacher_vanilla_1", spec=cosine, augment="vanilla", **common),
@@ -48,8 +48,10 @@ def test_grouped_forward_equals_separate_forwards():
             torch.testing.assert_close(value, net.state_dict()[key])
 
 
-def test_training_together_matches_training_alone(tmp_path, data):
-    jobs = _jobs()
+def test_training_together_matches_training_alone_in_every_weight_and_buffer(tmp_path, data):
+    # One epoch: after more, the aug recipe amplifies float noise (grouped and separate convolutions
+    # sum in other orders) beyond what a tight tolerance allows.
+    jobs = _jobs(epochs=1)
     assert can_train_together(jobs)
     meta = {"dataset": "digits"}
     alone = []
@@ -59,19 +61,23 @@ def test_training_together_matches_training_alone(tmp_path, data):
                  history_path=tmp_path / "alone.jsonl", meta=meta, stage="teachers", quiet=True)
         alone.append(model)
     models = [loop.init_model(j.spec, j.seed) for j in jobs]
-    fit_together(jobs, models, data, device=CPU, checkpoint_paths=[tmp_path / "together" / f"{j.name}.pt" for j in jobs],
+    paths = [tmp_path / "together" / f"{j.name}.pt" for j in jobs]
+    fit_together(jobs, models, data, device=CPU, checkpoint_paths=paths,
                  history_path=tmp_path / "together.jsonl", metas=[meta] * 4, stage="teachers", quiet=True)
     a, b = _history(tmp_path / "alone.jsonl"), _history(tmp_path / "together.jsonl")
     assert a.keys() == b.keys()
     for key in a:
-        assert b[key]["loss"] == pytest.approx(a[key]["loss"], rel=1e-3, abs=1e-4), key
+        assert b[key]["loss"] == pytest.approx(a[key]["loss"], rel=1e-4, abs=1e-5), key
         assert b[key]["steps"] == a[key]["steps"] == len(data.train_labels) // 32, key
-    for m_alone, m_together in zip(alone, models):
+    for job, m_alone, m_together in zip(jobs, alone, models):
+        start = loop.init_model(job.spec, job.seed).state_dict()
         sa, st = m_alone.state_dict(), m_together.state_dict()
-        for key in sa:
-            if "running" in key:  # BatchNorm statistics updated per model
-                torch.testing.assert_close(st[key], sa[key], atol=2e-3, rtol=2e-3)
-        torch.testing.assert_close(st["classifier.weight"], sa["classifier.weight"], atol=2e-3, rtol=2e-3)
+        assert sa.keys() == st.keys()
+        for key in sa:  # every parameter and buffer, BatchNorm statistics and counters included
+            torch.testing.assert_close(st[key], sa[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{job.name} {key}: {m}")
+            if sa[key].is_floating_point() and not key.endswith("scale"):
+                # it trained: the comparison means something
+                assert not torch.equal(sa[key], start[key]), (job.name, key)
 
 
 def test_resume_together_equals_uninterrupted(tmp_path, data):

@@ -9,6 +9,8 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -160,7 +162,8 @@ def test_training_notebooks_declare_every_schema_key_with_the_default_yaml_value
 
 
 def test_papermill_sees_the_declared_parameters():
-    papermill = pytest.importorskip("papermill")
+    import papermill
+
     for key, name in workbook.NOTEBOOK_FILES.items():
         assert tuple(papermill.inspect_notebook(str(NOTEBOOKS / name))) == workbook.NOTEBOOK_PARAMETERS[key]
 
@@ -296,71 +299,136 @@ def images(nb):
     return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
-@pytest.fixture(scope="module")
-def smoke_chain(tmp_path_factory):
-    """Notebooks 01 -> 04 on the smoke settings, run name "t", in a temporary results folder."""
-    pytest.importorskip("papermill")
-    results = tmp_path_factory.mktemp("results")
-    executed = tmp_path_factory.mktemp("executed")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CBD_RESULTS_DIR", str(results))
-        mp.setenv("MPLBACKEND", "Agg")  # as CI does: the notebooks still draw inline
-        mp.delenv("CBD_SMOKE", raising=False)
-        nbs = {"01": execute("01", executed, run_name="t", imbalance_ratio=20, smoke=True)}
-        for key in ("02", "03", "04"):
-            nbs[key] = execute(key, executed, run_name="t", smoke=True)
-    return results / "t", nbs
+def executed(run_dir, key):
+    """The copy of notebook ``key`` that ``cbdlib run`` executed into the run folder."""
+    return nbformat.read(run_dir / workbook.NOTEBOOK_FILES[key], as_version=4)
+
+
+SMOKE_METHODS = {"teacher_vanilla_1", "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2", "teacher_ensemble",
+                 "ce", "ce_cb", "balanced_softmax", "crt", "lws", "tau_norm", "ncm", "cbd", "cbd_ens"}
 
 
 @pytest.mark.slow
-def test_smoke_chain_fills_the_run_folder(smoke_chain):
-    run_dir, nbs = smoke_chain
+def test_the_smoke_run_fills_the_run_folder(smoke_run):
+    run_dir = smoke_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    teachers = ["teacher_vanilla_1", "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2", "teacher_ensemble"]
-    baselines = ["ce", "ce_cb", "balanced_softmax", "crt", "lws", "tau_norm", "ncm"]
-    assert set(metrics["methods"]) == set(teachers + baselines + ["cbd", "cbd_ens"])
+    assert set(metrics["methods"]) == SMOKE_METHODS and metrics["seeds"] == [1]  # smoke: one seed
     figures = {p.name for p in (run_dir / "figures").iterdir()}
-    for name in ("01_class_histogram.png", "01_cumulative_share.png", "01_sample_images.png",
-                 "02_teacher_curves.png", "02_baseline_curves.png", "02_teacher_per_class.png",
-                 "03_student_curves.png", "03_cbd_vs_baselines.png", "04_split_accuracy.png",
-                 "04_per_class_accuracy.png", "04_gain_vs_class_size.png", "04_tsne.png",
-                 "04_split_table.csv"):
-        assert name in figures
-    assert any(n.startswith("04_confusion_cbd_ens") for n in figures)
-    # Everything the notebooks wrote is inside the run folder.
-    assert [p.name for p in run_dir.parent.iterdir()] == ["t"]
+    for name in ("01_class_histogram.png", "01_cumulative_share.png", "01_sample_images.png", "01_counts_table.csv",
+                 "02_teacher_curves.png", "02_baseline_curves.png", "02_teacher_per_class.png", "02_split_table.csv",
+                 "03_tau_curve.png", "03_student_curves.png", "03_cbd_vs_baselines.png", "03_cbd_table.csv",
+                 "04_split_accuracy.png", "04_per_class_accuracy.png", "04_gain_vs_class_size.png", "04_tsne.png",
+                 "04_split_table.csv", "04_confusion_cbd_ens.png"):
+        assert name in figures, name
+    assert len([n for n in figures if n.startswith("04_confusion_")]) == 2  # CBD-ENS and the best baseline
     # Figures are drawn into the executed notebooks too (inline, even with MPLBACKEND=Agg).
-    assert images(nbs["01"]) >= 3 and images(nbs["02"]) >= 3 and images(nbs["04"]) >= 5
+    nbs = {key: executed(run_dir, key) for key in workbook.NOTEBOOK_FILES}
+    assert images(nbs["01"]) >= 3 and images(nbs["02"]) >= 3 and images(nbs["03"]) >= 3 and images(nbs["04"]) >= 5
+    for key, nb in nbs.items():  # each notebook's final check ran and passed
+        assert "figures and tables written to" in outputs_text(nb), key
 
 
 @pytest.mark.slow
-def test_smoke_chain_applies_the_papermill_parameters(smoke_chain):
-    run_dir, nbs = smoke_chain
-    text = outputs_text(nbs["01"])
-    assert "requested imbalance ratio 20" in text and "many-shot (> 100 training images)" in text
-    assert "smoke profile" in outputs_text(nbs["02"])
-    assert "epoch 2/2" in outputs_text(nbs["02"])  # the library's per-epoch log reaches the notebook
-    assert "test top-1" in outputs_text(nbs["03"])
+def test_the_smoke_run_shows_the_library_log_and_the_settings_used(smoke_run):
+    run_dir = smoke_run
+    assert "requested imbalance ratio 10" in outputs_text(executed(run_dir, "01"))
+    assert "smoke profile" in outputs_text(executed(run_dir, "02"))
+    assert "epoch 2/2" in outputs_text(executed(run_dir, "02"))  # the library's per-epoch log reaches the notebook
+    assert "test top-1" in outputs_text(executed(run_dir, "03"))
     params = (run_dir / "params.yaml").read_text()
-    assert "run_name: t" in params and "arch: resnet_tiny" in params
+    assert "run_name: default" in params and "arch: resnet_tiny" in params
     taus = workbook.tau_choices(run_dir, [1])
     assert len(taus) == 1 and 0.0 <= taus["tau"][0] <= 2.0
 
 
 @pytest.mark.slow
-def test_notebooks_stop_with_clear_errors(smoke_chain, tmp_path, monkeypatch):
+def test_papermill_parameters_reach_the_notebook(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path / "results"))
+    nb = execute("01", tmp_path, run_name="ratio20", imbalance_ratio=20, smoke=True)
+    text = outputs_text(nb)
+    assert "requested imbalance ratio 20" in text and "many-shot (> 100)" in text
+    assert (tmp_path / "results" / "ratio20" / "figures" / "01_class_histogram.png").is_file()
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["ratio20"]  # nothing written elsewhere
+
+
+@pytest.mark.slow
+def test_notebooks_stop_with_clear_errors(smoke_run, tmp_path, monkeypatch):
     import papermill
 
-    run_dir, _ = smoke_chain
-    monkeypatch.setenv("CBD_RESULTS_DIR", str(run_dir.parent))
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copytree(smoke_run, results / "t", ignore=shutil.ignore_patterns(".lock"))
+    monkeypatch.setenv("CBD_RESULTS_DIR", str(results))
     with pytest.raises(papermill.PapermillExecutionError, match="no parameter 'epochz'"):
         execute("02", tmp_path, run_name="t", smoke=True, epochz=3)
     with pytest.raises(papermill.PapermillExecutionError, match="run notebook 02_teacher_training.ipynb first"):
         execute("03", tmp_path, run_name="fresh", smoke=True)
     with pytest.raises(papermill.PapermillExecutionError, match="run notebooks 02 and 03"):
         execute("04", tmp_path, run_name="fresh")
-    assert not (run_dir.parent / "fresh").exists()
-    # Notebook 04 on a subset of methods: notes, no crash.
+    assert not (results / "fresh").exists()
+    # Notebook 04 on a subset of methods: notes, no crash, and its check asks only for what it can draw.
     nb = execute("04", tmp_path, run_name="t", methods=["ce", "cbd"], smoke=True)
     text = outputs_text(nb)
-    assert "cbd_ens is not in this run" in text
+    assert "cbd_ens is not in this run" in text and "all 3 figures and tables written" in text
+
+
+# --------------------------------------------------------------------------- the notebooks' final check
+
+
+def _touch_all(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+
+
+def test_the_final_check_names_a_missing_or_older_output(tmp_path, capsys):
+    figures = tmp_path / "figures"
+    names = workbook.expected_outputs("02", tmp_path)
+    assert names == ["02_teacher_curves.png", "02_baseline_curves.png", "02_teacher_per_class.png",
+                     "02_split_table.csv"]
+    start = time.time()
+    _touch_all(figures, names[1:])
+    with pytest.raises(CBDError, match=r"^notebook 02 did not write 02_teacher_curves.png in .*figures$"):
+        workbook.check_outputs("02", tmp_path, since=start)
+    _touch_all(figures, names[:1])
+    assert workbook.check_outputs("02", tmp_path, since=start) == names
+    assert "notebook 02: all 4 figures and tables written to" in capsys.readouterr().out
+    old = start - 3600
+    os.utime(figures / "02_split_table.csv", (old, old))  # left by an earlier execution
+    with pytest.raises(CBDError, match=r"notebook 02 left older copies of 02_split_table.csv \(written before this "
+                                       r"execution\)"):
+        workbook.check_outputs("02", tmp_path, since=start)
+    with pytest.raises(CBDError, match="unknown notebook '05'"):
+        workbook.expected_outputs("05", tmp_path)
+
+
+def test_the_final_check_uses_the_start_that_setup_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path))
+    _, run_dir = workbook.setup({"run_name": "r"}, notebook="01")
+    _touch_all(run_dir / "figures", workbook.expected_outputs("01", run_dir))
+    workbook.check_outputs("01", run_dir)
+    workbook.setup({"run_name": "r"}, notebook="01")  # a new execution, whose outputs these are not
+    old = time.time() - 3600
+    for p in (run_dir / "figures").iterdir():
+        os.utime(p, (old, old))
+    with pytest.raises(CBDError, match="notebook 01 left older copies of 01_class_histogram.png"):
+        workbook.check_outputs("01", run_dir)
+
+
+def test_notebook_04_expects_the_guarded_figures_when_the_run_can_draw_them(tmp_path):
+    metrics = fake_metrics()
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    names = workbook.expected_outputs("04", tmp_path, metrics)
+    assert names[:3] == ["04_split_table.csv", "04_split_accuracy.png", "04_per_class_accuracy.png"]
+    # cbd_ens and the best baseline (crt): gain and both confusions; teachers trained: t-SNE
+    assert names[3:] == ["04_gain_vs_class_size.png", "04_confusion_cbd_ens.png", "04_confusion_crt.png",
+                         "04_tsne.png"]
+    without_student = workbook.restrict(metrics, ["ce", "crt", "cbd"])
+    assert workbook.expected_outputs("04", tmp_path, without_student) == names[:3]
+    only_students = workbook.restrict(metrics, ["cbd", "cbd_ens"])
+    assert workbook.expected_outputs("04", tmp_path, only_students) == names[:3] + ["04_tsne.png"]
+    no_teachers = {**metrics, "methods": {k: v for k, v in metrics["methods"].items() if not k.startswith("teacher")}}
+    (tmp_path / "metrics.json").write_text(json.dumps(no_teachers))
+    assert "04_tsne.png" not in workbook.expected_outputs("04", tmp_path, no_teachers)
+    with pytest.raises(CBDError, match="pass its metrics"):
+        workbook.expected_outputs("04", tmp_path)

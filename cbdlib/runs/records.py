@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import CBDError
 from ..io import append_line, write_json, write_text
 from ..methods import method_order
-from ..metrics import ACCURACY_KEYS, aggregate_records, check_finite
+from ..metrics import ACCURACY_KEYS, aggregate_records, check_finite, validate_metrics  # noqa: F401 (re-exported)
 
 log = logging.getLogger("cbdlib.runs")
 
@@ -165,27 +165,6 @@ def append_history(path: str | os.PathLike, record: dict) -> None:
         append_line(path, json.dumps(record))
         keys.add(key)
     _HISTORY_KEYS[str(path)] = (_size(path), keys)
-
-
-def validate_metrics(metrics: dict) -> None:
-    """Check a metrics object against the contract's schema (used by tests and ``aggregate``)."""
-    for key in ("dataset", "imbalance_ratio", "class_counts", "splits", "seeds", "device", "torch", "git_commit",
-                "methods", "std"):
-        if key not in metrics:
-            raise CBDError(f"metrics.json lacks {key!r}")
-    num_classes = len(metrics["class_counts"])
-    for name, record in metrics["methods"].items():
-        for key in ACCURACY_KEYS:
-            value = record.get(key, "absent")
-            if value == "absent":
-                raise CBDError(f"metrics.json: method {name} lacks {key!r}")
-            if value is not None and not (0.0 <= value <= 1.0):
-                raise CBDError(f"metrics.json: {name}.{key} = {value} is not a fraction")
-        if len(record["per_class"]) != num_classes:
-            raise CBDError(f"metrics.json: {name}.per_class has {len(record['per_class'])} entries, not {num_classes}")
-        if name not in metrics["std"]:
-            raise CBDError(f"metrics.json: no std for {name}")
-    check_finite(metrics)
 
 
 def save_features(out: Path, seed: int, method: str, features: np.ndarray, labels: np.ndarray, max_points: int,
