@@ -19,7 +19,6 @@ here raises ``CBDError`` with a one-line message for bad input.
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import logging
 import os
@@ -37,7 +36,6 @@ from .config import (
     Settings,
     check_rule,
     check_value,
-    field_names,
     fits_type,
     make_params,
     resolve,
@@ -47,6 +45,14 @@ from .data.stats import split_size_lines
 from .errors import CBDError
 from .methods import TEACHER_NAME, best_baseline
 from .notebook_outputs import check_outputs, expected_outputs, mark_started  # noqa: F401
+from .notebook_params import (  # noqa: F401
+    NOTEBOOK_FILES,
+    check_injected,
+    collect_params,
+    declared,
+    injected_names,
+    stage_two_values,
+)
 from .plots import imbalance_explorer  # noqa: F401  (notebook 01 calls it from here)
 from .runs.readers import (  # noqa: F401
     class_names,
@@ -62,87 +68,27 @@ from .runs.readers import (  # noqa: F401
     tsne_teacher,
 )
 
-# The parameters each notebook declares in its ``parameters`` cell (tests check the cells against this).
-NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "01": ("run_name", "dataset", "data", "imbalance_ratio", "profile", "lt_seed", "val_per_class", "image_size",
-           "smoke"),
-    "02": tuple(field_names()),
-    "03": tuple(field_names()),
-    "04": ("run_name", "methods", "tsne_method_teacher", "tsne_points", "smoke"),
-}
-NOTEBOOK_FILES = {
-    "01": "01_long_tail_statistics.ipynb",
-    "02": "02_teacher_training.ipynb",
-    "03": "03_class_balanced_distillation.ipynb",
-    "04": "04_per_split_analysis.ipynb",
-}
-# papermill writes its injected cell with this first line (PythonTranslator.comment("Parameters")).
-_INJECTED_HEADER = "# Parameters"
 TSNE_SMOKE_POINTS = 200   # t-SNE points at most under smoke (notebook 04)
 
 
 # --------------------------------------------------------------------------- parameters
 
 
-def collect_params(namespace: Mapping[str, Any], names=None) -> dict:
-    """The values of ``names`` (default: every schema key) that ``namespace`` defines.
-
-    A variable whose name is not one of ``names`` (a misspelt key, an import) is not collected.
-    """
-    names = field_names() if names is None else names
-    return {name: namespace[name] for name in names if name in namespace}
-
-
-def injected_names(namespace: Mapping[str, Any]) -> list[str]:
-    """Names assigned by papermill's injected ``# Parameters`` cell (latest one), read from ``In``.
-
-    Outside a kernel, or when nothing was injected, this is empty.
-    """
-    history = namespace.get("In")
-    if not isinstance(history, (list, tuple)):
-        return []
-    for source in reversed(history):
-        if isinstance(source, str) and source.lstrip().startswith(_INJECTED_HEADER):
-            try:
-                tree = ast.parse(source)
-            except SyntaxError:
-                return []
-            names = []
-            for node in tree.body:
-                targets = node.targets if isinstance(node, ast.Assign) else []
-                names += [t.id for t in targets if isinstance(t, ast.Name)]
-            return names
-    return []
-
-
-def check_injected(namespace: Mapping[str, Any], notebook: str) -> None:
-    """Refuse a parameter injected into ``notebook`` that its parameters cell does not declare."""
-    declared = _declared(notebook)
-    unknown = [n for n in injected_names(namespace) if n not in declared]
-    if unknown:
-        name = unknown[0]
-        close = difflib.get_close_matches(name, declared, n=2)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise CBDError(f"notebook {notebook} has no parameter {name!r}{hint}; its parameters: {', '.join(declared)}")
-
-
-def _declared(notebook: str) -> tuple[str, ...]:
-    if notebook not in NOTEBOOK_PARAMETERS:
-        raise CBDError(f"unknown notebook {notebook!r}; choose one of {', '.join(NOTEBOOK_PARAMETERS)}")
-    return NOTEBOOK_PARAMETERS[notebook]
-
-
 def setup(namespace: Mapping[str, Any], notebook: str) -> tuple[Settings, Path]:
     """Validate a training notebook's parameters (01, 02, 03) and return ``(settings, run_dir)``.
 
-    Only the notebook's declared parameters are read from ``namespace``; schema keys the
-    notebook does not declare keep the schema's defaults. Nothing is written here.
+    Only the notebook's declared parameters are read from ``namespace``. Schema keys that 01
+    and 02 do not declare keep the schema's defaults; notebook 03 takes them from the run
+    folder's ``params.yaml`` (``notebook_params.stage_two_values``). Nothing is written here.
     """
     if notebook == "04":
         raise CBDError("notebook 04 reads a finished run: use workbook.analysis_setup")
     check_same_package()
     check_injected(namespace, notebook)
-    settings = resolve(make_params(collect_params(namespace, _declared(notebook))))
+    values = collect_params(namespace, declared(notebook))
+    if notebook == "03":  # it continues notebook 02's experiment: the rest from the run folder
+        values = stage_two_values(values, runs.run_dir_for(values.get("run_name", "default")))
+    settings = resolve(make_params(values))
     run_dir = runs.run_dir_for(settings.run_name)
     runs.refuse_if_busy(run_dir)
     notebook_environment()
@@ -181,7 +127,7 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
 
     check_same_package()
     check_injected(namespace, "04")
-    values = collect_params(namespace, _declared("04"))
+    values = collect_params(namespace, declared("04"))
     for key in ("run_name", "methods", "smoke"):
         if key in values:
             check_rule(key, check_value(key, values[key]))
@@ -440,8 +386,8 @@ def save_table(table, path: Path) -> Path:
 
 
 __all__ = [
-    "NOTEBOOK_PARAMETERS", "AnalysisOptions", "analysis_setup", "available", "best_baseline", "check_injected",
-    "check_outputs", "class_names", "collect_params", "configure_logging", "dataset_summary", "describe",
+    "NOTEBOOK_FILES", "AnalysisOptions", "analysis_setup", "available", "best_baseline", "check_injected",
+    "check_outputs", "class_names", "collect_params", "configure_logging", "dataset_summary", "declared", "describe",
     "evaluation", "expected_outputs", "experiment", "has_features", "history", "imbalance_explorer",
     "injected_names", "key_methods", "load_data", "load_features", "load_metrics", "notebook_environment",
     "paired_features", "require_stage_one", "restrict", "save_table", "setup", "split_summary",

@@ -8,7 +8,6 @@ import pytest
 from cbdlib import __main__ as cli
 from cbdlib import runs
 from cbdlib.config import make_params, resolve
-from cbdlib.data import load_long_tail
 from cbdlib.engine import Experiment
 from cbdlib.evaluate import evaluate_checkpoint
 from cbdlib.pipeline import aggregate_runs, format_seconds
@@ -20,10 +19,9 @@ SMALL = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=2,
 
 
 @pytest.fixture(scope="module")
-def seed_runs(tmp_path_factory):
+def seed_runs(tmp_path_factory, digits):
     """Two finished run folders of one experiment, training seeds 1 and 2, with wall-time ledgers."""
     root = tmp_path_factory.mktemp("seeds")
-    digits = load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
     folders = []
     for seed in (1, 2):
         out = root / f"run_seed{seed}"

@@ -13,18 +13,12 @@ from cbdlib.engine import Experiment, hooks, load_model, predict
 from cbdlib.runs import checkpoint_path, validate_metrics
 from conftest import RUN, copy_run, run_settings
 
-TINY = RUN  # the shared runs' settings (tests/conftest.py)
-
-
-def tiny_settings(**changes):
-    return run_settings(**changes)
-
 
 @pytest.mark.slow
 def test_every_method_is_trained_evaluated_and_above_chance(finished_run):
     out, metrics = finished_run.out, finished_run.metrics
     validate_metrics(metrics)
-    assert set(metrics["methods"]) == set(all_method_names(TINY["teachers"]))
+    assert set(metrics["methods"]) == set(all_method_names(RUN["teachers"]))
     chance = 1 / 10
     for name, record in metrics["methods"].items():
         assert record["all"] > chance + 0.1, (name, record["all"])
@@ -39,7 +33,7 @@ def test_history_holds_ce_and_distillation_terms(finished_run):
     out = finished_run.out
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     student = [r for r in rows if r["model"] == "cbd_ens"]
-    assert len(student) == TINY["epochs"]
+    assert len(student) == RUN["epochs"]
     assert all(r["distill"] is not None and r["ce"] > 0 for r in student)
     assert all(r["distill"] is None for r in rows if r["model"] == "ce")
 
@@ -55,7 +49,7 @@ def test_saved_models_reload_and_give_the_same_accuracy(finished_run, digits):
 
 def test_stage2_batches_are_class_balanced_and_stage1_batches_follow_the_data(tmp_path, digits):
     seen = []
-    settings = tiny_settings(epochs=6, teachers=["vanilla:1"], methods=["teacher_vanilla_1", "cbd"])
+    settings = run_settings(epochs=6, teachers=["vanilla:1"], methods=["teacher_vanilla_1", "cbd"])
     with hooks.on_step(lambda step, loss: seen.append((step.job.name, step.labels.tolist()))):
         Experiment(settings, tmp_path, data=digits, quiet=True).run("all")
     counts = np.array(digits.class_counts, float)
@@ -74,7 +68,7 @@ def test_stage2_batches_are_class_balanced_and_stage1_batches_follow_the_data(tm
 
 
 def test_teachers_stay_bit_identical_during_distillation(tmp_path, digits):
-    settings = tiny_settings(epochs=2, teachers=["vanilla:1", "aug:1"], methods=["cbd_ens"])
+    settings = run_settings(epochs=2, teachers=["vanilla:1", "aug:1"], methods=["cbd_ens"])
     exp = Experiment(settings, tmp_path, data=digits, quiet=True)
     exp.run("teachers")
     before = {n: {k: v.clone() for k, v in exp.load_trained(n, 1).state_dict().items()} for n in exp.teacher_names()}
@@ -94,7 +88,7 @@ def test_teachers_stay_bit_identical_during_distillation(tmp_path, digits):
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, digits):
-    settings = tiny_settings(epochs=4, teachers=["vanilla:1"], methods=["teacher_vanilla_1"])
+    settings = run_settings(epochs=4, teachers=["vanilla:1"], methods=["teacher_vanilla_1"])
     Experiment(settings, tmp_path / "straight", data=digits, quiet=True).run("teachers")
 
     def crash_in_epoch_three(step, loss):
@@ -119,7 +113,7 @@ def test_a_teacher_from_another_dataset_is_refused(tmp_path, teacher_run, digits
     state["meta"]["dataset"] = "cifar100"
     path.unlink()
     ckpt.save_checkpoint(path, spec=state["spec"], meta=state["meta"], model=state["model"])
-    exp = Experiment(tiny_settings(methods=["cbd"]), out, data=digits, quiet=True)
+    exp = Experiment(run_settings(methods=["cbd"]), out, data=digits, quiet=True)
     with pytest.raises(CBDError, match=r"trained with dataset='cifar100', but this run has dataset='digits'"):
         exp.run("students")
 
@@ -132,21 +126,21 @@ def test_a_corrupt_checkpoint_is_refused_with_a_clear_error(tmp_path, teacher_ru
 
 
 def test_different_parameters_are_refused_unless_overwrite(tmp_path, digits):
-    Experiment(tiny_settings(epochs=1, methods=["ce"]), tmp_path, data=digits, quiet=True).run("one_stage")
+    Experiment(run_settings(epochs=1, methods=["ce"]), tmp_path, data=digits, quiet=True).run("one_stage")
     with pytest.raises(CBDError, match="different parameters.*epochs: 1 -> 2"):
-        Experiment(tiny_settings(epochs=2, methods=["ce"]), tmp_path, data=digits, quiet=True)
-    exp = Experiment(tiny_settings(epochs=2, methods=["ce"], overwrite=True), tmp_path, data=digits, quiet=True)
+        Experiment(run_settings(epochs=2, methods=["ce"]), tmp_path, data=digits, quiet=True)
+    exp = Experiment(run_settings(epochs=2, methods=["ce"], overwrite=True), tmp_path, data=digits, quiet=True)
     assert not (tmp_path / "metrics.json").exists()  # the old run's outputs are gone
     exp.run("one_stage")
 
 
 def test_student_before_teachers_names_the_missing_stage(tmp_path, digits):
-    exp = Experiment(tiny_settings(epochs=1, methods=["cbd"]), tmp_path, data=digits, quiet=True)
+    exp = Experiment(run_settings(epochs=1, methods=["cbd"]), tmp_path, data=digits, quiet=True)
     with pytest.raises(CBDError, match="has not been trained.*run its stage first"):
         exp.run("students")
 
 
 def test_non_finite_loss_stops_with_stage_step_and_model(tmp_path, digits):
-    settings = tiny_settings(epochs=2, methods=["ce"], lr=1e30)
+    settings = run_settings(epochs=2, methods=["ce"], lr=1e30)
     with pytest.raises(CBDError, match=r"non-finite loss in stage one_stage, model ce \(seed 1\), epoch 1"):
         Experiment(settings, tmp_path, data=digits, quiet=True).run("one_stage")

@@ -101,8 +101,8 @@ def test_thirds_follow_counts_not_labels():
     assert s["head"] == [1] and s["mid"] == [2] and s["tail"] == [0]
 
 
-def test_digits_long_tail_keeps_a_balanced_test_set():
-    data = load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
+def test_digits_long_tail_keeps_a_balanced_test_set(digits):
+    data = digits
     counts = data.class_counts
     assert counts[0] == max(counts) and counts[0] / counts[-1] == pytest.approx(10, rel=0.15)
     test_counts = np.bincount(data.test_labels)

@@ -7,7 +7,6 @@ import pytest
 
 from cbdlib import progress
 from cbdlib.config import make_params, resolve
-from cbdlib.data import load_long_tail
 from cbdlib.engine import Experiment
 from cbdlib.progress import FORWARD_COST, PlannedModel, RunFollower, read_plan, step_cost, write_plan
 
@@ -89,8 +88,7 @@ def test_the_bar_mode_draws_one_bar_with_the_current_model(planned_run):
     assert "teacher_vanilla_1 seed 1 epoch 1/4 (3.5 s/epoch)" in text
 
 
-def test_the_engine_writes_a_plan_of_every_model_with_its_steps(tmp_path):
-    digits = load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
+def test_the_engine_writes_a_plan_of_every_model_with_its_steps(tmp_path, digits):
     settings = resolve(make_params(dict(dataset="digits", arch="resnet_tiny", epochs=3, decoupled_epochs=2,
                                         batch_size=32, seeds=[1, 2], device="cpu", smoke=False,
                                         teachers=["vanilla:1", "aug:1"])))

@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from cbdlib.data import load_long_tail
 from cbdlib.engine import DeviceData, Job, hooks, loop
 from cbdlib.engine.together import TeacherFeatures, can_train_together, fit_together
 from cbdlib.models import ModelSpec
@@ -15,9 +14,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def data():
-    lt = load_long_tail("digits", imbalance_ratio=10, lt_seed=0, val_per_class=10)
-    return DeviceData.from_long_tail(lt, CPU)
+def data(digits):
+    return DeviceData.from_long_tail(digits, CPU)
 
 
 def _jobs(epochs=2):

@@ -19,7 +19,7 @@ import nbformat  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from cbdlib import CBDError, workbook  # noqa: E402
+from cbdlib import CBDError, runs, workbook  # noqa: E402
 from cbdlib.config import field_names, load_params_file, make_params, params_dir, resolve  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -100,10 +100,31 @@ def test_setup_resolves_settings_and_the_run_folder(tmp_path, monkeypatch):
     assert not run_dir.exists()  # setup writes nothing
     assert settings.smoke and settings.epochs == 2 and settings.imbalance_ratio == 20.0
     assert settings.lr == 0.05
-    settings, _ = workbook.setup({**values, "smoke": False}, notebook="03")  # a literal overrides CBD_SMOKE
+    settings, _ = workbook.setup({**values, "smoke": False}, notebook="02")  # a literal overrides CBD_SMOKE
     assert not settings.smoke and settings.epochs == 30 and settings.seeds == [1, 2, 3]
     text = workbook.describe(settings, run_dir)
     assert "lr 0.05 (used)" in text and "30 epochs" in text and "device: cpu" in text
+
+
+def test_notebook_03_continues_the_experiment_of_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path))
+    monkeypatch.delenv("CBD_SMOKE", raising=False)
+    with pytest.raises(CBDError, match=r"no run folder .*mine yet: run notebook 02_teacher_training.ipynb first"):
+        workbook.setup({"run_name": "mine"}, notebook="03")
+    # Notebook 02 starts the run: its parameters are written to the folder's params.yaml.
+    values = {"run_name": "mine", "epochs": 7, "alpha": 0.3, "lr": None, "seeds": [2], "device": "auto",
+              "overwrite": True, "smoke": False}
+    started = resolve(make_params(values))
+    runs.prepare_run_dir(tmp_path / "mine", started)
+    settings, run_dir = workbook.setup({"run_name": "mine", "device": "cpu", "methods": None,
+                                        "eval_batch_size": None}, notebook="03")
+    assert run_dir == tmp_path / "mine"
+    assert (settings.epochs, settings.alpha, settings.seeds, settings.lr) == (7, 0.3, [2], started.lr)
+    assert settings.device == "cpu" and settings.eval_batch_size == started.eval_batch_size
+    assert settings.methods == started.methods and not settings.overwrite  # 03 never clears 02's models
+    # What would change results is not a parameter of notebook 03.
+    with pytest.raises(CBDError, match="notebook 03 has no parameter 'alpha'"):
+        workbook.setup({"run_name": "mine", "In": ["# Parameters\nalpha = 0.5\n"]}, notebook="03")
 
 
 def test_setup_shows_the_library_log_on_stdout(tmp_path, monkeypatch, capsys):
@@ -138,8 +159,8 @@ def test_notebook_layout(key):
     assert nb.cells[0].cell_type == "markdown"
     cell, index = parameters_cell(nb)
     values = literal_assignments(cell.source)
-    assert tuple(values) == workbook.NOTEBOOK_PARAMETERS[key]
-    assert values["smoke"] is None
+    assert tuple(values) == workbook.declared(key)
+    assert values.get("smoke", None) is None and ("smoke" in values) == (key != "03")  # 03: as 02 ran
     lines = cell.source.splitlines()
     assert all("  # " in line for line in lines), "every parameter has a comment"
     following = nb.cells[index + 1]
@@ -153,19 +174,25 @@ def test_notebook_layout(key):
 
 def test_training_notebooks_declare_every_schema_key_with_the_default_yaml_values():
     expected = dataclasses.asdict(make_params(load_params_file(params_dir() / "default.yaml")))
-    for key in ("02", "03"):
-        values = literal_assignments(parameters_cell(notebook(key))[0].source)
-        hint = (f"notebook {key}'s parameters cell must list every cbdlib.config.Params field, in order, "
-                f"with the values of notebooks/params/default.yaml (schema defaults for the others)")
-        assert list(values) == field_names(), hint
-        assert values == expected, hint
+    values = literal_assignments(parameters_cell(notebook("02"))[0].source)
+    hint = ("notebook 02's parameters cell must list every cbdlib.config.Params field, in order, "
+            "with the values of notebooks/params/default.yaml (schema defaults for the others)")
+    assert list(values) == field_names(), hint
+    assert values == expected, hint
+
+
+def test_notebook_03_declares_only_what_may_change_after_notebook_02_and_each_as_the_run():
+    values = literal_assignments(parameters_cell(notebook("03"))[0].source)
+    assert list(values) == ["run_name", *sorted(runs.RESUMABLE_KEYS - {"overwrite"})]
+    assert values.pop("run_name") == "default" and set(values.values()) == {None}
 
 
 def test_papermill_sees_the_declared_parameters():
     import papermill
 
     for key, name in workbook.NOTEBOOK_FILES.items():
-        assert tuple(papermill.inspect_notebook(str(NOTEBOOKS / name))) == workbook.NOTEBOOK_PARAMETERS[key]
+        cell = literal_assignments(parameters_cell(notebook(key))[0].source)
+        assert tuple(papermill.inspect_notebook(str(NOTEBOOKS / name))) == tuple(cell)
 
 
 def test_notebook_01_documents_the_outputs_policy():
@@ -362,7 +389,9 @@ def test_notebooks_stop_with_clear_errors(smoke_run, tmp_path, monkeypatch):
     with pytest.raises(papermill.PapermillExecutionError, match="no parameter 'epochz'"):
         execute("02", tmp_path, run_name="t", smoke=True, epochz=3)
     with pytest.raises(papermill.PapermillExecutionError, match="run notebook 02_teacher_training.ipynb first"):
-        execute("03", tmp_path, run_name="fresh", smoke=True)
+        execute("03", tmp_path, run_name="fresh")
+    with pytest.raises(papermill.PapermillExecutionError, match="notebook 03 has no parameter 'epochs'"):
+        execute("03", tmp_path, run_name="t", epochs=3)  # 03 trains with the epochs 02 ran with
     with pytest.raises(papermill.PapermillExecutionError, match="run notebooks 02 and 03"):
         execute("04", tmp_path, run_name="fresh")
     assert not (results / "fresh").exists()
