@@ -1,7 +1,7 @@
 """Fixtures shared by the test files, each built once per session.
 
 * ``digits``: digits-LT (imbalance ratio 10, lt_seed 0, 10 validation images per class).
-* ``teacher_run``: a run folder whose four teachers (``RUN``, 12 epochs) are trained.
+* ``teacher_run``: a run folder whose four teachers (``shared_runs.RUN``, 12 epochs) are trained.
 * ``finished_run``: the same run with every method trained and evaluated, plus the weights
   each CBD student started from.
 * ``smoke_run``: ``python -m cbdlib run`` (notebooks 01 -> 04 through papermill) on the smoke
@@ -15,36 +15,17 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from shared_runs import copy_run, run_settings
 
-from cbdlib.config import make_params, resolve
 from cbdlib.data import load_long_tail
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# digits-LT, ResNet-tiny, four teachers, one seed: every method learns well above chance.
-RUN = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=12, decoupled_epochs=3, batch_size=32,
-           lr=0.05, teachers=["vanilla:1", "vanilla:2", "aug:1", "aug:2"], seeds=[1], device="cpu", smoke=False,
-           tsne_samples=100, warmup_epochs=1)
-
-
-def run_settings(**changes):
-    """The settings of the shared runs; ``methods`` (and other resumable keys) may change."""
-    return resolve(make_params({**RUN, **changes}))
-
-
-def copy_run(run: Path, tmp_path: Path) -> Path:
-    """A private copy of a shared run folder, for a test that changes it."""
-    target = tmp_path / f"copy_of_{run.name}"
-    shutil.copytree(run, target, ignore=shutil.ignore_patterns(".lock"))
-    return target
-
 
 @pytest.fixture(scope="session")
 def digits():

@@ -4,8 +4,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import copy_run
+from shared_runs import copy_run
 
 
 @pytest.mark.slow

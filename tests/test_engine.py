@@ -5,13 +5,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from shared_runs import RUN, copy_run, run_settings
 
 from cbdlib import CBDError
 from cbdlib import checkpoint as ckpt
 from cbdlib.config import all_method_names
 from cbdlib.engine import Experiment, hooks, load_model, predict
 from cbdlib.runs import checkpoint_path, validate_metrics
-from conftest import RUN, copy_run, run_settings
 
 
 @pytest.mark.slow

@@ -26,8 +26,8 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from reliability_helpers import ROOT, TINY, _image_tree, cli_env, tiny_settings, write_params
 from test_pipeline import write_notebook
-from test_reliability import ROOT, TINY, _image_tree, cli_env, one_thread, tiny_settings, write_params  # noqa: F401 (fixtures)
 
 from cbdlib import CBDError, config, pipeline, runs, workbook
 from cbdlib import __main__ as cli
@@ -158,7 +158,7 @@ def test_smoke_names_the_given_values_it_replaces(tmp_path, monkeypatch, capsys)
 
 
 def test_wall_times_are_summed_over_invocations_and_say_resumed(tmp_path, digits):
-    from test_reliability import _crash_after
+    from reliability_helpers import _crash_after
 
     settings = tiny_settings(methods=["ce"])
     with pytest.raises(KeyboardInterrupt), _crash_after(len(digits.train_labels) // 32 + 1):  # killed in epoch 2

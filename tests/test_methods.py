@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cbdlib.engine import load_model, loop
+from cbdlib.engine import load_model, loop, predict
 from cbdlib.engine.stages import TAU_GRID, first_best
 from cbdlib.metrics import accuracy_record, balanced_accuracy
 from cbdlib.models import LinearClassifier, LWSClassifier, NCMClassifier, TauNormClassifier
@@ -95,7 +95,7 @@ def _state(run, method):
 
 
 def _features_and_logits(model, images, data):
-    return loop.predict(model, images, data.mean, data.std, CPU)
+    return predict(model, images, data.mean, data.std, CPU)
 
 
 def _evaluation(run, method):
@@ -223,7 +223,8 @@ def test_cbdlib_evaluate_gives_the_numbers_the_run_stored(finished_run, capsys):
     run = finished_run.out
     keys = ("all", "many", "medium", "few", "head", "mid", "tail", "per_class")
     capsys.readouterr()
-    # The command in process (its refusal of hostile files runs it in a subprocess: test_reliability.py).
+    # The command in process (its refusal of hostile files runs it in a subprocess:
+    # tests/reliability/test_safe_loading.py).
     assert main(["evaluate", "--checkpoint", str(checkpoint_path(run, 1, "cbd_ens")), "--device", "cpu", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["method"] == "cbd_ens" and printed["seed"] == 1

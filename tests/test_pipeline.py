@@ -356,7 +356,8 @@ def test_the_real_notebooks_refuse_a_bad_value_or_an_unknown_key_before_running(
     monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path))
     monkeypatch.setenv("CBD_SMOKE", "1")
     monkeypatch.chdir(ROOT)
-    for bad, message in (("epochs=ten", "parameter 'epochs' must be an integer"), ("epochz=3", "unknown parameter 'epochz'")):
+    refusals = (("epochs=ten", "parameter 'epochs' must be an integer"), ("epochz=3", "unknown parameter 'epochz'"))
+    for bad, message in refusals:
         capsys.readouterr()
         assert main(["run", "--params", "notebooks/params/smoke.yaml", "--no-progress", "-p", bad]) == 2
         lines = capsys.readouterr().err.strip().splitlines()

@@ -373,7 +373,7 @@ def test_papermill_parameters_reach_the_notebook(tmp_path, monkeypatch):
     monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path / "results"))
     nb = execute("01", tmp_path, run_name="ratio20", imbalance_ratio=20, smoke=True)
     text = outputs_text(nb)
-    assert "requested imbalance ratio 20" in text and "many-shot (> 100)" in text
+    assert "requested imbalance ratio 20" in text and "many-shot (> 100 training images)" in text
     assert (tmp_path / "results" / "ratio20" / "figures" / "01_class_histogram.png").is_file()
     assert [p.name for p in (tmp_path / "results").iterdir()] == ["ratio20"]  # nothing written elsewhere
 

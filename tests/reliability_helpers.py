@@ -1,0 +1,119 @@
+"""What the reliability tests (``tests/reliability/``, one file per section of docs/reliability.md)
+and the fault catalogue share: the tiny digits run, the command-line helpers, toy checkpoints.
+Their fixtures are in ``tests/reliability/conftest.py``.
+
+Subprocess tests pin OMP_NUM_THREADS=1: CPU results are bit-identical between runs
+only at the same thread count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+import cbdlib
+from cbdlib import checkpoint as ckpt
+from cbdlib.config import make_params, resolve
+from cbdlib.engine import hooks
+
+ROOT = Path(cbdlib.__file__).resolve().parent.parent
+# Subprocesses and waits are bounded only to stop a hung process, never to require speed: a busy
+# 2-core machine may be many times slower than a quiet one.
+HANG_S = 900
+
+
+TINY = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=3, decoupled_epochs=1, batch_size=32,
+            lr=0.05, warmup_epochs=1, teachers=["vanilla:1"], seeds=[1], device="cpu", smoke=False, tsne_samples=50)
+
+
+def tiny_settings(**changes):
+    return resolve(make_params({**TINY, **changes}))
+
+
+def cli_env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env.pop("CBD_SMOKE", None)
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", CBD_CACHE_DIR=str(tmp_path / "cache"),
+               CBD_RESULTS_DIR=str(tmp_path / "results"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_cli(tmp_path: Path, *args, timeout: float = HANG_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, an ``error:`` line as the last line of stderr, no traceback; returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    return line
+
+
+def write_params(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.tmp"))
+
+
+def state_dicts_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _history_rows(out: Path) -> list[dict]:
+    path = out / "history.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # torn by a kill
+    return rows
+
+
+def _save(path: Path, epoch: int, value: float = 0.0) -> dict:
+    model = {"weight": torch.full((4, 3), value + epoch), "bias": torch.arange(4.0)}
+    ckpt.save_checkpoint(path, spec={"arch": "toy"}, meta={"epoch": epoch, "complete": False}, model=model,
+                         optimizer={"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]})
+    return model
+
+
+def _crash_after(steps: int):
+    """A step hook that raises KeyboardInterrupt (a kill) at the given training step of the process."""
+    calls = {"n": 0}
+
+    def crashing(step, loss):
+        calls["n"] += 1
+        if calls["n"] == steps:
+            raise KeyboardInterrupt
+
+    return hooks.on_step(crashing)
+
+
+def _image_tree(root: Path, per_class: int = 12, size: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 3)):
+        for label, name in enumerate(("ant", "bee", "cat")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.jpg")
+    return root
