@@ -75,7 +75,7 @@ def state_dicts_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _history_rows(out: Path) -> list[dict]:
+def history_rows(out: Path) -> list[dict]:
     path = out / "history.jsonl"
     if not path.exists():
         return []
@@ -88,14 +88,14 @@ def _history_rows(out: Path) -> list[dict]:
     return rows
 
 
-def _save(path: Path, epoch: int, value: float = 0.0) -> dict:
+def save_toy_checkpoint(path: Path, epoch: int, value: float = 0.0) -> dict:
     model = {"weight": torch.full((4, 3), value + epoch), "bias": torch.arange(4.0)}
     ckpt.save_checkpoint(path, spec={"arch": "toy"}, meta={"epoch": epoch, "complete": False}, model=model,
                          optimizer={"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]})
     return model
 
 
-def _crash_after(steps: int):
+def crash_after(steps: int):
     """A step hook that raises KeyboardInterrupt (a kill) at the given training step of the process."""
     calls = {"n": 0}
 
@@ -107,7 +107,7 @@ def _crash_after(steps: int):
     return hooks.on_step(crashing)
 
 
-def _image_tree(root: Path, per_class: int = 12, size: int = 8) -> Path:
+def image_tree(root: Path, per_class: int = 12, size: int = 8) -> Path:
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class), ("test", 3)):
         for label, name in enumerate(("ant", "bee", "cat")):

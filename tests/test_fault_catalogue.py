@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from reliability_helpers import ROOT, TINY, _image_tree, cli_env, tiny_settings, write_params
+from reliability_helpers import ROOT, TINY, cli_env, image_tree, tiny_settings, write_params
 from test_pipeline import write_notebook
 
 from cbdlib import CBDError, config, pipeline, runs, workbook
@@ -79,8 +79,8 @@ FOLDER_RUN = dict(TINY, dataset="folder", imbalance_ratio=2, val_per_class=1, im
 
 
 def test_evaluate_refuses_data_whose_classes_differ(tmp_path, capsys):
-    trained_on = _image_tree(tmp_path / "abc")                       # ant, bee, cat
-    other = _image_tree(tmp_path / "abd")
+    trained_on = image_tree(tmp_path / "abc")                       # ant, bee, cat
+    other = image_tree(tmp_path / "abd")
     shutil.move(other / "train" / "cat", other / "train" / "dog")    # same counts, another class name
     shutil.move(other / "test" / "cat", other / "test" / "dog")
     out = tmp_path / "run"
@@ -158,10 +158,10 @@ def test_smoke_names_the_given_values_it_replaces(tmp_path, monkeypatch, capsys)
 
 
 def test_wall_times_are_summed_over_invocations_and_say_resumed(tmp_path, digits):
-    from reliability_helpers import _crash_after
+    from reliability_helpers import crash_after
 
     settings = tiny_settings(methods=["ce"])
-    with pytest.raises(KeyboardInterrupt), _crash_after(len(digits.train_labels) // 32 + 1):  # killed in epoch 2
+    with pytest.raises(KeyboardInterrupt), crash_after(len(digits.train_labels) // 32 + 1):  # killed in epoch 2
         Experiment(settings, tmp_path, data=digits, quiet=True).run("one_stage")
     first = runs.wall_times(tmp_path / runs.STAGE_TIMES)["one_stage"]
     assert first["invocations"] == 1 and first["resumed"] and first["s"] > 0

@@ -1,6 +1,6 @@
 """Fixtures of the reliability tests (one file per section of docs/reliability.md)."""
 import pytest
-from reliability_helpers import _save
+from reliability_helpers import save_toy_checkpoint
 
 from cbdlib import checkpoint as ckpt
 
@@ -16,7 +16,7 @@ def private_cache(tmp_path, monkeypatch):
 def two_checkpoints(tmp_path):
     """``toy.pt`` (epoch 1) and its ``toy.prev.pt`` (epoch 0), both good."""
     path = tmp_path / "ckpt" / "toy.pt"
-    _save(path, 0)
-    _save(path, 1)
+    save_toy_checkpoint(path, 0)
+    save_toy_checkpoint(path, 1)
     assert ckpt.previous_path(path).exists()
     return path

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from reliability_helpers import (
     TINY,
-    _image_tree,
     assert_one_line_error,
+    image_tree,
     run_cli,
     temp_files,
     tiny_settings,
@@ -35,7 +35,7 @@ FOLDER_RUN = dict(TINY, dataset="folder", imbalance_ratio=2, val_per_class=1, im
 
 
 def test_a_corrupt_jpeg_stops_the_command_before_any_result(tmp_path):
-    tree = _image_tree(tmp_path / "bad")
+    tree = image_tree(tmp_path / "bad")
     broken = tree / "train" / "bee" / "broken.jpg"
     broken.write_bytes(os.urandom(300))
     params = write_params(tmp_path / "p.yaml", {**FOLDER_RUN, "data": str(tree)})
@@ -47,9 +47,9 @@ def test_a_corrupt_jpeg_stops_the_command_before_any_result(tmp_path):
 
 
 def test_after_a_failed_start_the_corrected_run_is_accepted(tmp_path):
-    bad = _image_tree(tmp_path / "bad")
+    bad = image_tree(tmp_path / "bad")
     (bad / "train" / "bee" / "broken.jpg").write_bytes(os.urandom(300))
-    good = _image_tree(tmp_path / "good")
+    good = image_tree(tmp_path / "good")
     out = tmp_path / "run"
     with pytest.raises(CBDError, match="cannot read image"):
         Experiment(resolve(make_params({**FOLDER_RUN, "data": str(bad)})), out, quiet=True)

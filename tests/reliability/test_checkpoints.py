@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from reliability_helpers import (
-    _crash_after,
-    _history_rows,
-    _save,
+    crash_after,
+    history_rows,
+    save_toy_checkpoint,
     state_dicts_equal,
     tiny_settings,
 )
@@ -96,7 +96,7 @@ def test_both_checkpoints_damaged_names_both(two_checkpoints):
 
 def test_a_damaged_newest_is_not_rotated_over_the_good_previous(two_checkpoints):
     _flip_tensor_bytes(two_checkpoints)
-    _save(two_checkpoints, 2)
+    save_toy_checkpoint(two_checkpoints, 2)
     assert ckpt.load_checkpoint(two_checkpoints)["meta"]["epoch"] == 2
     assert ckpt.load_checkpoint(ckpt.previous_path(two_checkpoints))["meta"]["epoch"] == 0  # still the good one
 
@@ -106,7 +106,7 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_damage
     settings = tiny_settings(methods=["ce"])
     Experiment(settings, tmp_path / "straight", data=digits, quiet=True).run("one_stage")
     steps_per_epoch = len(digits.train_labels) // 32
-    with pytest.raises(KeyboardInterrupt), _crash_after(2 * steps_per_epoch + 1):  # killed in the third epoch
+    with pytest.raises(KeyboardInterrupt), crash_after(2 * steps_per_epoch + 1):  # killed in the third epoch
         Experiment(settings, tmp_path / "damaged", data=digits, quiet=True).run("one_stage")
     path = checkpoint_path(tmp_path / "damaged", 1, "ce")
     assert ckpt.load_checkpoint(path)["meta"]["epoch"] == 1
@@ -116,7 +116,7 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_damage
     assert "fails its checksum (altered or damaged); falling back to the previous checkpoint ce.prev.pt" in caplog.text
     assert "ce (seed 1): resuming from the checkpoint of epoch 1/3" in caplog.text
     # Epoch 2 was trained again from .prev.pt; its history line is kept once.
-    assert [r["epoch"] for r in _history_rows(tmp_path / "damaged")] == [1, 2, 3]
+    assert [r["epoch"] for r in history_rows(tmp_path / "damaged")] == [1, 2, 3]
     a = load_model(checkpoint_path(tmp_path / "straight", 1, "ce")).state_dict()
     b = load_model(path).state_dict()
     assert state_dicts_equal(a, b)

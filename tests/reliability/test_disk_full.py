@@ -12,7 +12,7 @@ import os
 
 import pytest
 from reliability_helpers import (
-    _save,
+    save_toy_checkpoint,
     state_dicts_equal,
     temp_files,
     tiny_settings,
@@ -93,7 +93,7 @@ def test_a_failed_checkpoint_save_keeps_both_files(two_checkpoints, disk_full):
     path, prev = two_checkpoints, ckpt.previous_path(two_checkpoints)
     before = path.read_bytes(), prev.read_bytes()
     with pytest.raises(CBDError, match=r"^could not write .*toy.pt: No space left on device$"):
-        _save(path, 2)
+        save_toy_checkpoint(path, 2)
     assert (path.read_bytes(), prev.read_bytes()) == before
     assert temp_files(path.parent) == []
 

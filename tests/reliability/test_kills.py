@@ -22,9 +22,9 @@ import pytest
 from reliability_helpers import (
     HANG_S,
     TINY,
-    _history_rows,
-    _save,
     cli_env,
+    history_rows,
+    save_toy_checkpoint,
     state_dicts_equal,
     temp_files,
     write_params,
@@ -139,12 +139,12 @@ def test_sigkilled_training_resumes_to_the_same_results(tmp_path, straight_run):
     teacher_ckpt = checkpoint_path(out, 1, "teacher_vanilla_1")
     # Kill 1: the teacher has a checkpoint (epoch 1 of 6 done) and is still training.
     _kill_when(command, tmp_path, env, tmp_path / "kill1.log",
-               lambda: teacher_ckpt.exists() and any(r["model"] == "teacher_vanilla_1" for r in _history_rows(out)))
+               lambda: teacher_ckpt.exists() and any(r["model"] == "teacher_vanilla_1" for r in history_rows(out)))
     partial = ckpt.load_checkpoint(teacher_ckpt, fallback=True)
     assert not partial["meta"]["complete"], "the kill came too late to interrupt the teacher"
     # Kill 2: the rerun resumes the teacher, finishes stage 1 and the baselines, and dies inside stage 2.
     second = _kill_when(command, tmp_path, env, tmp_path / "kill2.log",
-                        lambda: any(r["model"] == "cbd" for r in _history_rows(out)))
+                        lambda: any(r["model"] == "cbd" for r in history_rows(out)))
     assert "teacher_vanilla_1 (seed 1): resuming from the checkpoint of epoch" in second, second[-3000:]
     # The third run finishes; it resumes the student and only loads the finished teacher.
     final = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
@@ -169,7 +169,7 @@ def test_sigkilled_pipeline_resumes_to_the_same_results(tmp_path, straight_run):
     command = [sys.executable, "-m", "cbdlib", "run", "--params", str(params), "--no-progress"]
     out = tmp_path / "results" / "crash"
     _kill_when(command, tmp_path, env, tmp_path / "kill.log",
-               lambda: any(r["model"] == "teacher_vanilla_1" for r in _history_rows(out)))
+               lambda: any(r["model"] == "teacher_vanilla_1" for r in history_rows(out)))
     partial = ckpt.load_checkpoint(checkpoint_path(out, 1, "teacher_vanilla_1"), fallback=True)
     assert not partial["meta"]["complete"], "the kill came too late to interrupt the teacher"
     final = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
@@ -230,5 +230,5 @@ def test_temp_files_of_a_killed_save_are_cleared(two_checkpoints):
     stale.write_bytes(b"half a checkpoint")
     other = two_checkpoints.parent / ".other.pt.abc.tmp"
     other.write_bytes(b"another writer's")
-    _save(two_checkpoints, 2)
+    save_toy_checkpoint(two_checkpoints, 2)
     assert not stale.exists() and other.exists()
