@@ -93,6 +93,16 @@ def _is_fraction(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
+def _require_fractions(record: dict, owner: str, label: str, what: str) -> None:
+    """Every accuracy key in ``record``, each a fraction in [0, 1] or null."""
+    for key in ACCURACY_KEYS:
+        if key not in record:
+            raise CBDError(f"metrics.json: {owner} lacks {key!r}")
+        value = record[key]
+        if value is not None and not _is_fraction(value):
+            raise CBDError(f"metrics.json: {label}.{key} = {value!r} is not {what}")
+
+
 def validate_metrics(metrics: dict) -> None:
     """Check a metrics object against the contract's schema (used by tests, notebook 04 and ``aggregate``).
 
@@ -116,13 +126,10 @@ def validate_metrics(metrics: dict) -> None:
     for name, record in metrics["methods"].items():
         if not isinstance(record, dict):
             raise CBDError(f"metrics.json: method {name} is not a mapping")
-        for key in ACCURACY_KEYS:
-            value = record.get(key, "absent")
-            if value == "absent":
-                raise CBDError(f"metrics.json: method {name} lacks {key!r}")
-            if value is not None and not _is_fraction(value):
-                raise CBDError(f"metrics.json: {name}.{key} = {value!r} is not a fraction")
-            if key in SPLIT_NAMES and not splits[key] and value is not None:
+        _require_fractions(record, f"method {name}", name, "a fraction")
+        for key in SPLIT_NAMES:
+            value = record[key]
+            if not splits[key] and value is not None:
                 raise CBDError(f"metrics.json: {name}.{key} = {value!r}, but the {key} split has no class "
                                "(null expected)")
         per_class = record.get("per_class")
@@ -135,13 +142,7 @@ def validate_metrics(metrics: dict) -> None:
         std = metrics["std"].get(name)
         if not isinstance(std, dict):
             raise CBDError(f"metrics.json: no std for {name}")
-        for key in ACCURACY_KEYS:
-            value = std.get(key, "absent")
-            if value == "absent":
-                raise CBDError(f"metrics.json: std of {name} lacks {key!r}")
-            if value is not None and not _is_fraction(value):
-                raise CBDError(f"metrics.json: std {name}.{key} = {value!r} is not a standard deviation of fractions "
-                               "(in [0, 1])")
+        _require_fractions(std, f"std of {name}", f"std {name}", "a standard deviation of fractions (in [0, 1])")
     try:
         check_finite(metrics)
     except ValueError as error:
