@@ -56,8 +56,7 @@ def declared(notebook: str) -> tuple[str, ...]:
 @lru_cache(maxsize=16)
 def _declared_in(path: str, mtime_ns: int) -> tuple[str, ...]:  # mtime_ns: an edited cell is read again
     """The assigned names of the cell tagged ``parameters``, as papermill reads them (a test checks
-    that they agree); parsed here with ``ast`` because importing papermill costs every kernel
-    seconds."""
+    that they agree); parsed here with ``ast`` so that no kernel imports papermill to read one cell."""
     try:
         cells = json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
         cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
@@ -67,6 +66,11 @@ def _declared_in(path: str, mtime_ns: int) -> tuple[str, ...]:  # mtime_ns: an e
         raise CBDError(f"{path} has no cell tagged 'parameters'") from None
     except (OSError, ValueError, KeyError, TypeError, SyntaxError) as error:
         raise CBDError(f"cannot read the parameters cell of {path}: {one_line(error)}") from None
+    return tuple(assigned_names(tree))
+
+
+def assigned_names(tree: ast.Module) -> list[str]:
+    """The names a cell assigns at top level (``name = ...``, ``name: type = ...``), in order, once each."""
     names = []
     for node in tree.body:
         if isinstance(node, ast.Assign):
@@ -76,7 +80,7 @@ def _declared_in(path: str, mtime_ns: int) -> tuple[str, ...]:  # mtime_ns: an e
         else:
             continue
         names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
-    return tuple(names)
+    return names
 
 
 def collect_params(namespace: Mapping[str, Any], names=None) -> dict:
@@ -99,14 +103,9 @@ def injected_names(namespace: Mapping[str, Any]) -> list[str]:
     for source in reversed(history):
         if isinstance(source, str) and source.lstrip().startswith(INJECTED_HEADER):
             try:
-                tree = ast.parse(source)
+                return assigned_names(ast.parse(source))
             except SyntaxError:
                 return []
-            names = []
-            for node in tree.body:
-                targets = node.targets if isinstance(node, ast.Assign) else []
-                names += [t.id for t in targets if isinstance(t, ast.Name)]
-            return names
     return []
 
 

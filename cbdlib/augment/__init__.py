@@ -28,19 +28,19 @@ draws a batch's uniforms in one call (:meth:`BatchAugmenter.draw`) and the rest
 """
 from .batch import BatchAugmenter
 from .ops import (
-                  adjust_brightness,
-                  adjust_contrast,
-                  adjust_hue,
-                  adjust_saturation,
-                  color_jitter,
-                  hsv_to_rgb,
-                  normalize_nchw,
-                  random_crop,
-                  random_flip,
-                  random_grayscale,
-                  rgb_to_grayscale,
-                  rgb_to_hsv,
-                  to_float,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    color_jitter,
+    hsv_to_rgb,
+    normalize_nchw,
+    random_crop,
+    random_flip,
+    random_grayscale,
+    rgb_to_grayscale,
+    rgb_to_hsv,
+    to_float,
 )
 from .recipes import AugmentConfig, aug_config, vanilla_config
 

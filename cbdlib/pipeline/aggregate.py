@@ -189,7 +189,7 @@ def _kept_model_lines(kept: dict | None, out: Path) -> list[str]:
 
 
 def _relative(path: str) -> str:
-    """``path`` relative to the project root when that is shorter (e.g. ../shared/...), else as given."""
+    """``path`` relative to the project root when that is shorter (a dataset beside the project), else as given."""
     try:
         relative = os.path.relpath(Path(path).resolve(), config.project_root())
     except ValueError:

@@ -14,6 +14,7 @@ Layout of ``<run_name>/``::
 ``timing``: wall time summed over invocations, provenance; ``records``: what it records.
 """
 
+from ..metrics import validate_metrics  # the contract's check of metrics.json, kept under runs for readers
 from .folder import (
     LOCK_TOKEN_ENV,
     RESUMABLE_KEYS,
@@ -40,7 +41,6 @@ from .records import (
     read_history,
     save_evaluation,
     save_features,
-    validate_metrics,
     write_metrics,
 )
 from .timing import NOTEBOOK_TIMES, STAGE_TIMES, device_description, git_commit, provenance, timed, wall_times

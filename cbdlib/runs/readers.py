@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import CBDError
 from ..methods import TEACHER_NAME
-from .records import evaluation_path, features_path, read_history, validate_metrics
+from ..metrics import validate_metrics
+from .records import evaluation_path, features_path, read_history
 
 
 def read_json(path: Path) -> dict:

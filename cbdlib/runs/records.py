@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import CBDError
 from ..io import append_line, write_json, write_text
 from ..methods import method_order
-from ..metrics import ACCURACY_KEYS, aggregate_records, check_finite, validate_metrics  # noqa: F401 (re-exported)
+from ..metrics import aggregate_records, check_finite
 
 log = logging.getLogger("cbdlib.runs")
 
