@@ -96,7 +96,7 @@ def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | Non
             model = init_model(spec, derive_seed("cbd_ens", seed))  # the same start for every row
             model = fit(job, model, exp.device_data, device=exp.device, checkpoint_path=checkpoint,
                         history_path=out / "history.jsonl", meta=exp.meta(job.name, seed), stage="ablation",
-                        teachers=teachers, quiet=exp.quiet, precision=exp.precision, use_compile=settings.torch_compile)
+                        teachers=teachers, quiet=exp.quiet, precision=exp.precision, use_compile=exp.use_compile)
             _, logits = predict(model, exp.data.test_images, exp.data.mean, exp.data.std, exp.device,
                                 settings.eval_batch_size)
             record = accuracy_record(logits, exp.data.test_labels, exp.splits)

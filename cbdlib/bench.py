@@ -31,7 +31,7 @@ from .devices import resolve_device, use_channels_last
 from .engine.compiled import should_compile
 from .engine.job import Job
 from .engine.loop import fit, init_model
-from .engine.precision import resolve_precision
+from .engine.precision import PrecisionChoice, choose_precision
 from .engine.together import fit_together
 from .models import ModelSpec
 
@@ -166,15 +166,27 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
     arch, batch = profile["arch"], profile["batch_size"]
     data = synthetic_data(profile["images"], device)
     steps_per_epoch = len(data.train_labels) // batch
-    precision = resolve_precision("auto", device)
     # Compile where a long run would: a full-size experiment's jobs have thousands of steps.
-    use_compile = should_compile(None, device, steps_per_epoch * FULL_EPOCHS, precision) and size == "full"
+    compile_long = should_compile(None, device, steps_per_epoch * FULL_EPOCHS) and size == "full"
+
+    def auto_choice(name: str) -> PrecisionChoice:
+        """What ``precision: auto`` picks for ``name`` here (tiny: fp32 unmeasured, as a smoke run)."""
+        height, width, channels = data.train_images.shape[1:]
+        probe = {"arch": name, "batch_size": batch, "num_classes": data.num_classes,
+                 "image_shape": [channels, height, width]}
+        return choose_precision("auto", device, probe=probe, compiled=compile_long, smoke=size == "tiny")
+
+    def compiles(choice: PrecisionChoice) -> bool:
+        return compile_long and choice.compile_setting(None, device) is not False
+
+    choice = auto_choice(arch)
+    precision, use_compile = choice.precision, compiles(choice)
     from .runs import device_description, git_commit
 
     result = {"device": device_description(device), "torch": torch.__version__, "git_commit": git_commit(),
               "size": size, "arch": arch, "batch_size": batch, "train_images": int(len(data.train_labels)),
-              "precision": precision, "compile": use_compile, "threads": torch.get_num_threads(),
-              "channels_last": use_channels_last(device)}
+              "precision": precision, "precision_choice": choice.record(), "compile": use_compile,
+              "threads": torch.get_num_threads(), "channels_last": use_channels_last(device)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         main = measure_arch(arch, data, batch, profile["naive_steps"], device, precision, use_compile, tmp)
@@ -182,8 +194,11 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
         result.update(main)
         result["by_arch"] = {}
         for other in profile["by_arch"]:
-            extra = measure_arch(other, data, batch, profile["naive_steps"], device, precision, use_compile, tmp)
+            other_choice = auto_choice(other)
+            extra = measure_arch(other, data, batch, profile["naive_steps"], device, other_choice.precision,
+                                 compiles(other_choice), tmp)
             extra.pop("model")
+            extra["precision_choice"] = other_choice.record()
             result["by_arch"][other] = extra
         one = result["one_model_s"]
 

@@ -30,6 +30,7 @@ from .param_rules import (  # noqa: F401  (re-exported)
     Rule,
     check_device_available,
     check_rule,
+    default_lt_subset,
 )
 
 
@@ -44,6 +45,9 @@ class Params:
     imbalance_ratio: float = 10.0        # n_max / n_min of the long-tailed training subset (>= 1)
     profile: str = "exp"                 # exp | step
     lt_seed: int = 0                     # draws the long-tailed subset (and digits' train/test split)
+    # how the subset is drawn: cao (Cao et al.'s LDAM-DRW recipe, the published CIFAR-LT subsets) | shuffled
+    # (one PCG64 permutation per class); None: cao for CIFAR-10/100, shuffled for the other datasets
+    lt_subset: Optional[str] = None
     val_per_class: int = 10              # balanced validation images per class (tau is chosen on these)
     # folder / splitfile images are resized to this (CIFAR is 32); the crop side of imagenet_lt /
     # places_lt / inat2018 (224)
@@ -54,7 +58,7 @@ class Params:
     zero_init_residual: bool = True
     epochs: int = 200                    # epochs for every model trained from scratch
     # Decoupled baselines as Kang et al. ran them: classifier re-training on ce's frozen backbone with
-    # class-aware sampling (epoch = largest class count x classes), SGD, cosine decay to 0, no warm-up.
+    # class-aware sampling (an epoch of N images, as their loop stops it), SGD, cosine decay to 0, no warm-up.
     decoupled_epochs: int = 10           # cRT epochs
     lws_epochs: int = 5                  # LWS epochs
     decoupled_lr: Optional[float] = None  # cRT / LWS learning rate; None: 0.2 x batch/512
@@ -291,6 +295,8 @@ def resolve(params: Params) -> Settings:
         values.update(SMOKE_SETTINGS)
         values["seeds"] = list(params.seeds[:1])  # one seed, the first one asked for
     values["smoke"] = smoke
+    if values["lt_subset"] is None:  # stated in params.yaml, so a later default cannot change a run's data
+        values["lt_subset"] = default_lt_subset(params.dataset)
     effective = Params(**values)
     if effective.lr is not None:
         lr = effective.lr

@@ -21,7 +21,9 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, device: str =
     smoke = bool(meta.get("smoke"))
     lt = load_long_tail(
         meta["dataset"], data if data is not None else meta.get("data"), imbalance_ratio=meta["imbalance_ratio"],
-        profile=meta.get("profile", "exp"), lt_seed=meta["lt_seed"], val_per_class=meta.get("val_per_class", 10),
+        profile=meta.get("profile", "exp"), lt_seed=meta["lt_seed"],
+        lt_subset=meta.get("lt_subset", "shuffled"),  # checkpoints from before lt_subset existed: the old draw
+        val_per_class=meta.get("val_per_class", 10),
         image_size=meta.get("image_size", 32), max_train_per_class=SMOKE_MAX_PER_CLASS if smoke else None,
         max_test_per_class=SMOKE_TEST_PER_CLASS if smoke else None,
     )

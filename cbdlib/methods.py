@@ -7,8 +7,12 @@ from __future__ import annotations
 import re
 from typing import Mapping, Optional
 
-ONE_STAGE_BASELINES = ("ce", "ce_cb", "balanced_softmax")
-DECOUPLED_BASELINES = ("crt", "lws", "tau_norm", "ncm")   # on ce's frozen backbone (Kang et al.)
+# Trained from scratch: ce, ce_cb, Balanced Softmax (Ren et al.), and with deferred re-weighting
+# (Cao et al.): cross-entropy (ce_drw) and the LDAM loss (ldam_drw).
+ONE_STAGE_BASELINES = ("ce", "ce_cb", "balanced_softmax", "ce_drw", "ldam_drw")
+# On ce's trained model: re-trained or re-derived classifiers on its frozen backbone (Kang et al.),
+# and post-hoc logit adjustment of its logits (Menon et al.).
+DECOUPLED_BASELINES = ("crt", "lws", "tau_norm", "ncm", "logit_adjust")
 # Single-model baselines: what CBD is compared against (teachers and their ensemble are not baselines).
 BASELINES = ONE_STAGE_BASELINES + DECOUPLED_BASELINES
 STUDENTS = ("cbd", "cbd_ens")
@@ -18,6 +22,9 @@ LABELS = {
     "ce": "CE",
     "ce_cb": "CE (class-balanced)",
     "balanced_softmax": "Balanced Softmax",
+    "ce_drw": "CE-DRW",
+    "ldam_drw": "LDAM-DRW",
+    "logit_adjust": "logit adjustment",
     "crt": "cRT",
     "lws": "LWS",
     "tau_norm": "τ-norm",

@@ -15,6 +15,14 @@ PRECISIONS = ("auto", "bf16", "fp32")
 TEACHER_KINDS = ("vanilla", "aug")
 DECOUPLED_BN_MODES = ("train", "frozen")
 NCM_VARIANTS = ("cl2n", "cosine")
+LT_SUBSETS = ("cao", "shuffled")  # how the long-tailed subset is drawn (data/longtail.py)
+# ``lt_subset: null`` per dataset: the literature's subset where there is one.
+DEFAULT_LT_SUBSET = {"cifar10": "cao", "cifar100": "cao"}
+
+
+def default_lt_subset(dataset: str) -> str:
+    return DEFAULT_LT_SUBSET.get(dataset, "shuffled")
+
 
 
 class ParameterError(CBDError):
@@ -82,6 +90,7 @@ RULES: dict[str, Rule] = {
     "imbalance_ratio": at_least(1),
     "profile": one_of("exp", "step"),
     "lt_seed": at_least(0),
+    "lt_subset": one_of(*LT_SUBSETS),
     "val_per_class": at_least(1),
     "image_size": at_least(1),
     "arch": one_of(_archs),

@@ -62,6 +62,8 @@ from .runs.readers import (  # noqa: F401
     load_features,
     load_metrics,
     paired_features,
+    post_hoc_choices,
+    post_hoc_curves,
     read_json,
     tau_choices,
     tau_curves,
@@ -390,6 +392,7 @@ __all__ = [
     "check_outputs", "class_names", "collect_params", "configure_logging", "dataset_summary", "declared", "describe",
     "evaluation", "expected_outputs", "experiment", "has_features", "history", "imbalance_explorer",
     "injected_names", "key_methods", "load_data", "load_features", "load_metrics", "notebook_environment",
-    "paired_features", "require_stage_one", "restrict", "save_table", "setup", "split_summary",
+    "paired_features", "post_hoc_choices", "post_hoc_curves", "require_stage_one", "restrict", "save_table",
+    "setup", "split_summary",
     "stage_one_missing", "student_and_baseline", "tau_choices", "tau_curves", "teacher_names", "tsne_teacher",
 ]

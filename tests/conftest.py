@@ -26,6 +26,10 @@ from shared_runs import copy_run, run_settings
 from cbdlib.data import load_long_tail
 
 ROOT = Path(__file__).resolve().parent.parent
+# ``precision: auto`` would time fp32 against bf16 on a CPU with bf16 instructions; the suite's numbers
+# must not depend on the load of the moment, so it runs float32 (subprocesses inherit this).
+# tests/test_precision.py measures, with injected and with real timings.
+os.environ["CBD_PRECISION_MEASURE"] = "0"
 
 @pytest.fixture(scope="session")
 def digits():

@@ -4,6 +4,7 @@ agrees with the numbers."""
 import json
 
 import pytest
+from shared_runs import copy_run
 
 from cbdlib import __main__ as cli
 from cbdlib import runs
@@ -123,3 +124,19 @@ def test_the_reading_asks_against_the_best_baseline_the_teacher_ensemble_and_cbd
     assert "CBD-ENS **beats** teacher ensemble overall" in text
     assert "CBD-ENS **beats** CBD on the tail third" in text
     assert reading_lines({"seeds": [1], "methods": {"ce": {"all": 0.5}}, "std": {}}, {}) == []
+
+
+def test_seeds_that_trained_in_different_precisions_are_merged_and_said_so(seed_runs, tmp_path, caplog):
+    a, b = (copy_run(run, tmp_path / "runs") for run in seed_runs)
+    metrics = json.loads((b / "metrics.json").read_text())
+    metrics["precision"] = "bf16"  # as if seed 2 ran on a CPU where auto measured bf16 faster
+    (b / "metrics.json").write_text(json.dumps(metrics))
+    out = aggregate_runs([a, b], tmp_path / "merged", notebook=False)
+    merged = json.loads((out / "metrics.json").read_text())
+    assert merged["merged_from"] == [{"run": "copy_of_run_seed1", "seeds": [1], "precision": "fp32"},
+                                     {"run": "copy_of_run_seed2", "seeds": [2], "precision": "bf16"}]
+    assert "different precisions" in caplog.text
+    summary = (out / "summary.md").read_text()
+    assert "- `copy_of_run_seed2`: seeds 2, precision bf16" in summary
+    assert "the seeds trained in different precisions" in summary
+    assert str(a.parent) not in summary  # sources by run name, not by the folders of the machine that ran them

@@ -12,8 +12,10 @@ import torch  # noqa: E402
 
 from cbdlib import CBDError, plots, workbook  # noqa: E402
 from cbdlib.config import load_params, load_params_file, make_params, params_dir, resolve  # noqa: E402
+from cbdlib.data import long_tail_counts  # noqa: E402
 from cbdlib.data.samplers import CLASS_AWARE_SAMPLES_PER_CLASS, IndexSampler, StrategySampler, epoch_length  # noqa: E402
 from cbdlib.engine import Experiment, load_model  # noqa: E402
+from cbdlib.engine.loop import epoch_steps  # noqa: E402
 from cbdlib.engine.stages import first_best  # noqa: E402
 from cbdlib.evaluate import evaluate_checkpoint  # noqa: E402
 from cbdlib.models import ModelSpec, NCMClassifier, build_model  # noqa: E402
@@ -34,24 +36,27 @@ def runs_of(classes):
 # --------------------------------------------------------------------------- class-aware sampling
 
 
-def test_a_class_aware_epoch_is_the_largest_count_times_the_classes():
+def test_a_class_aware_epoch_is_n_images_as_kang_et_als_loop_stops_it():
     assert CLASS_AWARE_SAMPLES_PER_CLASS == 4
-    assert epoch_length("class_aware", [6, 3, 2]) == 18
-    assert epoch_length("class_aware", [50, 20, 0, 8, 3]) == 200  # the empty class is never visited
+    assert epoch_length("class_aware", [6, 3, 2]) == 11    # N, not largest count x classes (18)
+    assert epoch_length("class_aware", [50, 20, 0, 8, 3]) == 81
     assert epoch_length("class_balanced", [6, 3, 2]) == epoch_length("instance", [6, 3, 2]) == 11
     labels = labels_with_counts([6, 3, 2])
     sampler = IndexSampler(labels, "class_aware", generator_seed=3)
-    assert len(sampler) == 18 and sampler.epoch_indices(0).numel() == 18
-    assert len(StrategySampler(labels, "class_aware")) == 18
+    assert len(sampler) == 11 and sampler.epoch_indices(0).numel() == 11
+    assert len(StrategySampler(labels, "class_aware")) == 11
+    # CIFAR-10-LT IR 100 (12,406 images) at batch 128: int(12406 / 128) = 96 steps, not 390
+    cifar = long_tail_counts(5000, 10, 100)
+    assert sum(cifar) == 12406 and epoch_steps(epoch_length("class_aware", cifar), 128) == (128, 96)
 
 
 def test_each_visit_takes_four_images_of_one_class_in_shuffled_rounds_of_classes():
-    labels = labels_with_counts([6, 3, 2])
+    labels = labels_with_counts([12, 6, 2])
     for seed in range(5):
         idx = IndexSampler(labels, "class_aware", generator_seed=seed).epoch_indices(seed).numpy()
         visits = runs_of(labels[idx].tolist())
-        # 18 images: four whole visits and a last one of 2
-        assert [len(v) for v in visits] == [4, 4, 4, 4, 2]
+        # 20 images: five whole visits
+        assert [len(v) for v in visits] == [4, 4, 4, 4, 4]
         assert all(len(set(v)) == 1 for v in visits), visits
         classes = [v[0] for v in visits]
         assert sorted(classes[:3]) == [0, 1, 2]  # the first round visits every class once
@@ -78,8 +83,8 @@ def test_class_aware_epochs_are_balanced_and_reproducible_from_seed_and_epoch():
     labels = labels_with_counts([1000, 300, 100, 30, 10])
     sampler = IndexSampler(labels, "class_aware", generator_seed=7)
     idx = sampler.epoch_indices(2)
-    # 1000 x 5 draws = 250 whole rounds of 5 visits of 4: every class exactly 1000 times
-    assert np.bincount(labels[idx.numpy()], minlength=5).tolist() == [1000] * 5
+    # N = 1,440 draws = 72 whole rounds of 5 visits of 4: every class exactly 288 times
+    assert np.bincount(labels[idx.numpy()], minlength=5).tolist() == [288] * 5
     again = IndexSampler(labels, "class_aware", generator_seed=7)
     assert torch.equal(again.epoch_indices(2), idx)  # no state carried from earlier epochs
     assert not torch.equal(sampler.epoch_indices(3), idx)
@@ -162,15 +167,16 @@ def test_crt_reestimates_batchnorm_statistics_under_train_and_keeps_them_under_f
         assert same(weights, ce_weights) and same(stats, ce_stats), method
 
 
-def test_history_records_steps_with_class_aware_epochs_for_crt_and_lws(train_bn_run, digits):
+def test_history_records_n_image_class_aware_epochs_for_crt_and_lws(train_bn_run, digits):
     out, settings = train_bn_run
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(r["steps"], int) for r in rows)
     counts = digits.class_counts
     by_model = {m: [r for r in rows if r["model"] == m] for m in ("ce", "crt", "lws")}
     assert [r["steps"] for r in by_model["ce"]] == [sum(counts) // 32] * 2
-    assert [r["steps"] for r in by_model["crt"]] == [max(counts) * 10 // 32] * 2  # decoupled_epochs
-    assert [r["steps"] for r in by_model["lws"]] == [max(counts) * 10 // 32] * 1  # lws_epochs
+    # class-aware epochs of N images: int(N / batch) steps, as Kang et al.'s loop runs them
+    assert [r["steps"] for r in by_model["crt"]] == [sum(counts) // 32] * 2  # decoupled_epochs
+    assert [r["steps"] for r in by_model["lws"]] == [sum(counts) // 32] * 1  # lws_epochs
     # Kang et al.'s optimiser: lr 0.2 x 32/512, cosine to 0 over the cRT steps
     assert settings.decoupled_lr == pytest.approx(0.2 * 32 / 512)
     assert by_model["crt"][-1]["lr"] < by_model["crt"][0]["lr"] <= settings.decoupled_lr
@@ -192,12 +198,14 @@ def test_the_whole_tau_curve_is_recorded_and_plotted(train_bn_run, tmp_path):
     curve = curves[1]
     assert curve["tau"] == [round(0.1 * i, 1) for i in range(21)] and len(curve["val_acc"]) == 21
     assert curve["chosen"] == curve["tau"][first_best(curve["val_acc"])]
-    fig = plots.tau_curve(curves, path=tmp_path / "tau.png")
+    fig = plots.tau_curve(workbook.post_hoc_curves(out, [1]), path=tmp_path / "tau.png")
     assert (tmp_path / "tau.png").stat().st_size > 0
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["τ-norm", "logit adjustment"]
     line, star = fig.axes[0].get_lines()
     assert np.allclose(line.get_xdata(), curve["tau"])
     assert np.allclose(line.get_ydata(), 100 * np.array(curve["val_acc"]))
     assert star.get_xdata()[0] == curve["chosen"]
+    assert fig.axes[1].texts[0].get_text() == "no logit adjustment validation curve"  # this run has none
 
 
 def test_tau_ties_go_to_the_smallest_tau_even_when_rounding_differs():
@@ -209,8 +217,8 @@ def test_tau_ties_go_to_the_smallest_tau_even_when_rounding_differs():
 
 def test_tau_curve_plot_placeholder_and_bad_input():
     assert plots.tau_curve({}).axes[0].texts[0].get_text() == "no τ-norm validation curve"
-    with pytest.raises(plots.PlotInputError, match="seed 1: tau and val_acc"):
-        plots.tau_curve({1: {"tau": [0.0, 0.1], "val_acc": [0.5], "chosen": 0.0}})
+    with pytest.raises(plots.PlotInputError, match="tau_norm seed 1: tau and val_acc"):
+        plots.tau_curve({"tau_norm": {1: {"tau": [0.0, 0.1], "val_acc": [0.5], "chosen": 0.0}}})
 
 
 # --------------------------------------------------------------------------- parameters and recipes

@@ -79,4 +79,5 @@ def test_lr_is_derived_from_the_schedule_and_stated():
 def test_contract_method_names():
     names = all_method_names(["vanilla:1", "vanilla:2", "aug:1", "aug:2"])
     assert set(names) == {"ce", "ce_cb", "crt", "lws", "tau_norm", "ncm", "balanced_softmax", "teacher_vanilla_1",
-                          "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2", "teacher_ensemble", "cbd", "cbd_ens"}
+                          "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2", "teacher_ensemble", "cbd", "cbd_ens",
+                          "ldam_drw", "ce_drw", "logit_adjust"}

@@ -98,10 +98,10 @@ LABELS = [0, 2]
 
 
 def _engine_loss(job, features, teacher_features, teacher_logits=None):
-    from cbdlib.engine.losses import job_loss
+    from cbdlib.engine.losses import class_terms, job_loss
 
-    log_prior = torch.log(torch.tensor([0.6, 0.3, 0.1]))
-    return job_loss(job, torch.tensor(features), torch.tensor(LOGITS), torch.tensor(LABELS), log_prior,
+    terms = class_terms(torch.tensor([6.0, 3.0, 1.0]))  # log prior: log([0.6, 0.3, 0.1])
+    return job_loss(job, torch.tensor(features), torch.tensor(LOGITS), torch.tensor(LABELS), terms,
                     [torch.tensor(t) for t in teacher_features],
                     None if teacher_logits is None else [torch.tensor(t) for t in teacher_logits])
 

@@ -107,8 +107,8 @@ def test_the_engine_writes_a_plan_of_every_model_with_its_steps(tmp_path, digits
     assert by_name["crt"].cost_per_step == pytest.approx(FORWARD_COST)
     assert by_name["crt"].epochs == 2
     assert by_name["lws"].epochs == settings.lws_epochs
-    # Kang et al.'s class-aware epoch: (largest class count x classes) draws.
-    assert by_name["crt"].steps_per_epoch == max(digits.class_counts) * digits.num_classes // 32
+    # Kang et al.'s class-aware epoch: N draws (their loop stops after int(N / batch) steps).
+    assert by_name["crt"].steps_per_epoch == n // 32
 
 
 def test_kernels_started_by_the_command_print_lines_not_bars(monkeypatch):

@@ -17,6 +17,9 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"{arch} batch {result['batch_size']}: naive {r['naive_img_per_s']:.0f} img/s "
                      f"({r['naive_workers']} workers), engine {r['engine_img_per_s']:.0f} img/s: "
                      f"speedup {r['speedup']:.2f}x")
+        choice = r.get("precision_choice")
+        if choice:
+            lines.append(f"  precision auto: {choice['precision']} ({choice['reason']})")
     lines.append(f"4 models together: {result['together_ratio']:.2f}x one model's epoch; full CBD-ENS "
                  f"experiment (extrapolated): {result['full_cbd_ens_s'] / 60:.0f} min")
     return lines

@@ -12,7 +12,7 @@ def _stats(args) -> int:
     from ..data import format_stats, load_long_tail
 
     data = load_long_tail(args.dataset, args.data, imbalance_ratio=args.imbalance_ratio, profile=args.profile,
-                          lt_seed=args.lt_seed, val_per_class=args.val_per_class)
+                          lt_seed=args.lt_seed, lt_subset=args.lt_subset, val_per_class=args.val_per_class)
     stats = data.stats()
     stats["class_names"] = data.class_names
     stats["test_images"] = int(len(data.test_labels))
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--imbalance-ratio", type=float, required=True)
     stats.add_argument("--profile", default="exp", choices=("exp", "step"))
     stats.add_argument("--lt-seed", type=int, default=0)
+    stats.add_argument("--lt-subset", default=None, choices=("cao", "shuffled"),
+                       help="how the subset is drawn (default: cao for CIFAR, shuffled elsewhere)")
     stats.add_argument("--val-per-class", type=int, default=10)
     stats.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
     stats.set_defaults(func=_stats)

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..param_rules import LT_SUBSETS, default_lt_subset
 from .longtail import cap_per_class, long_tail_counts, split_pool
 from .stats import class_counts, class_splits, describe, format_stats, gini
 
 __all__ = [
     "LongTailData", "load_long_tail", "long_tail_counts", "class_counts", "class_splits",
-    "describe", "format_stats", "gini",
+    "describe", "format_stats", "gini", "LT_SUBSETS", "default_lt_subset",
 ]
 
 # Digits reserve their validation images before n_max is fixed (few images per class);
@@ -85,12 +86,14 @@ def load_long_tail(
     imbalance_ratio: float,
     profile: str = "exp",
     lt_seed: int = 0,
+    lt_subset: str | None = None,
     val_per_class: int = 10,
     image_size: int = 32,
     max_train_per_class: int | None = None,
     max_test_per_class: int | None = None,
 ) -> LongTailData:
-    """The long-tailed data of a run (a ``LargeLongTail`` of file lists for the large benchmarks)."""
+    """The long-tailed data of a run (a ``LargeLongTail`` of file lists for the large benchmarks).
+    ``lt_subset`` None: the dataset's default (``cao`` for CIFAR, see ``longtail.LT_SUBSETS``)."""
     from .large import LARGE_DATASETS
 
     if dataset in LARGE_DATASETS:  # large-image datasets keep the DataLoader path
@@ -106,7 +109,7 @@ def load_long_tail(
     train_idx, val_idx, notes = split_pool(
         pool.labels, num_classes, imbalance_ratio, profile, lt_seed, val_per_class,
         reserve_first=RESERVE_VALIDATION_FIRST.get(dataset, False),
-        max_per_class=max_train_per_class,
+        max_per_class=max_train_per_class, lt_subset=lt_subset or default_lt_subset(dataset),
     )
     test_images, test_labels = test.images, test.labels
     if max_test_per_class is not None:
@@ -140,6 +143,7 @@ def load_for_settings(settings) -> LongTailData:
         imbalance_ratio=settings.imbalance_ratio,
         profile=settings.profile,
         lt_seed=settings.lt_seed,
+        lt_subset=settings.lt_subset,
         val_per_class=settings.val_per_class,
         image_size=settings.image_size,
         max_train_per_class=settings.max_train_per_class,

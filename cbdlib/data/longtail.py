@@ -6,6 +6,7 @@ import logging
 import numpy as np
 
 from ..errors import CBDError
+from ..param_rules import LT_SUBSETS
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,25 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float, profi
     raise CBDError(f"profile must be 'exp' or 'step', got {profile!r}")
 
 
-def class_permutations(labels: np.ndarray, num_classes: int, lt_seed: int) -> list[np.ndarray]:
-    """One seeded permutation of each class's indices; subset and validation are read off these."""
+# How a class's images are ordered before the subset takes the first n_c of them:
+# cao       the recipe of Cao et al.'s LDAM-DRW (``imbalance_cifar.py``), which the published CIFAR-LT
+#           experiments use: NumPy's legacy generator seeded with lt_seed, then for each class in label
+#           order its indices (in the source's order) shuffled in place by that one generator. With
+#           torchvision's original pickles this gives the published subsets' very images.
+# shuffled  this project's earlier draw: one permutation per class from NumPy's PCG64 generator.
+def class_permutations(labels: np.ndarray, num_classes: int, lt_seed: int,
+                       lt_subset: str = "shuffled") -> list[np.ndarray]:
+    """One seeded order of each class's indices; subset and validation are read off these."""
+    if lt_subset == "cao":
+        legacy = np.random.RandomState(lt_seed)  # the legacy stream, without touching NumPy's global one
+        orders = []
+        for c in range(num_classes):
+            indices = np.flatnonzero(labels == c)
+            legacy.shuffle(indices)
+            orders.append(indices)
+        return orders
+    if lt_subset != "shuffled":
+        raise CBDError(f"lt_subset must be one of {', '.join(LT_SUBSETS)}, got {lt_subset!r}")
     rng = np.random.default_rng(lt_seed)  # a local generator: no global seeding
     return [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
 
@@ -46,11 +64,13 @@ def split_pool(
     val_per_class: int,
     reserve_first: bool,
     max_per_class: int | None = None,
+    lt_subset: str = "shuffled",
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Choose the long-tailed training subset and a balanced validation set from a training pool.
 
-    Each class's images are permuted once with ``lt_seed``: the subset takes the first
-    ``n_i`` of the permutation, the validation set the last ``val_per_class``.
+    Each class's images are ordered once with ``lt_seed`` (``lt_subset``: ``cao`` or
+    ``shuffled``, see ``LT_SUBSETS``): the subset takes the first ``n_i`` of that order, the
+    validation set the last ``val_per_class``.
     With ``reserve_first`` (digits) the validation images are removed before ``n_max`` is
     fixed, so they never overlap the subset. Otherwise (CIFAR, whose published counts start
     at the full class size) ``n_max`` is the smallest class pool and the validation images
@@ -61,7 +81,7 @@ def split_pool(
     ``imbalance_ratio == 1`` keeps every pool image (an already long-tailed source).
     Returns (train_indices, val_indices, notes).
     """
-    perms = class_permutations(labels, num_classes, lt_seed)
+    perms = class_permutations(labels, num_classes, lt_seed, lt_subset)
     pool_sizes = np.array([len(p) for p in perms])
     empty = np.flatnonzero(pool_sizes == 0)
     if len(empty):

@@ -13,11 +13,13 @@ probability ``p_j = n_j**q / sum_k n_k**q`` and then an image uniformly within i
                       LWS): classes are visited in shuffled rounds (each round a random
                       permutation of the non-empty classes) and each visit takes
                       :data:`CLASS_AWARE_SAMPLES_PER_CLASS` consecutive images of its class,
-                      walking through the class in reshuffled passes. An epoch is
-                      (largest class count x number of non-empty classes) images.
+                      walking through the class in reshuffled passes. An epoch is ``N``
+                      images, as Kang et al.'s training loop runs it: their sampler could
+                      yield (largest class count x classes) indices, but their loop stops
+                      each epoch after ``int(N / batch_size)`` steps.
 
 Every other non-instance epoch is ``N`` draws (``N`` = training-set size) with replacement.
-:func:`epoch_length` gives the length of an epoch of any strategy.
+:func:`epoch_length` gives the length of an epoch of any strategy (``N`` for all of them).
 
 Two forms share one core: :class:`IndexSampler` returns a whole epoch of indices as one
 int64 tensor (on the training device, for on-device batching), and
@@ -70,12 +72,10 @@ def _normalise_strategy(strategy: str) -> str:
 
 
 def epoch_length(strategy: str, class_counts: Sequence[int]) -> int:
-    """Images per epoch: ``N`` (the training-set size), or for ``class_aware`` the largest
-    class count times the number of non-empty classes."""
-    counts = [int(c) for c in class_counts]
-    if _normalise_strategy(strategy) == "class_aware":
-        return max(counts) * sum(1 for c in counts if c > 0)
-    return sum(counts)
+    """Images per epoch: ``N``, the training-set size, whatever the strategy (``class_aware``
+    included: Kang et al.'s loop stops an epoch after ``int(N / batch_size)`` steps)."""
+    _normalise_strategy(strategy)  # an unknown strategy is refused here too
+    return sum(int(c) for c in class_counts)
 
 
 def _labels_to_tensor(labels: LabelsLike) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 from ..models import ModelSpec
 from ..seeding import derive_seed
@@ -16,7 +17,7 @@ class Job:
     spec: ModelSpec
     sampling: str = "instance"    # instance | class_balanced | class_aware (see data/samplers.py)
     augment: str = "vanilla"      # vanilla | aug
-    loss: str = "ce"              # ce | balanced_softmax | cbd
+    loss: str = "ce"              # ce | balanced_softmax | ldam | cbd (engine/losses.py)
     epochs: int = 1
     schedule: str = "cifar_lt"
     lr: float = 0.1
@@ -31,6 +32,8 @@ class Job:
     logit_distill_weight: float = 0.0
     logit_distill_temperature: float = 4.0
     teachers: list = field(default_factory=list)   # names of the teachers distilled from
+    # DRW (ldam_drw, ce_drw): class-weighted loss from this epoch (0-indexed) on; None: never
+    reweight_from_epoch: Optional[int] = None
 
     @property
     def seed(self) -> int:
@@ -39,4 +42,7 @@ class Job:
 
     def identity(self) -> dict:
         """What a checkpoint records, so that a resume continues the same job and no other."""
-        return asdict(self)
+        identity = asdict(self)
+        if identity["reweight_from_epoch"] is None:  # as jobs recorded it before the key existed
+            del identity["reweight_from_epoch"]
+        return identity

@@ -37,7 +37,7 @@ from ..progress import ModelProgress
 from . import distributed, hooks
 from .compiled import compile_for_training, should_compile
 from .job import Job
-from .losses import job_loss, log_prior
+from .losses import ClassTerms, class_terms, job_loss
 from .precision import autocast
 from .schedule import lr_at
 
@@ -197,7 +197,7 @@ def balanced_val_accuracy(model: Network, data, device: torch.device) -> float:
     return float((correct[seen] / total[seen]).mean())
 
 
-def model_step(job: Job, model, teachers: list[Network], prior: torch.Tensor, precision: str,
+def model_step(job: Job, model, teachers: list[Network], terms: ClassTerms, precision: str,
                teacher_forward=None) -> StepLoss:
     """One model's ``step_loss`` for :func:`run_epoch`. ``model`` may be DDP-wrapped;
     ``teacher_forward`` (a ``TeacherFeatures``) computes the frozen teachers' features."""
@@ -214,7 +214,7 @@ def model_step(job: Job, model, teachers: list[Network], prior: torch.Tensor, pr
                 teacher_features = teacher_forward(x)
                 if job.logit_distill_weight > 0:
                     teacher_logits = teacher_forward.logits(teacher_features)
-        loss, ce, distill = job_loss(job, features, logits, labels, prior, teacher_features, teacher_logits)
+        loss, ce, distill = job_loss(job, features, logits, labels, terms, teacher_features, teacher_logits, epoch)
         if hooks.active():
             loss = hooks.after_loss(hooks.Step(job, epoch, step, labels, tuple(teachers)), loss)
         return loss, step_stats(loss, ce, distill, logits.float(), labels).unsqueeze(0)
@@ -258,10 +258,10 @@ def fit(job: Job, model: Network, data, *, device: torch.device, checkpoint_path
     teachers = teachers or []
     # The frozen teachers' forwards: one grouped forward on a GPU (several launches saved per step).
     teacher_forward = TeacherFeatures(teachers, grouped=device.type == "cuda").to(device) if teachers else None
-    if should_compile(use_compile, device, steps * (job.epochs - start_epoch), precision):
+    if should_compile(use_compile, device, steps * (job.epochs - start_epoch)):
         train_model = compile_for_training(train_model)
         teacher_forward = compile_for_training(teacher_forward) if teacher_forward is not None else None
-    step_loss = model_step(job, train_model, teachers, log_prior(data.class_counts), precision, teacher_forward)
+    step_loss = model_step(job, train_model, teachers, class_terms(data.class_counts), precision, teacher_forward)
 
     with ModelProgress(f"{job.name} seed {job.train_seed}", job.epochs, start_epoch, quiet or not main) as progress:
         for epoch in range(start_epoch, job.epochs):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -31,9 +33,9 @@ from .. import runs
 from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Settings, teacher_method_name
 from ..data import LongTailData, load_for_settings
 from ..data.device import DeviceData, predict
-from ..data.samplers import epoch_length
 from ..devices import resolve_device
 from ..errors import CBDError
+from ..io import write_json
 from ..metrics import accuracy_record, balanced_accuracy
 from ..models import (
     TORCHVISION_ARCHS,
@@ -47,9 +49,11 @@ from ..models import (
 from ..progress import PlannedModel, step_cost, write_plan
 from ..seeding import derive_seed
 from . import distributed
+from .compiled import should_compile
 from .job import Job
 from .loop import epoch_steps, fit, init_model, report
-from .precision import resolve_precision
+from .losses import LDAM_SCALE, drw_start, log_prior
+from .precision import PrecisionChoice, choose_precision
 from .together import can_train_together, fit_together
 
 log = logging.getLogger("cbdlib")
@@ -69,6 +73,13 @@ TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0 .. 2.0
 # The stage whose run makes each method (teacher_<kind>_<seed>: "teachers").
 _STAGE_OF = {"teacher_ensemble": "teachers", **{m: "one_stage" for m in ONE_STAGE_BASELINES},
              **{m: "decoupled" for m in DECOUPLED_BASELINES}, **{m: "students" for m in STUDENTS}}
+
+
+def _stored_choice(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent or damaged: decided again
 
 
 class Experiment:
@@ -96,8 +107,11 @@ class Experiment:
             self.device_data = DeviceData.from_long_tail(self.data, self.device)
             self.test_images = torch.from_numpy(np.ascontiguousarray(self.data.test_images))
         self.splits = self.data.splits
-        self.precision = resolve_precision(settings.precision, self.device)  # what the training steps compute in
-        self.prov = {**runs.provenance(self.device), "precision": self.precision}
+        self.precision_choice = self._precision_choice()
+        self.precision = self.precision_choice.precision  # what the training steps compute in
+        self.use_compile = self.precision_choice.compile_setting(settings.torch_compile, self.device)
+        self.prov = {**runs.provenance(self.device), "precision": self.precision,
+                     "precision_choice": self.precision_choice.record()}
         self.stage_times: dict[str, float] = {}
         # Stage-1 models share one grouped step on a GPU; on a CPU grouped convolutions are
         # slower than separate ones, and DDP / streaming runs train one model at a time.
@@ -111,6 +125,31 @@ class Experiment:
         if self.main:
             write_plan(self.out, self.plan())  # what ``cbdlib run`` weighs its ETA by
 
+    def _precision_choice(self) -> PrecisionChoice:
+        """The run's precision: decided once (by rank 0, measuring where ``auto`` meets a CPU with
+        bf16) and kept in the run folder, so that a resumed run computes in what it started with."""
+        path = self.out / runs.PRECISION_FILE
+        if self.main:
+            stored = _stored_choice(path) if runs.has_results(self.out) else None  # a resume
+            if stored is not None and stored.get("setting") == self.settings.precision:
+                choice = PrecisionChoice.from_record(stored)
+                choice = PrecisionChoice(choice.precision, f"{choice.reason} (kept from the run's start)",
+                                         choice.compile_bf16, choice.measurement)
+            else:
+                s = self.settings
+                height, width, channels = self.data.image_shape
+                probe = {"arch": s.arch, "batch_size": s.batch_size, "num_classes": self.data.num_classes,
+                         "image_shape": [channels, height, width]}
+                long_job = s.epochs * epoch_steps(len(self.data.train_labels), s.batch_size)[1]
+                choice = choose_precision(s.precision, self.device, probe=probe, smoke=s.smoke,
+                                          compiled=should_compile(s.torch_compile, self.device, long_job))
+                write_json(path, {"setting": s.precision, **choice.record()})
+            report(f"precision: {choice.precision} ({choice.reason})")
+        distributed.barrier()
+        if not self.main:
+            choice = PrecisionChoice.from_record(_stored_choice(path))
+        return choice
+
     # --- bookkeeping -------------------------------------------------------------------
     @property
     def wanted(self) -> set:
@@ -120,7 +159,8 @@ class Experiment:
         """What a checkpoint must agree on to be used in this run."""
         s = self.settings
         return {"dataset": s.dataset, "num_classes": self.data.num_classes, "image_shape": list(self.data.image_shape),
-                "class_counts": self.data.class_counts, "lt_seed": s.lt_seed, "imbalance_ratio": s.imbalance_ratio,
+                "class_counts": self.data.class_counts, "lt_seed": s.lt_seed, "lt_subset": s.lt_subset,
+                "imbalance_ratio": s.imbalance_ratio,
                 "profile": s.profile}
 
     def meta(self, method: str, seed: int) -> dict:
@@ -155,11 +195,9 @@ class Experiment:
                 stage = "teachers" if job.name.startswith("teacher_") else "one_stage"
                 entries.append(PlannedModel(job.name, seed, stage,
                                             job.epochs, plain_steps, step_cost()))
-            class_aware = epoch_length("class_aware", list(self.data.class_counts))
-            class_aware_steps = epoch_steps(class_aware, s.batch_size)[1]
             for name, epochs in (("crt", s.decoupled_epochs), ("lws", s.lws_epochs)):
-                if name in self.wanted:
-                    entries.append(PlannedModel(name, seed, "decoupled", epochs, class_aware_steps,
+                if name in self.wanted:  # class-aware epochs of N images (Kang et al.'s loop)
+                    entries.append(PlannedModel(name, seed, "decoupled", epochs, plain_steps,
                                                 step_cost(train_backbone=False)))
             teachers = {"cbd": 1, "cbd_ens": len(s.teachers)}
             for name in STUDENTS:
@@ -196,7 +234,7 @@ class Experiment:
                    checkpoint_path=runs.checkpoint_path(self.out, job.train_seed, job.name),
                    history_path=self.out / "history.jsonl", meta=self.meta(job.name, job.train_seed),
                    stage=stage, teachers=teachers, quiet=self.quiet, sync_bn=self.settings.sync_bn,
-                   precision=self.precision, use_compile=self.settings.torch_compile)
+                   precision=self.precision, use_compile=self.use_compile)
 
     def _predict(self, model: Network, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features, logits) of the train, val or test images, without augmentation."""
@@ -291,13 +329,19 @@ class Experiment:
 
     # --- one-stage baselines ---------------------------------------------------------
     def _one_stage_jobs(self, seed: int) -> list[Job]:
-        recipes = {"ce": dict(sampling="instance", loss="ce"),
-                   "ce_cb": dict(sampling="class_balanced", loss="ce"),
-                   "balanced_softmax": dict(sampling="instance", loss="balanced_softmax")}
+        drw = drw_start(self.settings.epochs)  # deferred re-weighting: the last 20% of the epochs
+        linear = self.spec("linear")
+        # LDAM-DRW's normalised classifier; its fixed s = 30 is the LDAM loss's scale (engine/losses.py).
+        ldam = dataclasses.replace(self.spec("cosine"), cosine_scale=LDAM_SCALE, learnable_scale=False)
+        recipes = {"ce": (linear, dict(sampling="instance", loss="ce")),
+                   "ce_cb": (linear, dict(sampling="class_balanced", loss="ce")),
+                   "balanced_softmax": (linear, dict(sampling="instance", loss="balanced_softmax")),
+                   "ce_drw": (linear, dict(sampling="instance", loss="ce", reweight_from_epoch=drw)),
+                   "ldam_drw": (ldam, dict(sampling="instance", loss="ldam", reweight_from_epoch=drw))}
         needed = [m for m in ONE_STAGE_BASELINES if m in self.wanted]
         if "ce" not in needed and any(m in self.wanted for m in DECOUPLED_BASELINES):
             needed.insert(0, "ce")  # the decoupled baselines stand on ce's backbone
-        return [self.job(name, seed, self.spec("linear"), **recipes[name]) for name in needed]
+        return [self.job(name, seed, recipes[name][0], **recipes[name][1]) for name in needed]
 
     def _run_one_stage(self, seed: int, trained: dict | None = None) -> None:
         for job in self._one_stage_jobs(seed):
@@ -356,6 +400,8 @@ class Experiment:
             self._tau_norm(base, seed)
         if "ncm" in needed:
             self._ncm(base, seed)
+        if "logit_adjust" in needed:
+            self._logit_adjust(base, seed)
 
     def _tau_norm(self, base: Network, seed: int) -> None:
         weight = base.classifier.weight.detach().float().cpu()
@@ -373,6 +419,23 @@ class Experiment:
         self._save_derived(model, spec, "tau_norm", seed)
         self.evaluate(model, "tau_norm", seed, {"tau": tau, "tau_val_balanced_acc": scores[best],
                                                 "tau_grid": list(TAU_GRID), "tau_val_curve": scores})
+
+    def _logit_adjust(self, base: Network, seed: int) -> None:
+        """Menon et al.'s post-hoc logit adjustment of ``ce``: predict with ``logits - tau * log(prior)``,
+        tau chosen on the balanced validation set (ties to the tau closest to 1, the paper's default).
+        The adjusted model is ``ce`` with ``tau * log(prior)`` taken off its classifier's bias."""
+        prior = log_prior(torch.as_tensor(self.data.class_counts, dtype=torch.float64)).numpy()
+        val_logits = self._predict(base, "val")[1].astype(np.float64)
+        scores = [balanced_accuracy(val_logits - tau * prior, self.data.val_labels) for tau in TAU_GRID]
+        best = closest_best(scores, TAU_GRID, prefer=1.0)
+        tau = TAU_GRID[best]
+        model = copy.deepcopy(base)
+        with torch.no_grad():
+            model.classifier.bias -= torch.as_tensor(tau * prior, dtype=model.classifier.bias.dtype,
+                                                     device=model.classifier.bias.device)
+        self._save_derived(model, self.spec("linear"), "logit_adjust", seed)
+        self.evaluate(model, "logit_adjust", seed, {"tau": tau, "tau_val_balanced_acc": scores[best],
+                                                    "tau_grid": list(TAU_GRID), "tau_val_curve": scores})
 
     def _ncm(self, base: Network, seed: int) -> None:
         features = torch.from_numpy(self._predict(base, "train")[0])
@@ -419,6 +482,13 @@ def first_best(scores, tolerance: float = 1e-9) -> int:
     of the classes it sums."""
     scores = np.asarray(scores, dtype=np.float64)
     return int(np.flatnonzero(scores >= scores.max() - tolerance)[0])
+
+
+def closest_best(scores, grid, prefer: float, tolerance: float = 1e-9) -> int:
+    """Index of the best score, ties going to the grid value closest to ``prefer`` (then the smaller)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    tied = np.flatnonzero(scores >= scores.max() - tolerance)
+    return int(min(tied, key=lambda i: (abs(grid[i] - prefer), grid[i])))
 
 
 def load_model(path: str | Path, expected: dict | None = None, device: torch.device | str = "cpu") -> Network:

@@ -37,7 +37,7 @@ from .loop import (
     run_epoch,
     step_stats,
 )
-from .losses import job_loss, log_prior
+from .losses import class_terms, job_loss
 from .precision import autocast
 
 # Jobs must agree on these to share one optimiser step.
@@ -113,7 +113,8 @@ def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, de
     batch_size, steps = epoch_steps(epoch_length(first.sampling, data.class_counts.tolist()), first.batch_size)
     epoch_batches = [data.batches(job, batch_size, steps, device) for job in jobs]
     teacher_features = [TeacherFeatures(t).to(device) if t else None for t in teachers]
-    step_loss = _group_step(jobs, group, teacher_features, teachers, log_prior(data.class_counts), precision, device)
+    step_loss = _group_step(jobs, group, teacher_features, teachers, class_terms(data.class_counts), precision,
+                            device)
     every = checkpoint_interval(first.epochs)
 
     # One bar for the group (the first model's epochs are everyone's), one closing line per model.
@@ -153,7 +154,7 @@ def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, de
     return models
 
 
-def _group_step(jobs, group: _Group, teacher_features, teachers, prior, precision: str, device):
+def _group_step(jobs, group: _Group, teacher_features, teachers, terms, precision: str, device):
     """The grouped ``step_loss`` for ``run_epoch``: one forward of every model's batch (each model
     reads its own images from its own input channels), each model's own loss, summed."""
     def step_loss(epoch: int, step: int, batch):
@@ -171,7 +172,7 @@ def _group_step(jobs, group: _Group, teacher_features, teachers, prior, precisio
                     t_feats = teacher_features[k](xs[k])
                 if job.logit_distill_weight > 0:
                     t_logits = teacher_features[k].logits(t_feats)
-            loss, ce, distill = job_loss(job, feats[k], logits, labels[k], prior, t_feats, t_logits)
+            loss, ce, distill = job_loss(job, feats[k], logits, labels[k], terms, t_feats, t_logits, epoch)
             if hooks.active():
                 loss = hooks.after_loss(hooks.Step(job, epoch, step, labels[k], tuple(teachers[k] or ())), loss)
             losses.append(loss)

@@ -94,8 +94,11 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
     metrics = runs.build_metrics(merged, dataset=m0["dataset"], imbalance_ratio=m0["imbalance_ratio"],
                                  class_counts=m0["class_counts"], splits=m0["splits"], seeds=sorted(owner),
                                  prov=prov)
-    merged_from = [{"path": str(entry["path"]), "seeds": entry["seeds"]} for entry in loaded]
+    # Sources by run name: the folders themselves existed on the machine that ran them.
+    merged_from = [{"run": entry["path"].name, "seeds": entry["seeds"],
+                    "precision": entry["metrics"].get("precision", "unknown")} for entry in loaded]
     metrics["merged_from"] = merged_from
+    precisions = sorted({entry["precision"] for entry in merged_from})
     if short:
         metrics["partial"] = {method: seeds for method, seeds in short.items()}
     runs.validate_metrics(metrics)
@@ -123,6 +126,9 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
                                 after_evidence=_wall_time_lines(loaded) + _kept_model_lines(kept, out))
         write_text(out / "summary.md", text)
     log.info("merged %d runs (seeds %s) into %s", len(loaded), sorted(owner), out)
+    if len(precisions) > 1:
+        log.warning("warning: the merged seeds trained in different precisions (%s)",
+                    ", ".join(f"{e['run']}: {e['precision']}" for e in merged_from))
     for method, seeds in short.items():
         log.warning("warning: partial merge: %s is the mean of %d of %d seeds (%s)", method, len(seeds),
                     len(owner), ", ".join(map(str, seeds)))

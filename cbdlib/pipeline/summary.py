@@ -23,13 +23,16 @@ SPLIT_COLUMNS = ACCURACY_KEYS   # the results table's columns
 KEY_PARAMETERS = ("arch", "epochs", "batch_size", "lr", "schedule", "warmup_epochs",
                   "weight_decay", "momentum", "alpha", "beta", "cosine_scale", "projection", "teachers",
                   "decoupled_epochs", "lws_epochs", "decoupled_lr", "decoupled_weight_decay", "decoupled_bn",
-                  "ncm_variant", "lt_seed", "val_per_class", "smoke")
+                  "ncm_variant", "lt_seed", "lt_subset", "val_per_class", "smoke")
 # How the decoupled baselines were run (docs/baselines.md has the references).
 BASELINES_NOTE = (
     "Decoupled baselines as in Kang et al.'s code, on `ce`'s frozen backbone: cRT and LWS re-train the "
-    "classifier with class-aware sampling (4 images per visited class, an epoch of largest class count x "
-    "classes images; SGD, cosine decay to 0, BatchNorm statistics per `decoupled_bn`), tau-norm's tau is "
-    "chosen on the balanced validation set, NCM per `ncm_variant`. Final epoch reported, they keep best-val."
+    "classifier with class-aware sampling (4 images per visited class, an epoch of N images as their loop "
+    "stops it; SGD, cosine decay to 0, BatchNorm statistics per `decoupled_bn`), tau-norm's tau is "
+    "chosen on the balanced validation set, NCM per `ncm_variant`. `ldam_drw` and `ce_drw` as Cao et al.'s "
+    "code (LDAM margins, s = 30, deferred re-weighting from 80% of the epochs); `logit_adjust` is Menon et "
+    "al.'s post-hoc adjustment of `ce`, tau on validation. Final epoch reported, they keep best-val (or best "
+    "test, in LDAM-DRW's code)."
 )
 INDEX_COLUMNS = ("finished_at", "run_name", "dataset", "imbalance_ratio", "seeds", "arch", "epochs", "cbd_ens_all",
                  "best_baseline", "best_baseline_all", "device", "git_commit", "wall_s", "path")
@@ -118,7 +121,11 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
     if merged_from:
         out.append(f"Merged with `python -m cbdlib aggregate` from {len(merged_from)} run folders "
                    "(mean and std over all their training seeds):")
-        out += [f"- `{entry['path']}`: seeds {', '.join(map(str, entry['seeds']))}" for entry in merged_from]
+        out += [f"- `{entry['run']}`: seeds {', '.join(map(str, entry['seeds']))}, precision {entry['precision']}"
+                for entry in merged_from]
+        if len({entry["precision"] for entry in merged_from}) > 1:
+            out.append("- **the seeds trained in different precisions** (bf16 and fp32 move single-seed numbers "
+                       "by about a seed's spread; docs/performance.md)")
         short = (metrics or {}).get("partial") or {}
         if short:
             every = len((metrics or {}).get("seeds", []))
@@ -171,6 +178,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out.append(f"- device: {metrics.get('device')}")
         out.append(f"- precision of the training steps: {metrics.get('precision', 'not recorded')} "
                    f"(evaluation is float32)")
+        out += precision_lines(metrics.get("precision_choice"))
         out.append(f"- torch: {metrics.get('torch')}")
         out.append(f"- git commit: `{metrics.get('git_commit')}`")
         out.append("")
@@ -271,3 +279,19 @@ def append_index(row: dict, index_path: Path | None = None) -> Path:
         writer.writerows(rows)
         write_text(path, buffer.getvalue())
     return path
+
+
+def precision_lines(choice: dict | None) -> list[str]:
+    """Why the run computes in its precision, and the measured step rates behind ``auto``."""
+    if not choice:
+        return []
+    lines = [f"  - why: {choice.get('reason', 'not recorded')}"]
+    measurement = choice.get("measurement")
+    if measurement:
+        rates = ", ".join(f"{variant} {r['img_per_s']:,.0f} img/s{'' if r['finite'] else ' (non-finite gradients)'}"
+                          for variant, r in measurement["rates"].items())
+        key = measurement.get("key", {})
+        lines.append(f"  - measured training steps ({key.get('arch')}, batch {key.get('batch_size')}, "
+                     f"{key.get('threads')} threads, {key.get('cpu')}{'; cached' if measurement.get('cached') else ''})"
+                     f": {rates}")
+    return lines

@@ -91,38 +91,51 @@ def training_curves(history, keys=("loss", "ce", "distill", "val_acc", "lr"), ti
     return fig
 
 
-def tau_curve(curves, path=None, title="τ-norm: balanced validation accuracy against τ"):
-    """Balanced validation accuracy (%) against tau, one line per seed, the chosen tau marked.
+# The post-hoc choices drawn by ``tau_curve``: title and x-axis of each.
+TAU_PANELS = {
+    "tau_norm": ("τ-norm", "τ (classifier weights divided by their norm to the power τ)"),
+    "logit_adjust": ("logit adjustment", "τ (logits minus τ · log class prior)"),
+}
 
-    ``curves`` is ``{seed: {"tau": [...], "val_acc": [...], "chosen": tau}}`` (as
-    ``cbdlib.workbook.tau_curves`` reads it from a run folder); accuracies are fractions.
+
+def tau_curve(curves_by_method, path=None):
+    """Balanced validation accuracy (%) against tau, one panel per method (``tau_norm``,
+    ``logit_adjust``), one line per seed, the chosen tau marked.
+
+    ``curves_by_method`` is ``{method: {seed: {"tau": [...], "val_acc": [...], "chosen": tau}}}``
+    (as ``cbdlib.workbook.tau_curves`` reads each from a run folder); accuracies are fractions.
     """
     plt = pyplot()
+    methods = list(curves_by_method) or ["tau_norm"]
     with style():
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        if not curves:
-            ax.text(0.5, 0.5, "no τ-norm validation curve", ha="center", va="center", transform=ax.transAxes)
-            ax.set_axis_off()
-            ax.set_title(title)
-            save_figure(fig, path)
-            return fig
-        pal = palette(len(curves))
-        for colour, (seed, curve) in zip(pal, curves.items()):
-            tau = np.asarray(curve["tau"], dtype=float)
-            acc = 100 * np.asarray(curve["val_acc"], dtype=float)
-            if tau.shape != acc.shape or tau.ndim != 1 or len(tau) == 0:
-                raise PlotInputError(f"seed {seed}: tau and val_acc must be lists of the same length, "
-                                     f"got {tau.shape} and {acc.shape}")
-            ax.plot(tau, acc, color=colour, marker="o", markersize=3, linewidth=1.5, label=f"seed {seed}")
-            chosen = curve.get("chosen")
-            if chosen is not None:
-                at = int(np.argmin(np.abs(tau - float(chosen))))
-                ax.plot([tau[at]], [acc[at]], marker="*", markersize=12, color=colour, linestyle="none",
-                        markeredgecolor="black", label=f"chosen τ = {tau[at]:g} (seed {seed})")
-        ax.set_xlabel("τ (classifier weights divided by their norm to the power τ)")
-        ax.set_ylabel("balanced validation accuracy (%)")
-        ax.set_title(title)
-        ax.legend(fontsize=8, loc="best")
+        fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 3.6), squeeze=False)
+        for ax, method in zip(axes[0], methods):
+            _tau_panel(ax, method, curves_by_method.get(method) or {})
         fig.tight_layout()
     save_figure(fig, path)
     return fig
+
+
+def _tau_panel(ax, method: str, curves: dict) -> None:
+    name, xlabel = TAU_PANELS.get(method, (method, "τ"))
+    title = f"{name}: balanced validation accuracy against τ"
+    ax.set_title(title)
+    if not curves:
+        ax.text(0.5, 0.5, f"no {name} validation curve", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    for colour, (seed, curve) in zip(palette(len(curves)), curves.items()):
+        tau = np.asarray(curve["tau"], dtype=float)
+        acc = 100 * np.asarray(curve["val_acc"], dtype=float)
+        if tau.shape != acc.shape or tau.ndim != 1 or len(tau) == 0:
+            raise PlotInputError(f"{method} seed {seed}: tau and val_acc must be lists of the same length, "
+                                 f"got {tau.shape} and {acc.shape}")
+        ax.plot(tau, acc, color=colour, marker="o", markersize=3, linewidth=1.5, label=f"seed {seed}")
+        chosen = curve.get("chosen")
+        if chosen is not None:
+            at = int(np.argmin(np.abs(tau - float(chosen))))
+            ax.plot([tau[at]], [acc[at]], marker="*", markersize=12, color=colour, linestyle="none",
+                    markeredgecolor="black", label=f"chosen τ = {tau[at]:g} (seed {seed})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("balanced validation accuracy (%)")
+    ax.legend(fontsize=8, loc="best")

@@ -17,6 +17,7 @@ Layout of ``<run_name>/``::
 from ..metrics import validate_metrics  # the contract's check of metrics.json, kept under runs for readers
 from .folder import (
     LOCK_TOKEN_ENV,
+    PRECISION_FILE,
     RESUMABLE_KEYS,
     clear_run_dir,
     effective_params,
@@ -46,6 +47,7 @@ from .records import (
 from .timing import NOTEBOOK_TIMES, STAGE_TIMES, device_description, git_commit, provenance, timed, wall_times
 
 __all__ = [
+    "PRECISION_FILE",
     "append_history",
     "build_metrics",
     "checkpoint_path",

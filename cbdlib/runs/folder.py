@@ -19,6 +19,8 @@ from .timing import NOTEBOOK_TIMES, STAGE_TIMES
 log = logging.getLogger("cbdlib.runs")
 
 # Keys that may change between invocations of the same run without changing its results.
+# The run's precision decision (engine/precision.py), kept so that a resume computes in what it began with.
+PRECISION_FILE = "precision.json"
 RESUMABLE_KEYS = {"overwrite", "device", "num_workers", "eval_batch_size", "methods", "tsne_samples", "torch_compile"}
 
 
@@ -184,5 +186,5 @@ def clear_run_dir(out: Path) -> None:
     for name in ("checkpoints", "evaluations", "features", "figures"):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("params.yaml", "metrics.json", "per_class.csv", "history.jsonl", "summary.md", STAGE_TIMES,
-                 NOTEBOOK_TIMES):
+                 NOTEBOOK_TIMES, PRECISION_FILE):
         (out / name).unlink(missing_ok=True)

@@ -111,34 +111,50 @@ def history(run_dir: Path, stages=None, models=None) -> list[dict]:
     return records
 
 
-def tau_choices(run_dir: Path, seeds):
-    """Per seed, the tau of tau-norm chosen on the balanced validation set (a DataFrame)."""
+def tau_choices(run_dir: Path, seeds, method: str = "tau_norm"):
+    """Per seed, the tau of ``tau_norm`` or ``logit_adjust`` chosen on the balanced validation set (a DataFrame)."""
     import pandas as pd
 
     rows = []
     for seed in seeds:
-        path = evaluation_path(Path(run_dir), seed, "tau_norm")
+        path = evaluation_path(Path(run_dir), seed, method)
         if not path.exists():
             continue
         record = read_json(path)
-        rows.append({"seed": seed, "tau": record.get("tau"),
+        rows.append({"method": method, "seed": seed, "tau": record.get("tau"),
                      "validation balanced accuracy (%)":
                          round(100 * record.get("tau_val_balanced_acc", float("nan")), 1),
                      "test top-1 (%)": round(100 * record["all"], 1)})
-    return pd.DataFrame(rows, columns=["seed", "tau", "validation balanced accuracy (%)", "test top-1 (%)"])
+    return pd.DataFrame(rows, columns=["method", "seed", "tau", "validation balanced accuracy (%)", "test top-1 (%)"])
 
 
-def tau_curves(run_dir: Path, seeds) -> dict:
-    """Per seed, tau-norm's validation curve: ``{seed: {"tau": [...], "val_acc": [...], "chosen": tau}}``.
+def tau_curves(run_dir: Path, seeds, method: str = "tau_norm") -> dict:
+    """Per seed, the validation curve of ``tau_norm`` or ``logit_adjust`` over its tau grid:
+    ``{seed: {"tau": [...], "val_acc": [...], "chosen": tau}}``.
 
-    Seeds without a tau-norm evaluation, or whose evaluation predates the recorded curve, are left out.
+    Seeds without an evaluation, or whose evaluation predates the recorded curve, are left out.
     """
     curves = {}
     for seed in seeds:
-        path = evaluation_path(Path(run_dir), seed, "tau_norm")
+        path = evaluation_path(Path(run_dir), seed, method)
         if not path.exists():
             continue
         record = read_json(path)
         if "tau_val_curve" in record:
             curves[seed] = {"tau": record["tau_grid"], "val_acc": record["tau_val_curve"], "chosen": record["tau"]}
     return curves
+
+
+POST_HOC = ("tau_norm", "logit_adjust")  # the methods whose tau is chosen on validation
+
+
+def post_hoc_choices(run_dir: Path, seeds):
+    """``tau_choices`` of tau-norm and logit adjustment, one table."""
+    import pandas as pd
+
+    return pd.concat([tau_choices(run_dir, seeds, method) for method in POST_HOC], ignore_index=True)
+
+
+def post_hoc_curves(run_dir: Path, seeds) -> dict:
+    """``{method: tau_curves(...)}`` of tau-norm and logit adjustment (for ``plots.tau_curve``)."""
+    return {method: tau_curves(run_dir, seeds, method) for method in POST_HOC}

@@ -76,6 +76,8 @@ def build_metrics(evaluations: dict, *, dataset: str, imbalance_ratio: float, cl
         "git_commit": prov["git_commit"], "precision": prov.get("precision", "unknown"),
         "methods": methods, "std": stds,
     }
+    if "precision_choice" in prov:  # why the run computes in that precision (and the rates behind auto)
+        metrics["precision_choice"] = prov["precision_choice"]
     check_finite(metrics)
     return metrics
 
