@@ -41,7 +41,7 @@ class Params:
     # digits | cifar10 | cifar100 | folder | splitfile | imagenet_lt | places_lt | inat2018
     dataset: str = "digits"
     data: Optional[str] = None           # path to the data (None: CBD_CIFAR10 / CBD_CIFAR100, or embedded)
-    imbalance_ratio: float = 10.0        # n_max / n_min of the long-tailed training subset (>= 1)
+    imbalance_ratio: Optional[float] = 10.0  # n_max / n_min of the long-tailed subset (>= 1); None: natural counts
     profile: str = "exp"                 # exp | step
     lt_seed: int = 0                     # draws the long-tailed subset (and digits' train/test split)
     val_per_class: int = 10              # balanced validation images per class (tau is chosen on these)
