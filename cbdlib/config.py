@@ -46,8 +46,8 @@ class Params:
     lt_seed: int = 0                     # draws the long-tailed subset (and digits' train/test split)
     val_per_class: int = 10              # balanced validation images per class (tau is chosen on these)
     # folder / splitfile images are resized to this (CIFAR is 32); the crop side of imagenet_lt /
-    # places_lt / inat2018 (224)
-    image_size: int = 32
+    # places_lt / inat2018 (224); None (folder trees): keep the images' own size, which must be one
+    image_size: Optional[int] = 32
     arch: str = "resnet32"               # resnet32 | resnet20 | resnet8 | resnet_tiny | resnet18/50/101/152
     # torchvision ResNets: each residual block's last BatchNorm gamma starts at 0 (official CBD); CIFAR
     # ResNets ignore it

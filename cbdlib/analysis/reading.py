@@ -32,7 +32,7 @@ def probe_sentences(metrics: Mapping, student: str = "cbd_ens", split: str = "al
         references.append((max(teachers, key=lambda m: probes[m]["linear"][split]), "its best-probed teacher"))
     if "ce" in probes and probes["ce"]["linear"].get(split) is not None:
         references.append(("ce", "the instance-sampled `ce` backbone"))
-    where = "overall" if split == "all" else f"on the {split} split"
+    where = "overall" if split == "all" else f"on the {split} {'third' if split == 'tail' else 'split'}"
     for reference, what in references:
         a, b = probes[student]["linear"][split], probes[reference]["linear"][split]
         sa, sb = std[student]["linear"][split] or 0.0, std[reference]["linear"][split] or 0.0

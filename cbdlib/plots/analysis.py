@@ -97,8 +97,7 @@ def reliability_diagrams(records: dict, path=None):
             ok = ~np.isnan(accuracy)
             ax.bar(centres[ok], accuracy[ok], width=1 / k, edgecolor="0.2", color=split_colours()["head"],
                    label="accuracy")
-            ax.bar(centres[ok], confidence[ok] - accuracy[ok], bottom=accuracy[ok], width=1 / k,
-                   color="tab:red", alpha=0.35, label="gap to confidence")
+            ax.plot(centres[ok], confidence[ok], "o", color="tab:red", markersize=4, label="mean confidence")
             ax.plot([0, 1], [0, 1], "k--", linewidth=1)
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
