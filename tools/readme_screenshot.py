@@ -87,9 +87,13 @@ def main(argv=None) -> int:
                 state = lab._run_all_cells(page)
                 lab._check_ran_cleanly(NOTEBOOK, state)  # not _check_figures: a record made before the
                 # analyses has none to draw (their cells then skip), which is no error here
+                # The whole notebook in one tall viewport (as the browser test's full-page shots), so the
+                # cell is laid out unscrolled and its box is where the clip takes it.
+                height = lab._panel(page).locator(".jp-WindowedPanel-outer").evaluate("(o) => o.scrollHeight")
+                page.set_viewport_size({"width": lab.VIEWPORT["width"],
+                                        "height": min(lab.MAX_SCREENSHOT_HEIGHT, int(height) + 150)})
+                page.wait_for_timeout(1500)
                 cell = lab._code_cell(page, "method_explorer(")
-                cell.scroll_into_view_if_needed()
-                page.wait_for_timeout(1000)
                 above = cell.locator("xpath=preceding-sibling::div[1]")  # the markdown that introduces it
                 top = above.bounding_box() or cell.bounding_box()
                 box = cell.bounding_box()
