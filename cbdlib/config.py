@@ -42,7 +42,7 @@ class Params:
     # digits | cifar10 | cifar100 | folder | splitfile | imagenet_lt | places_lt | inat2018
     dataset: str = "digits"
     data: Optional[str] = None           # path to the data (None: CBD_CIFAR10 / CBD_CIFAR100, or embedded)
-    imbalance_ratio: float = 10.0        # n_max / n_min of the long-tailed training subset (>= 1)
+    imbalance_ratio: Optional[float] = 10.0  # n_max / n_min of the long-tailed subset (>= 1); None: natural counts
     profile: str = "exp"                 # exp | step
     lt_seed: int = 0                     # draws the long-tailed subset (and digits' train/test split)
     # how the subset is drawn: cao (Cao et al.'s LDAM-DRW recipe, the published CIFAR-LT subsets) | shuffled
@@ -50,8 +50,8 @@ class Params:
     lt_subset: Optional[str] = None
     val_per_class: int = 10              # balanced validation images per class (tau is chosen on these)
     # folder / splitfile images are resized to this (CIFAR is 32); the crop side of imagenet_lt /
-    # places_lt / inat2018 (224)
-    image_size: int = 32
+    # places_lt / inat2018 (224); None (folder trees): keep the images' own size, which must be one
+    image_size: Optional[int] = 32
     arch: str = "resnet32"               # resnet32 | resnet20 | resnet8 | resnet_tiny | resnet18/50/101/152
     # torchvision ResNets: each residual block's last BatchNorm gamma starts at 0 (official CBD); CIFAR
     # ResNets ignore it

@@ -107,7 +107,8 @@ def validate_metrics(metrics: dict) -> None:
     """Check a metrics object against the contract's schema (used by tests, notebook 04 and ``aggregate``).
 
     Accuracies are fractions in [0, 1] (per class too) or null; a split with no class is null;
-    every method has a std record of the same keys (non-negative or null); nothing is NaN.
+    every method has a std record of the same keys (non-negative or null); nothing is NaN. The
+    analyses (``probes``, ``ece``, ``teacher_agreement``) are checked by ``analysis.check_analyses``.
     """
     if not isinstance(metrics, dict):
         raise CBDError(f"metrics.json holds {type(metrics).__name__}, not a JSON object")
@@ -143,6 +144,9 @@ def validate_metrics(metrics: dict) -> None:
         if not isinstance(std, dict):
             raise CBDError(f"metrics.json: no std for {name}")
         _require_fractions(std, f"std of {name}", f"std {name}", "a standard deviation of fractions (in [0, 1])")
+    from .analysis.run import check_analyses  # here, not at the top: analysis reads run folders
+
+    check_analyses(metrics)
     try:
         check_finite(metrics)
     except ValueError as error:

@@ -49,7 +49,8 @@ def expected_outputs(notebook: str, run_dir: str | Path, metrics: Optional[Mappi
 
     Notebook 04 also needs ``metrics``, the methods it shows: with CBD-ENS and a single-model
     baseline it draws the gain plot and both confusion matrices, and with CBD-ENS and a trained
-    teacher in the run (whose test features the engine saves) the t-SNE.
+    teacher in the run (whose test features the engine saves) the t-SNE; the probes', calibration's
+    and teacher agreement's tables and figures where ``metrics`` holds them.
     """
     if notebook not in ALWAYS:
         raise CBDError(f"unknown notebook {notebook!r}; choose one of {', '.join(ALWAYS)}")
@@ -65,6 +66,15 @@ def expected_outputs(notebook: str, run_dir: str | Path, metrics: Optional[Mappi
             names += ["04_gain_vs_class_size.png", "04_confusion_cbd_ens.png", f"04_confusion_{baseline}.png"]
         if any(m.startswith("teacher_") and m != "teacher_ensemble" for m in _run_methods(Path(run_dir))):
             names.append("04_tsne.png")
+        if baseline is not None and {"cbd_ens", baseline} <= set(metrics.get("ece") or {}):
+            names.append("04_reliability.png")
+    # The analyses (cbdlib.analysis), where metrics.json holds them.
+    if metrics.get("probes"):
+        names += ["04_probe_table.csv", "04_probes.png"]
+    if metrics.get("ece"):
+        names.append("04_ece_table.csv")
+    if metrics.get("teacher_agreement"):
+        names += ["04_teacher_agreement.csv", "04_teacher_agreement.png"]
     return names
 
 

@@ -216,7 +216,7 @@ def describe(settings: Settings, run_dir: Path) -> str:
     smoke = " (smoke profile: CBD_SMOKE or smoke=True)" if s.smoke else ""
     lines = [
         f"run folder: {run_dir}",
-        f"dataset: {s.dataset}{f' ({s.data})' if s.data else ''}, imbalance ratio {s.imbalance_ratio:g} "
+        f"dataset: {s.dataset}{f' ({s.data})' if s.data else ''}, imbalance ratio {ratio_text(s.imbalance_ratio)} "
         f"({s.profile}), lt_seed {s.lt_seed}{smoke}",
         f"model: {s.arch}, {s.epochs} epochs, batch {s.batch_size}",
         f"optimiser: SGD lr {s.lr:g} (used), momentum {s.momentum}, weight decay {s.weight_decay:g}, "
@@ -237,6 +237,11 @@ def describe(settings: Settings, run_dir: Path) -> str:
 # --------------------------------------------------------------------------- notebook 01
 
 
+def ratio_text(imbalance_ratio) -> str:
+    """``10``, or for ``None`` the words that say the class counts are the data's own."""
+    return "none: the natural class counts, kept as they are" if imbalance_ratio is None else f"{imbalance_ratio:g}"
+
+
 def load_data(settings: Settings):
     """The long-tailed subset a real run of these settings trains on (no smoke caps).
 
@@ -255,8 +260,8 @@ def dataset_summary(settings: Settings, data) -> str:
 
     lines = [
         f"dataset: {data.name}, images {'x'.join(str(v) for v in data.image_shape)}, "
-        f"requested imbalance ratio {settings.imbalance_ratio:g} "
-        f"({settings.profile} profile, lt_seed {settings.lt_seed})",
+        f"requested imbalance ratio {ratio_text(settings.imbalance_ratio)}"
+        + (f" ({settings.profile} profile, lt_seed {settings.lt_seed})" if settings.imbalance_ratio else ""),
         format_stats(data.stats()),
         f"validation: {len(data.val_labels)} images (balanced, {settings.val_per_class} per class); "
         f"test: {len(data.test_labels)} images",
@@ -379,6 +384,16 @@ def key_methods(metrics: Mapping, most: int = 6) -> list[str]:
     return [m for m in dict.fromkeys(picks) if m in metrics["methods"]] or names[:most]
 
 
+def reading(run_dir: Path, metrics: Mapping):
+    """The computed reading of ``summary.md`` (headline, comparisons, analyses) as Markdown."""
+    from IPython.display import Markdown
+
+    from .pipeline.reading import reading_lines
+
+    lines = reading_lines(metrics, runs.load_evaluations(Path(run_dir)))
+    return Markdown("\n".join(lines) if lines else "Nothing to compare: the run has a single method.")
+
+
 def save_table(table, path: Path) -> Path:
     """Write a DataFrame as CSV (parent folders created)."""
     path = Path(path)
@@ -392,7 +407,7 @@ __all__ = [
     "check_outputs", "class_names", "collect_params", "configure_logging", "dataset_summary", "declared", "describe",
     "evaluation", "expected_outputs", "experiment", "has_features", "history", "imbalance_explorer",
     "injected_names", "key_methods", "load_data", "load_features", "load_metrics", "notebook_environment",
-    "paired_features", "post_hoc_choices", "post_hoc_curves", "require_stage_one", "restrict", "save_table",
-    "setup", "split_summary",
+    "paired_features", "post_hoc_choices", "post_hoc_curves", "reading", "require_stage_one", "restrict",
+    "save_table", "setup", "split_summary",
     "stage_one_missing", "student_and_baseline", "tau_choices", "tau_curves", "teacher_names", "tsne_teacher",
 ]

@@ -147,7 +147,7 @@ def load_large(
     """
     if dataset not in LARGE_DATASETS:
         raise CBDError(f"unknown large dataset {dataset!r}; known: {', '.join(LARGE_DATASETS)}")
-    if imbalance_ratio != 1:
+    if imbalance_ratio not in (1, None):  # None: the natural counts, the same thing here
         raise CBDError(f"{dataset} is long-tailed already: use imbalance_ratio: 1 (the split as it is), "
                        f"got {imbalance_ratio}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:

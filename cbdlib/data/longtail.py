@@ -78,7 +78,8 @@ def split_pool(
     CIFAR's head class at imbalance 1..) shares its validation images with its training
     images, and the returned notes say how many.
 
-    ``imbalance_ratio == 1`` keeps every pool image (an already long-tailed source).
+    ``imbalance_ratio`` None (or 1) keeps every pool image: the natural class counts of an
+    already long-tailed source (a researcher's own ImageFolder tree).
     Returns (train_indices, val_indices, notes).
     """
     perms = class_permutations(labels, num_classes, lt_seed, lt_subset)
@@ -91,7 +92,7 @@ def split_pool(
         raise CBDError(f"val_per_class={val_per_class} leaves no training image in the smallest class "
                        f"({pool_sizes.min()} images)")
     available = pool_sizes - reserve
-    if imbalance_ratio == 1:
+    if imbalance_ratio is None or imbalance_ratio == 1:
         counts = available.tolist()
     else:
         n_max = int(available.min())

@@ -30,6 +30,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import runs
+from ..analysis import add_analyses, analyse_seed, calibration_record, load_analyses
 from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Settings, teacher_method_name
 from ..data import LongTailData, load_for_settings
 from ..data.device import DeviceData, predict
@@ -257,14 +258,17 @@ class Experiment:
 
     def record(self, logits: np.ndarray, method: str, seed: int, extra: dict | None = None) -> dict:
         record = accuracy_record(logits, self.data.test_labels, self.splits)
+        record.update(calibration_record(logits, self.data.test_labels, self.splits))
         record.update({"method": method, "seed": seed, **(extra or {})})
         runs.save_evaluation(self.out, seed, method, record)
         report(f"{method} seed {seed}: test top-1 {record['all']:.4f}")
         return record
 
     def write_metrics(self) -> dict:
+        self.analyse()
+        evaluations = self._evaluations()
         metrics = runs.build_metrics(
-            self._evaluations(), dataset=self.settings.dataset,
+            evaluations, dataset=self.settings.dataset,
             imbalance_ratio=self.settings.imbalance_ratio, class_counts=self.data.class_counts, splits=self.splits,
             seeds=self.settings.seeds, prov=self.prov)
         times = runs.wall_times(self.out / runs.STAGE_TIMES)
@@ -272,8 +276,20 @@ class Experiment:
         resumed = [k for k, v in times.items() if v["resumed"]]
         if resumed:
             metrics["resumed_stages"] = resumed
+        add_analyses(metrics, evaluations, load_analyses(self.out))
         runs.write_metrics(self.out, metrics, self.data.class_names)
         return metrics
+
+    def analyse(self) -> None:
+        """Probes and teacher agreement of the finished models (``cbdlib.analysis``), once each.
+        Streamed large images are left out: a probe would need every training feature of every model."""
+        if self.test_images is None:
+            return
+        for seed in self.settings.seeds:
+            done = analyse_seed(self.out, seed, self.data, lambda path: load_model(path, self.data_identity(),
+                                                                                   self.device), self._predict)
+            if done:
+                report(f"seed {seed} analysed: {', '.join(done)}")
 
     def _evaluations(self) -> dict:
         """The run's evaluations; a damaged file is recomputed from the checkpoints (with a warning)."""

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt
 from .. import config, runs
+from ..analysis import add_analyses, analyse_folder, analysis_path, load_analyses
 from ..errors import CBDError, one_line
-from ..io import write_bytes, write_text
+from ..io import write_bytes, write_json, write_text
 from ..methods import method_label, method_order
 from .parameters import default_notebooks_dir, discover_notebooks
 from .reading import reading_lines
@@ -56,6 +57,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
             runs.validate_metrics(metrics)
         except (CBDError, ValueError) as exc:
             raise CBDError(f"{run}/metrics.json: {one_line(exc)}") from None
+        analyse_folder(run)  # a run made before the analyses existed gets them from its checkpoints
         evaluations = runs.load_evaluations(run)
         if not evaluations:
             raise CBDError(f"{run} has no evaluations/seed_*/*.json to merge")
@@ -94,6 +96,11 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
     metrics = runs.build_metrics(merged, dataset=m0["dataset"], imbalance_ratio=m0["imbalance_ratio"],
                                  class_counts=m0["class_counts"], splits=m0["splits"], seeds=sorted(owner),
                                  prov=prov)
+    analyses: dict[str, dict[int, dict]] = {}
+    for entry in loaded:
+        for name, per_seed in load_analyses(entry["path"]).items():
+            analyses.setdefault(name, {}).update(per_seed)
+    add_analyses(metrics, merged, analyses)
     # Sources by run name: the folders themselves existed on the machine that ran them.
     merged_from = [{"run": entry["path"].name, "seeds": entry["seeds"],
                     "precision": entry["metrics"].get("precision", "unknown")} for entry in loaded]
@@ -110,6 +117,9 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
                 for seed in per_seed:
                     source = runs.evaluation_path(entry["path"], seed, method)
                     write_bytes(runs.evaluation_path(out, seed, method), source.read_bytes())
+        for name, per_seed in analyses.items():
+            for seed, record in per_seed.items():
+                write_json(analysis_path(out, seed, name), record)
         runs.write_metrics(out, metrics, _class_names(loaded, len(m0["class_counts"])))
         _merge_history(loaded, out)
         first_seed = min(owner)

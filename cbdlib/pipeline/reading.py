@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from ..analysis import analysis_reading_lines
 from ..methods import best_baseline, method_label
 
 # (student, reference, what the comparison asks); "best baseline" is resolved per metrics.
@@ -58,8 +59,30 @@ def verdict(c: dict) -> str:
     return f"{claim}: {numbers}{paired}."
 
 
+def headline(metrics: Mapping, evaluations: Mapping, student: str = "cbd_ens") -> list[str]:
+    """One plain sentence first: does the student win overall, and against what does it not?"""
+    if student not in metrics.get("methods", {}):
+        return []
+    best = best_baseline(metrics)
+    found = [c for ref in dict.fromkeys([best, "teacher_ensemble"]) if ref
+             and (c := compare(metrics, evaluations, student, ref, "all"))]
+    if not found:
+        return []
+    beaten = [method_label(c["b"]) for c in found if c["beyond_spread"] and c["gap"] > 0]
+    lost = [f"{method_label(c['b'])} ({100 * c['mean_b']:.2f} %)" for c in found if c["beyond_spread"] and c["gap"] < 0]
+    tied = [method_label(c["b"]) for c in found if not c["beyond_spread"]]
+    name, score = method_label(student), 100 * metrics["methods"][student]["all"]
+    if not lost and not tied:
+        return [f"- **In short: {name} wins** ({score:.2f} %): it beats {' and '.join(beaten)} overall by more than "
+                "the seed spread."]
+    parts = ([f"it **trails** {' and '.join(lost)}"] if lost else []) + (
+        [f"it is within the seed spread of {' and '.join(tied)}"] if tied else [])
+    return [f"- **In short: {name} does not win here** ({score:.2f} % overall): {'; '.join(parts)}."]
+
+
 def reading_lines(metrics: Mapping, evaluations: Mapping) -> list[str]:
-    """The ``## Reading`` section of a merged ``summary.md`` (empty when nothing can be compared)."""
+    """The ``## Reading`` section of every run's ``summary.md``: a plain headline, the comparisons,
+    and what the analyses say (empty when nothing can be compared)."""
     best = best_baseline(metrics)
     lines = []
     for student, reference, question in QUESTIONS:
@@ -72,6 +95,7 @@ def reading_lines(metrics: Mapping, evaluations: Mapping) -> list[str]:
         if reference == best:
             question += f" (the best by overall accuracy: {method_label(best)}, `{best}`)"
         lines += [f"- {question}"] + [f"  - {verdict(c)}" for c in found]
+    lines = headline(metrics, evaluations) + lines + analysis_reading_lines(metrics)
     if not lines:
         return []
     seeds = metrics.get("seeds", [])

@@ -24,6 +24,7 @@ from .parameters import (
     validate_keys,
     yaml_scalar,
 )
+from .reading import reading_lines
 from .summary import append_index, display_path, format_seconds, index_row, read_metrics, summary_markdown
 
 log = logging.getLogger("cbdlib.pipeline")
@@ -93,8 +94,10 @@ def _run_notebooks(run_dir: Path, settings: config.Settings, params: config.Para
     if metrics is None:
         log.warning("warning: the notebooks wrote no metrics.json in %s; summary.md has no results table", run_dir)
     stored = runs.read_params_yaml(run_dir) or runs.effective_params(settings)
+    reading = reading_lines(metrics, runs.load_evaluations(run_dir)) if metrics else []
     text = summary_markdown(run_dir, metrics, params=stored, command=command, params_file=params_file,
-                            overrides=overrides, timings=timings, wall_s=wall_s, resumed=resumed)
+                            overrides=overrides, timings=timings, wall_s=wall_s, resumed=resumed,
+                            after_results=reading)
     summary = run_dir / "summary.md"
     write_text(summary, text)
     append_index(index_row(run_dir, metrics, stored, wall_s))

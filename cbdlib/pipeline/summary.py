@@ -146,7 +146,8 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         counts = metrics.get("class_counts", [])
         out += ["## Data", ""]
         measured = f" (measured max/min {max(counts) / min(counts):.1f})" if counts and min(counts) > 0 else ""
-        out.append(f"- dataset: {metrics.get('dataset')}, imbalance ratio {metrics.get('imbalance_ratio')}{measured}"
+        ratio = metrics.get("imbalance_ratio") or "natural (the data's own counts)"
+        out.append(f"- dataset: {metrics.get('dataset')}, imbalance ratio {ratio}{measured}"
                    f"{', profile ' + str(params['profile']) if params.get('profile') else ''}")
         out.append(f"- {len(counts)} classes, {sum(counts)} training images; class counts by label: "
                    f"{' '.join(str(c) for c in counts)}")

@@ -90,7 +90,8 @@ def imbalance_explorer(n_max: int, class_names: list, imbalance_ratio: float = 1
 
     from ..data import class_splits, long_tail_counts
 
-    ratio = w.FloatLogSlider(value=float(imbalance_ratio), base=10, min=0, max=3, step=0.05,
+    start = float(imbalance_ratio) if imbalance_ratio else 10.0  # None (natural counts): any start will do
+    ratio = w.FloatLogSlider(value=start, base=10, min=0, max=3, step=0.05,
                              description="imbalance", continuous_update=False, readout_format=".0f")
     shape = w.Dropdown(options=["exp", "step"], value=profile, description="profile")
     note = w.HTML()

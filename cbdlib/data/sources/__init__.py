@@ -40,14 +40,15 @@ def load_source(
     data: str | os.PathLike | None,
     *,
     split_seed: int = 0,
-    image_size: int = 32,
+    image_size: int | None = 32,
 ) -> tuple[ImageSet, ImageSet]:
     """Return ``(train_pool, test)`` for a dataset name.
 
     ``data`` is the dataset's path (see the module docstring for what each
     dataset accepts); digits is built in and refuses one. ``split_seed`` only matters for digits,
     whose train/test split is drawn here. ``image_size`` is the side that folder
-    and splitfile images are resized to; CIFAR is always 32x32 and digits 8x8.
+    and splitfile images are resized to (None, folder trees only: their own size, the same for
+    every image); CIFAR is always 32x32 and digits 8x8.
     Raises ``CBDError`` for any problem with the name, the path or its contents.
     """
     if dataset not in KNOWN_DATASETS:
@@ -58,8 +59,10 @@ def load_source(
         return load_digits(split_seed)
     if dataset in CIFAR_SPECS:
         return load_cifar(CIFAR_SPECS[dataset], data)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise CBDError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size is None and dataset != "folder":
+        raise CBDError(f"image_size: null (keep the images' own size) is for folder trees; give {dataset} a size")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise CBDError(f"image_size must be a positive integer or null, got {image_size!r}")
     if data is None:
         raise CBDError(f"dataset {dataset!r} needs a data path: pass --data / the data parameter")
     path = existing_path(data)

@@ -2,6 +2,7 @@
 may also hold CIFAR pickles)."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import posixpath
@@ -162,11 +163,34 @@ def _tree_arrays(
                 items.append((listing.describe(rel), listing.images[rel]))
                 labels.append(label)
         counts.append(len(items) - start)
+    if image_size is None:
+        image_size = native_size(items, where)
     log.info("decoding %d images from %s", len(items), where)
     images = decode.decode_images(items, image_size, strict_for)
     label_array = np.asarray(labels, dtype=np.int64)
     n_train = counts[0]
     return pack_arrays(images[:n_train], label_array[:n_train], images[n_train:], label_array[n_train:], class_names)
+
+
+def native_size(items: list[tuple[str, ImageSource]], where: str) -> int:
+    """The one square side of every image (``image_size: null``); mixed or non-square sizes are refused,
+    naming two images, since resizing them would be a choice the user did not make."""
+    from PIL import Image
+
+    first = None
+    for name, source in items:
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                size = img.size  # read from the header, nothing decoded
+        except Exception as exc:  # Pillow signals bad data with OSError, SyntaxError, ValueError, ...
+            raise CBDError(f"cannot read image {name} ({one_line(exc)})") from None
+        if first is None:
+            first = (name, size)
+        if size != first[1] or size[0] != size[1]:
+            raise CBDError(f"{where}: images of different or non-square sizes ({first[0]} is {first[1][0]}x"
+                           f"{first[1][1]}, {name} is {size[0]}x{size[1]}) and image_size is null; set image_size "
+                           f"to resize them all")
+    return first[1][0]
 
 
 def _tree_root(all_dirs: set[str], where: str, cifar: Optional[CifarSpec]) -> str:
