@@ -14,6 +14,7 @@ from pathlib import Path
 from .. import config, runs
 from ..errors import CBDError, one_line
 from ..io import write_text
+from ..plain_values import check_plain
 from .parameters import (
     Notebook,
     checked_params,
@@ -36,6 +37,8 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     params_file = Path(params_path) if params_path is not None else config.params_dir() / "default.yaml"
     file_values = config.load_params_file(params_file)
     values = {**file_values, **overrides}
+    for key, value in overrides.items():  # file values were checked as they were read
+        check_plain(value, f"-p {key}")
     if isinstance(values.get("data"), str) and not Path(values["data"]).expanduser().is_absolute():
         # The kernels run in notebooks/: a relative path means the one the command was started from.
         values["data"] = str(Path(values["data"]).expanduser().resolve())

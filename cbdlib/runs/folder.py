@@ -14,6 +14,7 @@ import yaml
 from ..config import Params, Settings, project_root
 from ..errors import CBDError
 from ..io import write_text
+from ..plain_values import load_yaml
 from .timing import NOTEBOOK_TIMES, STAGE_TIMES
 
 log = logging.getLogger("cbdlib.runs")
@@ -68,7 +69,7 @@ def read_params_yaml(out: str | os.PathLike) -> dict | None:
     if not path.exists():
         return None
     try:
-        values = yaml.safe_load(path.read_text())
+        values = load_yaml(path.read_text(), str(path))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         values, problem = None, f"not valid YAML: {reason}"

@@ -1,0 +1,132 @@
+"""Reliability, round three (docs/reliability.md, "Round three"): no code runs from a parameter,
+nothing is written through a link or outside its folder, different data is never merged, and
+nonsense is refused with one line before any work. Each test fails on the code before its fix.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_pipeline import notebooks  # noqa: F401  (fixture: two tiny notebooks, 02 declares `anything = None`)
+
+from cbdlib import __main__ as cli
+from cbdlib import config, pipeline
+from cbdlib.errors import CBDError
+from cbdlib.pipeline import parameters
+
+
+@pytest.fixture(autouse=True)
+def private_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setattr(logging.getLogger("cbdlib"), "propagate", True)
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    status = cli.main(argv)
+    return status, capsys.readouterr().err
+
+
+def error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), stderr
+    return line
+
+
+# =========================================================================== security
+
+
+def hostile_bytes(target: Path) -> bytes:
+    """Bytes that papermill's injected cell would quote unescaped: ``"b'"; <code>; "'"`` runs <code>."""
+    return f'"; __import__("pathlib").Path("{target}").touch(); "'.encode()
+
+
+def test_the_hostile_value_would_run_code_if_papermill_saw_it(tmp_path):
+    """Proves the value used below is hostile: papermill's translation of it, executed, creates the target."""
+    from papermill.translators import PythonTranslator
+
+    target = tmp_path / "pwned"
+    exec(PythonTranslator.codify({"anything": hostile_bytes(target)}), {})  # noqa: S102
+    assert target.exists()
+
+
+@pytest.mark.parametrize("route", ["parameters file", "-p"])
+def test_a_binary_yaml_value_is_refused_and_runs_nothing(tmp_path, notebooks, capsys, monkeypatch,  # noqa: F811
+                                                          route):
+    target = tmp_path / "pwned"
+    encoded = base64.b64encode(hostile_bytes(target)).decode()
+    params = tmp_path / "shared.yaml"
+    argv = ["run", "--params", str(params)]
+    if route == "-p":
+        params.write_text("run_name: fixture\n")
+        argv += ["-p", f"anything=!!binary {encoded}"]
+    else:
+        params.write_text(f"run_name: fixture\nanything: !!binary {encoded}\n")
+    original = pipeline.run_pipeline
+    monkeypatch.setattr(pipeline, "run_pipeline",  # the command, on the two tiny notebooks
+                        lambda *args, **kwargs: original(*args, **{**kwargs, "notebooks_dir": notebooks}))
+    status, err = run_main(argv, capsys)
+    assert not target.exists(), "the value ran code in the kernel"
+    assert status == 2
+    assert "!!binary" in error_line(err) and "parameters are plain" in error_line(err)
+    assert not (tmp_path / "results").exists()  # refused before any notebook or run folder
+
+
+def test_a_non_plain_value_never_reaches_papermill_whatever_the_default(tmp_path, notebooks):  # noqa: F811
+    """Through the Python API (no YAML on the way): a notebook-only key whose default is None."""
+    target = tmp_path / "pwned"
+    params = tmp_path / "p.yaml"
+    params.write_text("run_name: fixture\n")
+    with pytest.raises(CBDError, match=r"-p anything: a value of type bytes is not a plain literal"):
+        pipeline.run_pipeline(params, {"anything": hostile_bytes(target)}, progress=False, notebooks_dir=notebooks)
+    with pytest.raises(CBDError, match=r"label.*type bytes is not a plain literal"):
+        parameters.notebook_parameters(pipeline.discover_notebooks(notebooks)[1], config.Params(),
+                                     {"label": [hostile_bytes(target)]})
+    assert not target.exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("seeds: !!set {1: null}\n", "!!set"),
+    ("data: 2024-01-01\n", "!!timestamp"),
+    ("teachers: !!omap [{a: 1}]\n", "!!omap"),
+])
+def test_other_non_plain_yaml_types_are_refused(tmp_path, text, problem):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(CBDError, match=rf"^parameter file {path} holds a value tagged {problem} at line 1"):
+        config.load_params_file(path)
+
+
+# =========================================================================== no hang
+
+
+def alias_bomb(levels: int = 9, width: int = 10) -> str:
+    """A few hundred bytes of YAML that expand to width**levels items."""
+    lines = [f"l0: &l0 [{', '.join(['x'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nmethods: *l{levels - 1}\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    assert len(path.read_bytes()) < 600
+    t0 = time.perf_counter()
+    with pytest.raises(CBDError, match=r"uses a YAML alias \(\*l0\) at line 2; write the value out in full"):
+        config.load_params_file(path)
+    status, err = run_main(["run", "--params", str(path)], capsys)
+    assert status == 2 and "uses a YAML alias" in error_line(err)
+    status, err = run_main(["run", "-p", "methods=[&a [x, x], *a]"], capsys)
+    assert status == 2 and "-p methods=[&a [x, x], *a] uses a YAML alias" in error_line(err)
+    assert time.perf_counter() - t0 < 30
+    with pytest.raises(CBDError, match="too large or too deeply nested"):  # the same built in Python
+        shared = ["x"] * 10
+        for _ in range(8):
+            shared = [shared] * 10
+        pipeline.validate_keys({"methods": shared}, [], {})
+    assert yaml.safe_load("a: 1") == {"a": 1}
