@@ -43,6 +43,7 @@ from .config import (
 )
 from .data.stats import split_size_lines
 from .errors import CBDError
+from .io import refuse_links
 from .methods import TEACHER_NAME, best_baseline
 from .notebook_outputs import check_outputs, expected_outputs, mark_started  # noqa: F401
 from .notebook_params import (  # noqa: F401
@@ -147,6 +148,7 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
         tsne_points=min(points, TSNE_SMOKE_POINTS) if smoke else points, smoke=smoke)
     run_dir = runs.run_dir_for(options.run_name)
     runs.refuse_if_busy(run_dir)
+    refuse_links(run_dir)  # notebook 04 writes figures into it
     notebook_environment()
     mark_started("04")
     return options, run_dir

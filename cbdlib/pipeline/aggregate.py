@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from .. import config, runs
 from ..errors import CBDError, one_line
-from ..io import write_bytes, write_text
+from ..io import refuse_links, write_bytes, write_text
 from ..methods import method_label, method_order
 from .parameters import default_notebooks_dir, discover_notebooks
 from .reading import reading_lines
@@ -298,6 +298,7 @@ def _short_coverage(loaded: list, merged: dict, seeds: list, partial: bool) -> d
 
 def _prepare_aggregate_dir(out: Path) -> None:
     """``out`` is new, empty, or a previous aggregate (all but its ``notes.md`` is replaced); never a run folder."""
+    refuse_links(out)
     if (out / "params.yaml").exists() or (out / "checkpoints").exists():
         raise CBDError(f"{out} is a run folder; aggregate writes to a new folder")
     if (out / "metrics.json").exists():

@@ -151,6 +151,7 @@ def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict) -> float:
     # papermill rewrites its output after every cell: write a temporary copy and rename it at the
     # end, so a full disk or a kill never leaves the executed notebook as broken JSON.
     partial = run_dir / f".partial_{nb.name}"
+    partial.unlink(missing_ok=True)  # papermill opens it as it is: never write through a link left there
     t0 = time.perf_counter()
     try:
         with quiet_logger("papermill"):

@@ -13,7 +13,7 @@ import yaml
 
 from ..config import Params, Settings, project_root
 from ..errors import CBDError
-from ..io import write_text
+from ..io import open_no_follow, refuse_links, write_text
 from ..plain_values import load_yaml
 from .timing import NOTEBOOK_TIMES, STAGE_TIMES
 
@@ -60,6 +60,7 @@ def ensure_run_dir(out_dir: str | os.PathLike) -> Path:
         raise CBDError(f"cannot create the run folder {out}: {exc.strerror or exc}") from None
     if not os.access(out, os.W_OK):
         raise CBDError(f"the run folder {out} is not writable")
+    refuse_links(out)
     return out
 
 
@@ -136,7 +137,7 @@ def run_lock(out: str | os.PathLike):
         finally:
             _HELD_LOCKS[key][1] -= 1
         return
-    handle = open(key / ".lock", "a+")
+    handle = open(key / ".lock", "a+", opener=open_no_follow)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         busy = None

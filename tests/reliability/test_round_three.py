@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from reliability_helpers import TINY, write_params
 from test_pipeline import notebooks  # noqa: F401  (fixture: two tiny notebooks, 02 declares `anything = None`)
 
 from cbdlib import __main__ as cli
-from cbdlib import config, pipeline
+from cbdlib import config, pipeline, runs
+from cbdlib import train as train_cli
 from cbdlib.errors import CBDError
 from cbdlib.pipeline import parameters
 
@@ -130,3 +132,39 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
             shared = [shared] * 10
         pipeline.validate_keys({"methods": shared}, [], {})
     assert yaml.safe_load("a: 1") == {"a": 1}
+
+
+# =========================================================================== writes never follow links
+
+
+@pytest.mark.parametrize("name", ["history.jsonl", ".lock", "params.yaml", "figures/02_curves.png"])
+def test_a_run_folder_holding_links_is_refused_and_the_target_is_untouched(tmp_path, capsys, name):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "run"
+    (out / name).parent.mkdir(parents=True)
+    (out / name).symlink_to(victim)
+    params = write_params(tmp_path / "p.yaml", {**TINY, "methods": ["ce"], "epochs": 1})
+    capsys.readouterr()
+    status = train_cli.main(["--params", str(params), "--out", str(out)])
+    line = error_line(capsys.readouterr().err)
+    assert status == 2 and line == (f"error: {out / name} is a symbolic link; a run folder must hold its own files, "
+                                    f"not links to others (remove it)")
+    assert victim.read_text() == "keep me\n"
+    assert not (out / "checkpoints").exists()
+
+
+def test_appending_or_locking_through_a_link_is_refused(tmp_path):
+    """A link made after the folder was checked: the history append and the lock open refuse it."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.jsonl").symlink_to(victim)
+    with pytest.raises(CBDError, match=r"history.jsonl is a symbolic link; a run writes only its own files"):
+        runs.append_history(out / "history.jsonl", {"model": "ce", "seed": 1, "stage": "one_stage", "epoch": 1})
+    (out / ".lock").symlink_to(victim)
+    with pytest.raises(CBDError, match=r"\.lock is a symbolic link"):
+        with runs.run_lock(out):
+            pass
+    assert victim.read_text() == "keep me\n"
