@@ -192,7 +192,7 @@ def validate(p: Params) -> None:
     if any(s < 0 for s in p.seeds):
         raise ParameterError("seeds", f"seeds must be >= 0, got {p.seeds!r}")
     if p.methods is not None:
-        unknown = [m for m in p.methods if m not in all_method_names(p.teachers) and m not in ("teachers",)]
+        unknown = [m for m in p.methods if m not in all_method_names(p.teachers)]
         if unknown:
             raise ParameterError("methods", f"unknown method(s) {unknown}; known: "
                                             f"{', '.join(all_method_names(p.teachers))}")

@@ -14,7 +14,7 @@ from .. import checkpoint as ckpt
 from .. import config, runs
 from ..errors import CBDError, one_line
 from ..io import refuse_links, write_bytes, write_text
-from ..methods import method_label, method_order
+from ..methods import is_method_name, method_label, method_order
 from .parameters import default_notebooks_dir, discover_notebooks
 from .reading import reading_lines
 from .run import execute_notebook, kernel_environment
@@ -43,7 +43,15 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
     """
     if not run_dirs:
         raise CBDError("aggregate needs at least one run folder")
+    if keep_model is not None and not is_method_name(keep_model):  # it becomes part of two file names
+        raise CBDError(f"--keep-model {keep_model!r} is not a method name (e.g. cbd_ens, ce, teacher_vanilla_1; "
+                       f"none: keep no model)")
     out = Path(out)
+    if notebook:  # notebook 04 takes the folder's name as its run_name
+        try:
+            config.check_rule("run_name", out.name)
+        except CBDError as error:
+            raise CBDError(f"--out {out}: {error} (notebook 04 runs on it by that name)") from None
     loaded = []
     for run in run_dirs:
         run = Path(run)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Params, Settings, project_root
+from ..config import Params, Settings, check_rule, project_root
 from ..errors import CBDError
 from ..io import open_no_follow, refuse_links, write_text
 from ..plain_values import load_yaml
@@ -30,8 +30,7 @@ def results_root() -> Path:
 
 
 def run_dir_for(run_name: str) -> Path:
-    if not run_name or "/" in run_name or run_name in (".", ".."):
-        raise CBDError(f"run_name must be a plain folder name, got {run_name!r}")
+    check_rule("run_name", run_name)
     return results_root() / run_name
 
 

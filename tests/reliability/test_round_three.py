@@ -12,13 +12,18 @@ from pathlib import Path
 import pytest
 import yaml
 from reliability_helpers import TINY, write_params
-from test_pipeline import notebooks  # noqa: F401  (fixture: two tiny notebooks, 02 declares `anything = None`)
+from test_pipeline import (
+    make_run,
+    notebooks,  # noqa: F401  (fixture: two tiny notebooks, 02 declares `anything = None`)
+)
 
 from cbdlib import __main__ as cli
-from cbdlib import config, pipeline, runs
+from cbdlib import config, pipeline, runs, workbook
 from cbdlib import train as train_cli
 from cbdlib.errors import CBDError
 from cbdlib.pipeline import parameters
+
+SMOKE_PARAMS = config.params_dir() / "smoke.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -168,3 +173,47 @@ def test_appending_or_locking_through_a_link_is_refused(tmp_path):
         with runs.run_lock(out):
             pass
     assert victim.read_text() == "keep me\n"
+
+
+# =========================================================================== user strings in paths
+
+
+@pytest.mark.parametrize("value", ["../../../outside", "cbd_ens/../../x", "checkpoints"])
+def test_keep_model_accepts_method_names_only(tmp_path, capsys, value):
+    a, b = make_run(tmp_path, "seed1", [1]), make_run(tmp_path, "seed2", [2])
+    (tmp_path / "outside.pt").write_bytes(b"someone else's file")
+    status, err = run_main(["aggregate", str(a), str(b), "--out", str(tmp_path / "merged"), "--no-notebook",
+                            "--keep-model", value], capsys)
+    assert status == 2 and error_line(err) == (f"error: --keep-model {value!r} is not a method name (e.g. cbd_ens, "
+                                               f"ce, teacher_vanilla_1; none: keep no model)")
+    assert not (tmp_path / "merged").exists()
+    assert (tmp_path / "outside.pt").read_bytes() == b"someone else's file"
+
+
+def test_a_tsne_teacher_that_is_no_teacher_name_is_refused(tmp_path):
+    with pytest.raises(CBDError, match=r"^parameter 'tsne_method_teacher' must be a teacher's name"):
+        workbook.analysis_setup({"run_name": "r", "tsne_method_teacher": "../../features/seed_1/x"})
+
+
+# =========================================================================== refused before any work
+
+
+@pytest.mark.parametrize("override, message", [
+    ("methods=[teachers]", "error: -p methods=[teachers]: unknown method(s) ['teachers']"),
+    ("run_name=index.csv", "error: -p run_name=index.csv: run_name must be a plain folder name"),
+    ("run_name=README.md", "error: -p run_name=README.md: run_name must be a plain folder name"),
+    ("run_name=.hidden", "error: -p run_name=.hidden: run_name must be a plain folder name"),
+    ("run_name=a\0b", 'error: -p run_name="a\\0b": run_name must be a plain folder name'),
+])
+def test_reserved_names_and_every_method_value_are_refused_before_notebook_01(tmp_path, capsys, override,
+                                                                              message):
+    status, err = run_main(["run", "--params", str(SMOKE_PARAMS), "-p", override], capsys)
+    assert status == 2 and error_line(err).startswith(message), err
+    assert not (tmp_path / "results").exists()  # no run folder, no index.csv
+
+
+def test_aggregate_refuses_an_out_folder_named_like_the_results_folders_own_files(tmp_path, capsys):
+    a, b = make_run(tmp_path, "seed1", [1]), make_run(tmp_path, "seed2", [2])
+    status, err = run_main(["aggregate", str(a), str(b), "--out", str(tmp_path / "index.csv")], capsys)
+    assert status == 2 and "run_name must be a plain folder name" in error_line(err)
+    assert not (tmp_path / "index.csv").exists()
