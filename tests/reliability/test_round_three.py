@@ -5,6 +5,7 @@ nonsense is refused with one line before any work. Each test fails on the code b
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from test_pipeline import (
 )
 
 from cbdlib import __main__ as cli
-from cbdlib import config, pipeline, runs, workbook
+from cbdlib import config, pipeline, plots, runs, workbook
 from cbdlib import train as train_cli
 from cbdlib.errors import CBDError
 from cbdlib.pipeline import parameters
@@ -217,3 +218,38 @@ def test_aggregate_refuses_an_out_folder_named_like_the_results_folders_own_file
     status, err = run_main(["aggregate", str(a), str(b), "--out", str(tmp_path / "index.csv")], capsys)
     assert status == 2 and "run_name must be a plain folder name" in error_line(err)
     assert not (tmp_path / "index.csv").exists()
+
+
+# =========================================================================== one line, not a traceback
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lt-seed", "-1", "error: --lt-seed -1: lt_seed must be >= 0, got -1"),
+    ("--imbalance-ratio", "nan", "error: --imbalance-ratio nan: imbalance_ratio must be a finite number, got nan"),
+    ("--val-per-class", "-3", "error: --val-per-class -3: val_per_class must be >= 1, got -3"),
+])
+def test_stats_applies_the_parameter_rules(capsys, option, value, message):
+    argv = ["stats", "--dataset", "digits", "--imbalance-ratio", "10", option, value]
+    status, err = run_main(argv, capsys)
+    assert status == 2 and error_line(err) == message
+
+
+def test_data_naming_a_device_file_is_one_line(capsys):
+    status, err = run_main(["stats", "--dataset", "folder", "--data", "/dev/null", "--imbalance-ratio", "2"], capsys)
+    assert status == 2 and error_line(err) == ("error: data path /dev/null is a character device, not a file or "
+                                               "folder of images")
+
+
+def test_a_history_record_of_the_wrong_types_is_skipped_and_named(tmp_path, caplog):
+    good = {"model": "ce", "seed": 1, "stage": "one_stage", "epoch": 1, "loss": 2.0, "ce": 2.0, "distill": None,
+            "lr": 0.1, "steps": 3, "time_s": 0.5}
+    bad = {**good, "epoch": 2, "loss": "high", "steps": [3]}
+    no_seed = {**good, "epoch": 3, "seed": None}
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, bad, no_seed)))
+    with caplog.at_level(logging.WARNING, logger="cbdlib"):
+        assert runs.read_history(out) == [good]
+    assert f"{out / 'history.jsonl'}: skipped 2 unreadable lines (2, 3)" in caplog.text
+    frame = workbook.history(out, stages=["one_stage"])  # notebook 02's curves draw what is left
+    plots.training_curves(frame, keys=("loss", "lr"))
