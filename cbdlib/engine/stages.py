@@ -29,7 +29,7 @@ import torch
 from .. import checkpoint as ckpt
 from .. import runs
 from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Settings, teacher_method_name
-from ..data import LongTailData, load_for_settings
+from ..data import LongTailData, check_trainable, load_for_settings
 from ..data.device import DeviceData, predict
 from ..data.samplers import epoch_length
 from ..devices import resolve_device
@@ -86,6 +86,7 @@ class Experiment:
         self.device = distributed.device_for(resolve_device(settings.device))
         self.quiet = settings.smoke if quiet is None else quiet
         self.data = data if data is not None else load_for_settings(settings)
+        check_trainable(self.data, settings.batch_size)  # before any model is trained
         if getattr(self.data, "streaming", False):  # large images: decoded by DataLoader workers
             from ..data.streaming import StreamData
 

@@ -7,12 +7,16 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import re
+import shutil
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from reliability_helpers import TINY, write_params
+from reliability_helpers import TINY, image_tree, write_params
 from test_pipeline import (
     make_run,
     notebooks,  # noqa: F401  (fixture: two tiny notebooks, 02 declares `anything = None`)
@@ -21,6 +25,7 @@ from test_pipeline import (
 from cbdlib import __main__ as cli
 from cbdlib import config, pipeline, plots, runs, workbook
 from cbdlib import train as train_cli
+from cbdlib.data import load_long_tail
 from cbdlib.errors import CBDError
 from cbdlib.pipeline import parameters
 
@@ -253,3 +258,63 @@ def test_a_history_record_of_the_wrong_types_is_skipped_and_named(tmp_path, capl
     assert f"{out / 'history.jsonl'}: skipped 2 unreadable lines (2, 3)" in caplog.text
     frame = workbook.history(out, stages=["one_stage"])  # notebook 02's curves draw what is left
     plots.training_curves(frame, keys=("loss", "lr"))
+
+
+# =========================================================================== evaluations that mean nothing
+
+
+def test_a_one_class_dataset_is_refused(tmp_path):
+    tree = image_tree(tmp_path / "tree")
+    for split in ("train", "test"):
+        for name in ("bee", "cat"):
+            shutil.rmtree(tree / split / name)
+    with pytest.raises(CBDError, match=r"^dataset folder at .*tree has 1 class \('ant'\); a long-tailed evaluation "
+                                       r"needs at least two classes$"):
+        load_long_tail("folder", str(tree), imbalance_ratio=1, val_per_class=1, image_size=8)
+
+
+def test_a_class_with_training_images_but_no_test_folder_is_refused(tmp_path):
+    tree = image_tree(tmp_path / "tree")
+    shutil.rmtree(tree / "test" / "cat")
+    with pytest.raises(CBDError, match=r"^class 'cat' has training images but no folder in .*tree/test; every class "
+                                       r"needs test images$"):
+        load_long_tail("folder", str(tree), imbalance_ratio=2, val_per_class=1, image_size=8)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_path, capsys):
+    tree = image_tree(tmp_path / "tree")
+    out = tmp_path / "run"
+    params = write_params(tmp_path / "p.yaml", {**TINY, "dataset": "folder", "data": str(tree), "imbalance_ratio": 2,
+                                                "val_per_class": 1, "image_size": 8, "methods": ["ce"],
+                                                "batch_size": 64})
+    capsys.readouterr()
+    status = train_cli.main(["--params", str(params), "--out", str(out)])
+    line = error_line(capsys.readouterr().err)
+    assert status == 2 and re.fullmatch(r"error: batch_size 64 is larger than the training set \(\d+ images in the "
+                                        r"long-tailed subset of folder\); use batch_size <= \d+", line), line
+    assert not (out / "checkpoints").exists() and not (out / "history.jsonl").exists()
+
+
+# =========================================================================== no hang
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging: SIGALRM after ``seconds``."""
+    def handler(signum, frame):
+        raise TimeoutError("hung")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    yield lambda seconds: signal.alarm(seconds)
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_named_pipe_with_an_image_name_is_refused_not_read(tmp_path, alarm):
+    tree = image_tree(tmp_path / "tree")
+    pipe = tree / "train" / "bee" / "zz_pipe.jpg"
+    os.mkfifo(pipe)
+    alarm(60)
+    with pytest.raises(CBDError, match=rf"^{re.escape(str(pipe))} is a named pipe, not an image file; remove it "
+                                       rf"from the tree$"):
+        load_long_tail("folder", str(tree), imbalance_ratio=2, val_per_class=1, image_size=8)
