@@ -11,6 +11,8 @@ images through a DataLoader (:mod:`cbdlib.data.streaming`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,9 +22,8 @@ from .longtail import cap_per_class, long_tail_counts, split_pool
 from .stats import class_counts, class_splits, describe, format_stats, gini
 
 __all__ = [
-    "LongTailData", "check_trainable", "load_long_tail", "refuse_one_class", "long_tail_counts", "class_counts",
-    "class_splits",
-    "describe", "format_stats", "gini",
+    "LongTailData", "check_trainable", "class_counts", "class_splits", "data_fingerprint", "describe",
+    "format_stats", "gini", "load_long_tail", "long_tail_counts", "refuse_one_class",
 ]
 
 # Digits reserve their validation images before n_max is fixed (few images per class);
@@ -142,6 +143,20 @@ def refuse_one_class(lt, data):
         raise CBDError(f"dataset {lt.name}{f' at {data}' if data else ''} has {lt.num_classes} class ({names}); "
                        f"a long-tailed evaluation needs at least two classes")
     return lt
+
+
+def data_fingerprint(lt) -> str:
+    """sha256 of what a run trains and is tested on: class names, labels, and the images (decoded
+    pixels, or the file paths of a large benchmark). Two runs on different data never share it."""
+    digest = hashlib.sha256(json.dumps([str(n) for n in lt.class_names]).encode())
+    for part in ("train", "test"):
+        digest.update(np.ascontiguousarray(getattr(lt, f"{part}_labels"), dtype=np.int64).tobytes())
+        images = getattr(lt, f"{part}_images", None)
+        if images is not None:
+            digest.update(np.ascontiguousarray(images).tobytes())
+        else:
+            digest.update("\n".join(map(str, getattr(lt, part).paths)).encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def check_trainable(lt, batch_size: int) -> None:

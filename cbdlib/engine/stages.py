@@ -29,7 +29,7 @@ import torch
 from .. import checkpoint as ckpt
 from .. import runs
 from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Settings, teacher_method_name
-from ..data import LongTailData, check_trainable, load_for_settings
+from ..data import LongTailData, check_trainable, data_fingerprint, load_for_settings
 from ..data.device import DeviceData, predict
 from ..data.samplers import epoch_length
 from ..devices import resolve_device
@@ -231,6 +231,7 @@ class Experiment:
             imbalance_ratio=self.settings.imbalance_ratio, class_counts=self.data.class_counts, splits=self.splits,
             seeds=self.settings.seeds, prov=self.prov)
         times = runs.wall_times(self.out / runs.STAGE_TIMES)
+        metrics["data_fingerprint"] = data_fingerprint(self.data)  # aggregate merges only runs on the same data
         metrics["stage_times_s"] = {k: round(v["s"], 2) for k, v in times.items()}
         resumed = [k for k, v in times.items() if v["resumed"]]
         if resumed:

@@ -14,8 +14,10 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from reliability_helpers import TINY, image_tree, write_params
 from test_pipeline import (
     make_run,
@@ -26,6 +28,7 @@ from cbdlib import __main__ as cli
 from cbdlib import config, pipeline, plots, runs, workbook
 from cbdlib import train as train_cli
 from cbdlib.data import load_long_tail
+from cbdlib.engine import Experiment
 from cbdlib.errors import CBDError
 from cbdlib.pipeline import parameters
 
@@ -318,3 +321,50 @@ def test_a_named_pipe_with_an_image_name_is_refused_not_read(tmp_path, alarm):
     with pytest.raises(CBDError, match=rf"^{re.escape(str(pipe))} is a named pipe, not an image file; remove it "
                                        rf"from the tree$"):
         load_long_tail("folder", str(tree), imbalance_ratio=2, val_per_class=1, image_size=8)
+
+
+# =========================================================================== runs on different data
+
+
+def folder_run(tmp_path, tree: Path, seed: int) -> Path:
+    settings = config.resolve(config.make_params({
+        **TINY, "dataset": "folder", "data": str(tree), "imbalance_ratio": 2, "val_per_class": 1, "image_size": 8,
+        "batch_size": 8, "epochs": 1, "methods": ["ce"], "seeds": [seed]}))
+    out = tmp_path / f"{tree.name}_seed{seed}"
+    Experiment(settings, out, quiet=True).run("one_stage")
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    ("image", "different data: the images or labels differ (data fingerprints differ)"),
+    ("rename", "different class names (label 2: 'cat' vs 'cow')"),
+])
+def test_runs_on_different_image_trees_are_not_merged(tmp_path, capsys, change, message):
+    first = folder_run(tmp_path, image_tree(tmp_path / "a"), 1)
+    other = image_tree(tmp_path / "b")
+    if change == "image":  # same names, same counts, one test image changed
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(other / "test" / "bee" / "000.jpg")
+    else:  # the same tree with a class renamed: counts and order unchanged
+        for split in ("train", "test"):
+            (other / split / "cat").rename(other / split / "cow")
+    second = folder_run(tmp_path, other, 2)
+    status, err = run_main(["aggregate", str(first), str(second), "--out", str(tmp_path / "merged"),
+                            "--no-notebook", "--keep-model", "none"], capsys)
+    assert status == 2 and error_line(err) == f"error: cannot merge {first} and {second}: {message}"
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_aggregate_given_as_an_input_has_its_parameters_checked(tmp_path, capsys):
+    a, b = make_run(tmp_path, "seed1", [1]), make_run(tmp_path, "seed2", [2])
+    merged = tmp_path / "merged"
+    status, _ = run_main(["aggregate", str(a), str(b), "--out", str(merged), "--no-notebook"], capsys)
+    assert status == 0
+    other = make_run(tmp_path, "seed3", [3], epochs=100)  # another experiment
+    status, err = run_main(["aggregate", str(merged), str(other), "--out", str(tmp_path / "again"),
+                            "--no-notebook"], capsys)
+    assert status == 2 and error_line(err) == (f"error: cannot merge {merged} and {other}: different parameters "
+                                               f"(epochs: 200 vs 100)")
+    same = make_run(tmp_path, "seed4", [4])
+    status, _ = run_main(["aggregate", str(merged), str(same), "--out", str(tmp_path / "again"), "--no-notebook"],
+                         capsys)
+    assert status == 0
