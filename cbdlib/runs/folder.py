@@ -15,7 +15,7 @@ from ..config import Params, Settings, check_rule, project_root
 from ..errors import CBDError
 from ..io import open_no_follow, refuse_links, write_text
 from ..plain_values import load_yaml
-from .timing import NOTEBOOK_TIMES, STAGE_TIMES
+from .timing import NOTEBOOK_TIMES, STAGE_TIMES, close_killed
 
 log = logging.getLogger("cbdlib.runs")
 
@@ -151,6 +151,7 @@ def run_lock(out: str | os.PathLike):
             return
         raise CBDError(f"{out} is in use by another process (pid {holder or 'unknown'}); "
                        f"wait for it to finish or stop it")
+    close_killed(key)  # a fresh lock: whatever a ledger holds open was left by a killed process
     token = secrets.token_hex(8)
     handle.seek(0)
     handle.truncate()

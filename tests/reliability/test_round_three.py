@@ -368,3 +368,31 @@ def test_an_aggregate_given_as_an_input_has_its_parameters_checked(tmp_path, cap
     status, _ = run_main(["aggregate", str(merged), str(same), "--out", str(tmp_path / "again"), "--no-notebook"],
                          capsys)
     assert status == 0
+
+
+# =========================================================================== wall time after a SIGTERM
+
+
+def test_a_resumed_notebook_is_not_charged_for_what_the_rerun_rewrote(tmp_path):
+    """A run stopped in notebook 02, rerun: 01 runs again (rewriting its files) before 02's entry is
+    reached. The killed invocation's 02 counts up to its own last write, not to 01's rewrite."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ledger = run / runs.NOTEBOOK_TIMES
+    t0 = time.time() - 1000
+    ledger.write_text(json.dumps({
+        "total": {"s": 0.0, "invocations": 0, "resumed": False, "open": t0},
+        "01_a.ipynb": {"s": 1.0, "invocations": 1, "resumed": False, "open": None},
+        "02_b.ipynb": {"s": 0.0, "invocations": 0, "resumed": False, "open": t0 + 1}}))
+    for name in ("01_a.ipynb", "history.jsonl"):
+        (run / name).write_text("x")
+        os.utime(run / name, (t0 + 5, t0 + 5))  # the killed invocation's last write: 5 s in
+    with runs.run_lock(run), runs.timed(ledger, "total"):  # the rerun, as cbdlib run does it
+        with runs.timed(ledger, "01_a.ipynb"):
+            (run / "01_a.ipynb").write_text("rewritten")
+        with runs.timed(ledger, "02_b.ipynb"):
+            pass
+    times = runs.wall_times(ledger)
+    assert 4.0 <= times["02_b.ipynb"]["s"] < 60 and times["02_b.ipynb"]["resumed"]
+    assert 5.0 <= times["total"]["s"] < 60
+    assert times["01_a.ipynb"]["s"] + times["02_b.ipynb"]["s"] <= times["total"]["s"] + 1.0
