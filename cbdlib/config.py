@@ -32,6 +32,7 @@ from .param_rules import (  # noqa: F401  (re-exported)
     check_rule,
     default_lt_subset,
 )
+from .plain_values import check_plain, load_yaml
 
 
 @dataclass
@@ -159,6 +160,7 @@ def check_value(key: str, value: Any) -> Any:
         close = [n for n in field_names() if n.startswith(key[:3])]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise CBDError(f"unknown parameter {key!r}{hint}; known parameters: {', '.join(field_names())}")
+    check_plain(value, f"parameter {key!r}")
     hint = _HINTS[key]
     accepts_float = hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
     if accepts_float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
@@ -194,7 +196,7 @@ def validate(p: Params) -> None:
     if any(s < 0 for s in p.seeds):
         raise ParameterError("seeds", f"seeds must be >= 0, got {p.seeds!r}")
     if p.methods is not None:
-        unknown = [m for m in p.methods if m not in all_method_names(p.teachers) and m not in ("teachers",)]
+        unknown = [m for m in p.methods if m not in all_method_names(p.teachers)]
         if unknown:
             raise ParameterError("methods", f"unknown method(s) {unknown}; known: "
                                             f"{', '.join(all_method_names(p.teachers))}")
@@ -231,7 +233,7 @@ def load_params_file(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CBDError(f"parameter file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = load_yaml(path.read_text(), f"parameter file {path}") or {}
     except yaml.YAMLError as exc:
         raise CBDError(f"parameter file {path} is not valid YAML: {exc}".splitlines()[0]) from None
     if not isinstance(values, dict):
@@ -251,7 +253,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise CBDError(f"-p expects key=value, got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml(raw, f"-p {text}") if raw != "" else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

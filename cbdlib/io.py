@@ -118,7 +118,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     data = (line.rstrip("\n") + "\n").encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+b") as handle:
+        with open(path, "a+b", opener=open_no_follow) as handle:
             end = handle.seek(0, os.SEEK_END)
             if end > 0:
                 handle.seek(end - 1)
@@ -127,3 +127,33 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             handle.write(data)
     except OSError as exc:
         raise CBDError(f"could not append to {path}: {exc.strerror or exc}") from None
+
+
+def open_no_follow(path: str | os.PathLike, flags: int) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (a linked history or lock file would
+    make a run write into whatever file the link points at); returns the descriptor."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, _NEW_FILE_MODE)
+    except OSError:
+        if os.path.islink(path):
+            raise CBDError(f"{path} is a symbolic link; a run writes only its own files, never through a link "
+                           f"(remove the link)") from None
+        raise
+
+
+def refuse_links(folder: str | os.PathLike, names=None) -> None:
+    """Refuse a folder holding symbolic links (any, or only among ``names``) where its own files belong.
+
+    The folder itself may be a link (a run kept on another disk); what is inside may not.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if names is not None:
+        found = [folder / name for name in names if (folder / name).is_symlink()]
+    else:
+        found = [Path(root) / name for root, dirs, files in os.walk(folder) for name in dirs + files
+                 if (Path(root) / name).is_symlink()]
+    if found:
+        raise CBDError(f"{found[0]} is a symbolic link; a run folder must hold its own files, not links to "
+                       f"others (remove it)")

@@ -57,3 +57,11 @@ def best_baseline(metrics: Mapping, candidates=BASELINES, exclude: Optional[str]
     if not present:
         return None
     return max(present, key=lambda b: (methods[b]["all"], -present.index(b)))
+
+
+def is_method_name(name) -> bool:
+    """Whether ``name`` is a method of the contract: a baseline, a student, the teacher ensemble or a
+    ``teacher_<kind>_<seed>``. Options that name methods (and become file names) accept these only."""
+    if not isinstance(name, str):
+        return False
+    return name in (*BASELINES, "teacher_ensemble", *STUDENTS) or bool(TEACHER_NAME.fullmatch(name))

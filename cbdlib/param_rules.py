@@ -75,6 +75,16 @@ def _archs() -> tuple:
     return ARCHS
 
 
+# What the results folder holds besides run folders: a run named so would replace or break it.
+RESERVED_RUN_NAMES = ("index.csv", "README.md", "bench", "screenshots")
+
+
+def plain_run_name(name: str) -> bool:
+    """A run folder's name: one plain path component, not hidden, not one of the results folder's own files."""
+    return (bool(name) and not any(c in name for c in "/\\\0") and not name.startswith(".")
+            and name.lower() not in {n.lower() for n in RESERVED_RUN_NAMES})
+
+
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -85,7 +95,8 @@ def _device_usable(name: str) -> bool:
 # The allowed values of each key, checked for every run before anything is written.
 # A key of a None-able type skips its rule when None. Add a key here with its rule.
 RULES: dict[str, Rule] = {
-    "run_name": Rule(lambda v: bool(v) and "/" not in v and v not in (".", ".."), "a plain folder name"),
+    "run_name": Rule(plain_run_name, "a plain folder name (no /, \\ or NUL character, no leading dot, not "
+                                     f"one of the results folder's own names {', '.join(RESERVED_RUN_NAMES)})"),
     "dataset": one_of(*DATASETS),
     "imbalance_ratio": at_least(1),
     "profile": one_of("exp", "step"),

@@ -43,7 +43,8 @@ from .config import (
 )
 from .data.stats import split_size_lines
 from .errors import CBDError
-from .methods import TEACHER_NAME, best_baseline
+from .io import refuse_links
+from .methods import TEACHER_NAME, best_baseline, is_method_name
 from .notebook_outputs import check_outputs, expected_outputs, mark_started  # noqa: F401
 from .notebook_params import (  # noqa: F401
     NOTEBOOK_FILES,
@@ -134,8 +135,10 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
         if key in values:
             check_rule(key, check_value(key, values[key]))
     teacher = values.get("tsne_method_teacher")
-    if teacher is not None and not isinstance(teacher, str):
-        raise CBDError(f"parameter 'tsne_method_teacher' must be a method name or None, got {teacher!r}")
+    if teacher is not None and not (isinstance(teacher, str) and TEACHER_NAME.fullmatch(teacher)):
+        # it becomes part of a file name: a teacher's name only (teacher_<vanilla|aug>_<seed>)
+        raise CBDError(f"parameter 'tsne_method_teacher' must be a teacher's name (teacher_<vanilla|aug>_<seed>) "
+                       f"or None, got {teacher!r}")
     points = values.get("tsne_points", 1000)
     if not fits_type(points, int) or points < 10:
         raise CBDError(f"parameter 'tsne_points' must be an integer >= 10, got {points!r}")
@@ -149,6 +152,7 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
         tsne_points=min(points, TSNE_SMOKE_POINTS) if smoke else points, smoke=smoke)
     run_dir = runs.run_dir_for(options.run_name)
     runs.refuse_if_busy(run_dir)
+    refuse_links(run_dir)  # notebook 04 writes figures into it
     notebook_environment()
     mark_started("04")
     return options, run_dir
@@ -321,7 +325,7 @@ def teacher_names(metrics: Mapping) -> list[str]:
 
 def _check_method_name(name: Any) -> None:
     known = (*ONE_STAGE_BASELINES, *DECOUPLED_BASELINES, "teacher_ensemble", *STUDENTS)
-    if not isinstance(name, str) or not (name in known or TEACHER_NAME.match(name)):
+    if not is_method_name(name):
         close = difflib.get_close_matches(str(name), known, n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise CBDError(f"unknown method {name!r}{hint}; methods: {', '.join(known)}, teacher_<vanilla|aug>_<seed>")

@@ -133,8 +133,9 @@ def test_seeds_that_trained_in_different_precisions_are_merged_and_said_so(seed_
     (b / "metrics.json").write_text(json.dumps(metrics))
     out = aggregate_runs([a, b], tmp_path / "merged", notebook=False)
     merged = json.loads((out / "metrics.json").read_text())
-    assert merged["merged_from"] == [{"run": "copy_of_run_seed1", "seeds": [1], "precision": "fp32"},
-                                     {"run": "copy_of_run_seed2", "seeds": [2], "precision": "bf16"}]
+    assert [{k: e[k] for k in ("run", "seeds", "precision")} for e in merged["merged_from"]] == [
+        {"run": "copy_of_run_seed1", "seeds": [1], "precision": "fp32"},
+        {"run": "copy_of_run_seed2", "seeds": [2], "precision": "bf16"}]
     assert "different precisions" in caplog.text
     summary = (out / "summary.md").read_text()
     assert "- `copy_of_run_seed2`: seeds 2, precision bf16" in summary

@@ -75,7 +75,8 @@ def error_line(stderr: str) -> str:
 # =========================================================================== 1. no silent wrong numbers
 
 
-FOLDER_RUN = dict(TINY, dataset="folder", imbalance_ratio=2, val_per_class=1, image_size=8, methods=["ce"], epochs=1)
+FOLDER_RUN = dict(TINY, dataset="folder", imbalance_ratio=2, val_per_class=1, image_size=8, methods=["ce"], epochs=1,
+                  batch_size=8)  # the tree trains on about 24 images
 
 
 def test_evaluate_refuses_data_whose_classes_differ(tmp_path, capsys):

@@ -9,8 +9,18 @@ from .plumbing import exits_cleanly, setup_logging
 
 
 def _stats(args) -> int:
+    from ..config import check_rule
     from ..data import format_stats, load_long_tail
+    from ..errors import CBDError
 
+    # The same rules as a run's parameters, before any data is read.
+    for option, key in (("--dataset", "dataset"), ("--imbalance-ratio", "imbalance_ratio"), ("--lt-seed", "lt_seed"),
+                        ("--val-per-class", "val_per_class")):
+        value = getattr(args, key)
+        try:
+            check_rule(key, value)
+        except CBDError as error:
+            raise CBDError(f"{option} {value}: {error}") from None
     data = load_long_tail(args.dataset, args.data, imbalance_ratio=args.imbalance_ratio, profile=args.profile,
                           lt_seed=args.lt_seed, lt_subset=args.lt_subset, val_per_class=args.val_per_class)
     stats = data.stats()

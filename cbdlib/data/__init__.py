@@ -11,17 +11,21 @@ images through a DataLoader (:mod:`cbdlib.data.streaming`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import CBDError
 from ..param_rules import LT_SUBSETS, default_lt_subset
 from .longtail import cap_per_class, long_tail_counts, split_pool
 from .stats import class_counts, class_splits, describe, format_stats, gini
 
 __all__ = [
-    "LongTailData", "load_long_tail", "long_tail_counts", "class_counts", "class_splits",
-    "describe", "format_stats", "gini", "LT_SUBSETS", "default_lt_subset",
+    "LongTailData", "LT_SUBSETS", "check_trainable", "class_counts", "class_splits", "data_fingerprint",
+    "default_lt_subset", "describe", "format_stats", "gini", "load_long_tail", "long_tail_counts",
+    "refuse_one_class",
 ]
 
 # Digits reserve their validation images before n_max is fixed (few images per class);
@@ -99,9 +103,10 @@ def load_long_tail(
     if dataset in LARGE_DATASETS:  # large-image datasets keep the DataLoader path
         from .large import load_large
 
-        return load_large(dataset, data, imbalance_ratio=imbalance_ratio, lt_seed=lt_seed,
-                          val_per_class=val_per_class, image_size=image_size,
-                          max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
+        return refuse_one_class(load_large(dataset, data, imbalance_ratio=imbalance_ratio, lt_seed=lt_seed,
+                                           val_per_class=val_per_class, image_size=image_size,
+                                           max_train_per_class=max_train_per_class,
+                                           max_test_per_class=max_test_per_class), data)
     from .sources import load_source  # Pillow and scikit-learn load only when data is needed
 
     pool, test = load_source(dataset, data, split_seed=lt_seed, image_size=image_size)
@@ -120,7 +125,7 @@ def load_long_tail(
         mean, std = CIFAR_MEAN_STD
     else:
         mean, std = channel_mean_std(train_images)
-    return LongTailData(
+    return refuse_one_class(LongTailData(
         name=dataset,
         class_names=list(pool.class_names),
         train_images=train_images,
@@ -132,7 +137,39 @@ def load_long_tail(
         mean=mean,
         std=std,
         notes=notes,
-    )
+    ), data)
+
+
+def refuse_one_class(lt, data):
+    """One class makes every method score 100 %: no comparison means anything."""
+    if lt.num_classes < 2:
+        names = ", ".join(repr(n) for n in lt.class_names) or "none"
+        raise CBDError(f"dataset {lt.name}{f' at {data}' if data else ''} has {lt.num_classes} class ({names}); "
+                       f"a long-tailed evaluation needs at least two classes")
+    return lt
+
+
+def data_fingerprint(lt) -> str:
+    """sha256 of what a run trains and is tested on: class names, labels, and the images (decoded
+    pixels, or the file paths of a large benchmark). Two runs on different data never share it."""
+    digest = hashlib.sha256(json.dumps([str(n) for n in lt.class_names]).encode())
+    for part in ("train", "test"):
+        digest.update(np.ascontiguousarray(getattr(lt, f"{part}_labels"), dtype=np.int64).tobytes())
+        images = getattr(lt, f"{part}_images", None)
+        if images is not None:
+            digest.update(np.ascontiguousarray(images).tobytes())
+        else:
+            digest.update("\n".join(map(str, getattr(lt, part).paths)).encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def check_trainable(lt, batch_size: int) -> None:
+    """Refuse a global batch larger than the training set: each epoch would be one step of a batch
+    smaller than asked, at a learning rate scaled for the batch asked."""
+    n = int(len(lt.train_labels))
+    if batch_size > n:
+        raise CBDError(f"batch_size {batch_size} is larger than the training set ({n} images in the long-tailed "
+                       f"subset of {lt.name}); use batch_size <= {n}")
 
 
 def load_for_settings(settings) -> LongTailData:

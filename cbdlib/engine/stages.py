@@ -32,7 +32,7 @@ from .. import checkpoint as ckpt
 from .. import runs
 from ..analysis import add_analyses, analyse_seed, calibration_record, load_analyses
 from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Settings, teacher_method_name
-from ..data import LongTailData, load_for_settings
+from ..data import LongTailData, check_trainable, data_fingerprint, load_for_settings
 from ..data.device import DeviceData, predict
 from ..devices import resolve_device
 from ..errors import CBDError
@@ -98,6 +98,7 @@ class Experiment:
         self.device = distributed.device_for(resolve_device(settings.device))
         self.quiet = settings.smoke if quiet is None else quiet
         self.data = data if data is not None else load_for_settings(settings)
+        check_trainable(self.data, settings.batch_size)  # before any model is trained
         if getattr(self.data, "streaming", False):  # large images: decoded by DataLoader workers
             from ..data.streaming import StreamData
 
@@ -272,6 +273,7 @@ class Experiment:
             imbalance_ratio=self.settings.imbalance_ratio, class_counts=self.data.class_counts, splits=self.splits,
             seeds=self.settings.seeds, prov=self.prov)
         times = runs.wall_times(self.out / runs.STAGE_TIMES)
+        metrics["data_fingerprint"] = data_fingerprint(self.data)  # aggregate merges only runs on the same data
         metrics["stage_times_s"] = {k: round(v["s"], 2) for k, v in times.items()}
         resumed = [k for k, v in times.items() if v["resumed"]]
         if resumed:

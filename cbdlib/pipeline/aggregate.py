@@ -14,8 +14,8 @@ from .. import checkpoint as ckpt
 from .. import config, runs
 from ..analysis import add_analyses, analyse_folder, analysis_path, load_analyses
 from ..errors import CBDError, one_line
-from ..io import write_bytes, write_json, write_text
-from ..methods import method_label, method_order
+from ..io import refuse_links, write_bytes, write_json, write_text
+from ..methods import is_method_name, method_label, method_order
 from .parameters import default_notebooks_dir, discover_notebooks
 from .reading import reading_lines
 from .run import execute_notebook, kernel_environment
@@ -44,7 +44,15 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
     """
     if not run_dirs:
         raise CBDError("aggregate needs at least one run folder")
+    if keep_model is not None and not is_method_name(keep_model):  # it becomes part of two file names
+        raise CBDError(f"--keep-model {keep_model!r} is not a method name (e.g. cbd_ens, ce, teacher_vanilla_1; "
+                       f"none: keep no model)")
     out = Path(out)
+    if notebook:  # notebook 04 takes the folder's name as its run_name
+        try:
+            config.check_rule("run_name", out.name)
+        except CBDError as error:
+            raise CBDError(f"--out {out}: {error} (notebook 04 runs on it by that name)") from None
     loaded = []
     for run in run_dirs:
         run = Path(run)
@@ -62,15 +70,18 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
         if not evaluations:
             raise CBDError(f"{run} has no evaluations/seed_*/*.json to merge")
         seeds = sorted({s for per_seed in evaluations.values() for s in per_seed})
-        loaded.append({"path": run, "metrics": metrics, "evaluations": evaluations, "seeds": seeds,
-                       "params": runs.read_params_yaml(run)})
+        entry = {"path": run, "metrics": metrics, "evaluations": evaluations, "seeds": seeds,
+                 "params": _input_params(run, metrics)}
+        entry["class_names"] = _class_names([entry], len(metrics["class_counts"]))
+        loaded.append(entry)
 
     first = loaded[0]
     for other in loaded[1:]:
-        for key in ("dataset", "class_counts", "imbalance_ratio"):
-            if other["metrics"][key] != first["metrics"][key]:
-                raise CBDError(f"cannot merge {first['path']} and {other['path']}: different {key} "
-                               f"({_short(first['metrics'][key])} vs {_short(other['metrics'][key])})")
+        _refuse_other_data(first, other)
+        for entry in (first, other):
+            if entry["params"] is None:
+                raise CBDError(f"cannot merge {entry['path']}: it records no parameters (no params.yaml, nor an "
+                               f"aggregate's merged_from), so it cannot be checked to be the same experiment")
         if first["params"] and other["params"]:
             differ = sorted(k for k in set(first["params"]) | set(other["params"])
                             if k not in MERGEABLE_KEYS and first["params"].get(k) != other["params"].get(k))
@@ -101,11 +112,15 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
         for name, per_seed in load_analyses(entry["path"]).items():
             analyses.setdefault(name, {}).update(per_seed)
     add_analyses(metrics, merged, analyses)
-    # Sources by run name: the folders themselves existed on the machine that ran them.
+    # Sources by run name (the folders themselves existed on the machine that ran them), with each
+    # input's precision, parameters and data, so that this folder can itself be checked when merged again.
     merged_from = [{"run": entry["path"].name, "seeds": entry["seeds"],
-                    "precision": entry["metrics"].get("precision", "unknown")} for entry in loaded]
+                    "precision": entry["metrics"].get("precision", "unknown"), "params": entry["params"],
+                    "data_fingerprint": entry["metrics"].get("data_fingerprint")} for entry in loaded]
     metrics["merged_from"] = merged_from
     precisions = sorted({entry["precision"] for entry in merged_from})
+    if first["metrics"].get("data_fingerprint"):
+        metrics["data_fingerprint"] = first["metrics"]["data_fingerprint"]
     if short:
         metrics["partial"] = {method: seeds for method, seeds in short.items()}
     runs.validate_metrics(metrics)
@@ -314,6 +329,7 @@ def _short_coverage(loaded: list, merged: dict, seeds: list, partial: bool) -> d
 
 def _prepare_aggregate_dir(out: Path) -> None:
     """``out`` is new, empty, or a previous aggregate (all but its ``notes.md`` is replaced); never a run folder."""
+    refuse_links(out)
     if (out / "params.yaml").exists() or (out / "checkpoints").exists():
         raise CBDError(f"{out} is a run folder; aggregate writes to a new folder")
     if (out / "metrics.json").exists():
@@ -328,6 +344,36 @@ def _prepare_aggregate_dir(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CBDError(f"cannot create {out}: {exc.strerror or exc}") from None
+
+
+def _input_params(run: Path, metrics: dict) -> dict | None:
+    """A run's ``params.yaml``; for an aggregate, the parameters it recorded of its first input."""
+    params = runs.read_params_yaml(run)
+    if params is None:
+        for source in metrics.get("merged_from") or []:
+            if isinstance(source, dict) and isinstance(source.get("params"), dict):
+                return source["params"]
+    return params
+
+
+def _refuse_other_data(first: dict, other: dict) -> None:
+    """Runs on different data are never merged: dataset, class counts and ratio, class names, and
+    the fingerprint of the images where both runs recorded one."""
+    why = None
+    for key in ("dataset", "class_counts", "imbalance_ratio"):
+        a, b = first["metrics"].get(key), other["metrics"].get(key)
+        if a != b:
+            why = f"different {key} ({_short(a)} vs {_short(b)})"
+            break
+    if why is None and first["class_names"] != other["class_names"]:
+        label = next(i for i, (a, b) in enumerate(zip(first["class_names"], other["class_names"])) if a != b)
+        why = (f"different class names (label {label}: {first['class_names'][label]!r} vs "
+               f"{other['class_names'][label]!r})")
+    prints = first["metrics"].get("data_fingerprint"), other["metrics"].get("data_fingerprint")
+    if why is None and None not in prints and prints[0] != prints[1]:  # runs made before fingerprints: no check
+        why = "different data: the images or labels differ (data fingerprints differ)"
+    if why:
+        raise CBDError(f"cannot merge {first['path']} and {other['path']}: {why}")
 
 
 def _class_names(loaded: list, num_classes: int) -> list:

@@ -16,6 +16,7 @@ import yaml
 
 from .. import config
 from ..errors import CBDError, one_line
+from ..plain_values import check_plain
 
 NOTEBOOK_PATTERN = re.compile(r"^\d{2}_.+\.ipynb$")
 
@@ -92,6 +93,7 @@ def validate_keys(values: dict, notebooks: list[Notebook], sources: dict) -> Non
     notebook_keys = sorted({k for nb in notebooks for k in nb.declared} - set(fields))
     known = fields + notebook_keys
     for key, value in values.items():
+        check_plain(value, f"{sources.get(key, key)}: parameter {key!r}")  # before it is printed or injected
         where = sources.get(key, f"{key}={yaml_scalar(value)}")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
@@ -135,6 +137,8 @@ def notebook_parameters(nb: Notebook, params: config.Params, extra: dict) -> dic
             out[key] = values[key]
         elif key in extra:
             out[key] = extra[key]
+    for key, value in out.items():  # papermill writes these as source code: plain literals only
+        check_plain(value, f"{nb.name}: parameter {key!r}")
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from .. import config, runs
 from ..errors import CBDError, one_line
 from ..io import write_text
+from ..plain_values import check_plain
 from .parameters import (
     Notebook,
     checked_params,
@@ -37,6 +38,8 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     params_file = Path(params_path) if params_path is not None else config.params_dir() / "default.yaml"
     file_values = config.load_params_file(params_file)
     values = {**file_values, **overrides}
+    for key, value in overrides.items():  # file values were checked as they were read
+        check_plain(value, f"-p {key}")
     if isinstance(values.get("data"), str) and not Path(values["data"]).expanduser().is_absolute():
         # The kernels run in notebooks/: a relative path means the one the command was started from.
         values["data"] = str(Path(values["data"]).expanduser().resolve())
@@ -151,6 +154,7 @@ def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict) -> float:
     # papermill rewrites its output after every cell: write a temporary copy and rename it at the
     # end, so a full disk or a kill never leaves the executed notebook as broken JSON.
     partial = run_dir / f".partial_{nb.name}"
+    partial.unlink(missing_ok=True)  # papermill opens it as it is: never write through a link left there
     t0 = time.perf_counter()
     try:
         with quiet_logger("papermill"):

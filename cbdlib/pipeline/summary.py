@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import config, runs
 from ..data.stats import split_size_lines
 from ..errors import CBDError, one_line
-from ..io import write_text
+from ..io import open_no_follow, write_text
 from ..methods import best_baseline, method_order
 from ..metrics import ACCURACY_KEYS
 from .parameters import NOTEBOOK_PATTERN, yaml_scalar
@@ -256,7 +256,7 @@ def _locked(path: Path):
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as handle:
+    with open(path.with_name(f".{path.name}.lock"), "a", opener=open_no_follow) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Params, Settings, project_root
+from ..config import Params, Settings, check_rule, project_root
 from ..errors import CBDError
-from ..io import write_text
-from .timing import NOTEBOOK_TIMES, STAGE_TIMES
+from ..io import open_no_follow, refuse_links, write_text
+from ..plain_values import load_yaml
+from .timing import NOTEBOOK_TIMES, STAGE_TIMES, close_killed
 
 log = logging.getLogger("cbdlib.runs")
 
@@ -31,8 +32,7 @@ def results_root() -> Path:
 
 
 def run_dir_for(run_name: str) -> Path:
-    if not run_name or "/" in run_name or run_name in (".", ".."):
-        raise CBDError(f"run_name must be a plain folder name, got {run_name!r}")
+    check_rule("run_name", run_name)
     return results_root() / run_name
 
 
@@ -61,6 +61,7 @@ def ensure_run_dir(out_dir: str | os.PathLike) -> Path:
         raise CBDError(f"cannot create the run folder {out}: {exc.strerror or exc}") from None
     if not os.access(out, os.W_OK):
         raise CBDError(f"the run folder {out} is not writable")
+    refuse_links(out)
     return out
 
 
@@ -70,7 +71,7 @@ def read_params_yaml(out: str | os.PathLike) -> dict | None:
     if not path.exists():
         return None
     try:
-        values = yaml.safe_load(path.read_text())
+        values = load_yaml(path.read_text(), str(path))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         values, problem = None, f"not valid YAML: {reason}"
@@ -137,7 +138,7 @@ def run_lock(out: str | os.PathLike):
         finally:
             _HELD_LOCKS[key][1] -= 1
         return
-    handle = open(key / ".lock", "a+")
+    handle = open(key / ".lock", "a+", opener=open_no_follow)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         busy = None
@@ -152,6 +153,7 @@ def run_lock(out: str | os.PathLike):
             return
         raise CBDError(f"{out} is in use by another process (pid {holder or 'unknown'}); "
                        f"wait for it to finish or stop it")
+    close_killed(key)  # a fresh lock: whatever a ledger holds open was left by a killed process
     token = secrets.token_hex(8)
     handle.seek(0)
     handle.truncate()

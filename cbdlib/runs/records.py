@@ -104,6 +104,25 @@ def _history_key(record: dict) -> tuple:
     return (record.get("model"), record.get("seed"), record.get("stage"), record.get("epoch"))
 
 
+_NUMBER = (int, float)
+# The contract's history fields and their types (numbers may be null); a record with another type
+# in one of them is damage (the curves would stop on it), skipped and named like an unreadable line.
+HISTORY_TYPES = {"model": (str,), "stage": (str,), "seed": (int,), "epoch": (int,), "steps": (int,),
+                 "loss": _NUMBER, "ce": _NUMBER, "distill": _NUMBER, "lr": _NUMBER, "time_s": _NUMBER}
+
+
+def _well_typed(record: dict) -> bool:
+    for key, types in HISTORY_TYPES.items():
+        value = record.get(key)
+        if value is None:
+            if key in ("model", "seed", "epoch"):  # what identifies the record
+                return False
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            return False
+    return True
+
+
 def _history_records(path: Path) -> tuple[list[dict], list[int]]:
     """The records of a history file and the numbers of its unreadable lines."""
     records, bad = [], []
@@ -115,7 +134,7 @@ def _history_records(path: Path) -> tuple[list[dict], list[int]]:
             record = json.loads(line.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             record = None
-        if isinstance(record, dict):
+        if isinstance(record, dict) and _well_typed(record):
             records.append(record)
         elif not (line.startswith(b"{") and not line.rstrip().endswith(b"}")):  # a line torn by a kill is no damage
             bad.append(number)

@@ -39,10 +39,31 @@ def _last_write(folder: Path, after: float, ledger: Path) -> float:
     for root, _, files in os.walk(folder):
         for name in files:
             path = Path(root) / name
-            if path != ledger:
+            if path != ledger and name not in (STAGE_TIMES, NOTEBOOK_TIMES, ".lock"):
                 with contextlib.suppress(OSError):
                     newest = max(newest, path.stat().st_mtime)
     return newest
+
+
+def close_killed(folder: str | os.PathLike) -> None:
+    """Close the entries a killed invocation left open in ``folder``'s ledgers, each counted up to
+    the newest file in the folder. Called when a process takes the run's lock afresh, before it
+    writes anything: later, the rerun's own rewrites would be counted as the killed run's time.
+    """
+    folder = Path(folder)
+    newest = None
+    for ledger in (folder / STAGE_TIMES, folder / NOTEBOOK_TIMES):
+        entries = _read_ledger(ledger)
+        killed = {name: e for name, e in entries.items() if isinstance(e, dict) and e.get("open") is not None}
+        if not killed:
+            continue
+        if newest is None:
+            newest = _last_write(folder, 0.0, ledger)
+        for entry in killed.values():
+            entry["s"] = round(entry["s"] + max(0.0, newest - entry["open"]), 3)
+            entry.update(invocations=entry["invocations"] + 1, resumed=True, open=None)
+        with contextlib.suppress(CBDError):
+            write_json(ledger, entries)
 
 
 @contextlib.contextmanager

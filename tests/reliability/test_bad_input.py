@@ -31,7 +31,8 @@ from cbdlib.data import load_long_tail
 from cbdlib.engine import Experiment, load_model
 from cbdlib.runs import checkpoint_path
 
-FOLDER_RUN = dict(TINY, dataset="folder", imbalance_ratio=2, val_per_class=1, image_size=8, methods=["ce"])
+FOLDER_RUN = dict(TINY, dataset="folder", imbalance_ratio=2, val_per_class=1, image_size=8, methods=["ce"],
+                  batch_size=8)  # the tree trains on about 24 images
 
 
 def test_a_corrupt_jpeg_stops_the_command_before_any_result(tmp_path):

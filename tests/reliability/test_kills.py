@@ -220,8 +220,8 @@ def test_a_second_process_on_a_busy_run_folder_is_refused(tmp_path):
 
 def test_a_line_torn_by_a_kill_does_not_swallow_the_next_one(tmp_path):
     history = tmp_path / "history.jsonl"
-    history.write_text('{"model": "ce", "epoch": 1}\n{"model": "ce", "ep')  # killed mid-append
-    cio.append_line(history, json.dumps({"model": "ce", "epoch": 2}))
+    history.write_text('{"model": "ce", "seed": 1, "epoch": 1}\n{"model": "ce", "ep')  # killed mid-append
+    cio.append_line(history, json.dumps({"model": "ce", "seed": 1, "epoch": 2}))
     assert [r["epoch"] for r in read_history(tmp_path)] == [1, 2]
 
 

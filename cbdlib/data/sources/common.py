@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Union
@@ -63,9 +64,23 @@ def unpack_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[ImageSet, ImageSet]
 
 def existing_path(data) -> Path:
     path = Path(os.fspath(data)).expanduser()
+    if "\0" in str(path):
+        raise CBDError(f"data path {str(path)!r} holds a NUL character")
     if not path.exists():
         raise CBDError(f"data path {path} does not exist")
+    if not (path.is_file() or path.is_dir()):  # a device, a named pipe, a socket: reading it may never end
+        raise CBDError(f"data path {path} is a {special_kind(path)}, not a file or folder of images")
     return path
+
+
+def special_kind(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    mode = path.stat().st_mode
+    for test, word in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return word
+    return "special file"
 
 
 def clean_member(name: str) -> str:

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import posixpath
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -18,7 +19,16 @@ from ...errors import CBDError, one_line
 from .. import cache
 from . import decode
 from .cifar_pickles import CifarSpec, cifar_arrays
-from .common import ImageSet, ImageSource, clean_member, is_hidden, is_image, pack_arrays, unpack_arrays
+from .common import (
+    ImageSet,
+    ImageSource,
+    clean_member,
+    is_hidden,
+    is_image,
+    pack_arrays,
+    special_kind,
+    unpack_arrays,
+)
 
 log = logging.getLogger("cbdlib.data.sources")
 
@@ -87,10 +97,22 @@ def _scan_folder(root: Path) -> _Listing:
                 continue
             rel = posixpath.join(rel_dir, name)
             if is_image(name):
-                images[rel] = os.path.join(current, name)
+                images[rel] = _regular_file(os.path.join(current, name))
             else:
                 others.add(rel)
     return _Listing(images, others, dirs, lambda rel: str(root / rel))
+
+
+def _regular_file(path: str) -> str:
+    """``path`` when it is a regular file (or a link to one); a named pipe, device or socket with an
+    image's name is refused: reading it would wait for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return path  # a dangling link: decoding names it
+    if not stat.S_ISREG(mode):
+        raise CBDError(f"{path} is a {special_kind(Path(path))}, not an image file; remove it from the tree")
+    return path
 
 
 def _read_archive(path: Path, cifar: Optional[CifarSpec]) -> tuple[_Listing, dict[str, bytes]]:
@@ -152,6 +174,7 @@ def _tree_arrays(
         raise CBDError(f"{listing.describe(prefix + 'test/' + unknown[0])} is a class folder missing from train/")
     if not test:
         raise CBDError(f"{listing.describe(prefix + 'test')} has no class folders")
+    _refuse_classes_without_test(train, test, listing, prefix)
 
     items: list[tuple[str, ImageSource]] = []
     labels: list[int] = []
@@ -191,6 +214,16 @@ def native_size(items: list[tuple[str, ImageSource]], where: str) -> int:
                            f"{first[1][1]}, {name} is {size[0]}x{size[1]}) and image_size is null; set image_size "
                            f"to resize them all")
     return first[1][0]
+
+
+def _refuse_classes_without_test(train: dict, test: dict, listing: _Listing, prefix: str) -> None:
+    """A class with training images but no test folder would have no accuracy: its splits and the
+    summary's per-split means would be undefined."""
+    untested = sorted(set(train) - set(test))
+    if untested:
+        more = f" (and {len(untested) - 1} more)" if len(untested) > 1 else ""
+        raise CBDError(f"class {untested[0]!r}{more} has training images but no folder in "
+                       f"{listing.describe(prefix + 'test')}; every class needs test images")
 
 
 def _tree_root(all_dirs: set[str], where: str, cifar: Optional[CifarSpec]) -> str:
