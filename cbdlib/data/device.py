@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..augment import BatchAugmenter, aug_config, vanilla_config
-from ..devices import use_channels_last
+from ..devices import exact_float32, use_channels_last
 from ..errors import CBDError
 from ..seeding import derive_seed, make_generator
 from .samplers import IndexSampler, shard_indices
@@ -90,9 +90,10 @@ def predict(model, images: torch.Tensor | np.ndarray, mean, std, device: torch.d
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     feats, logits = [], []
-    for start in range(0, len(images), batch_size):
-        x = normalise(images[start:start + batch_size].to(device), None)
-        f, z = model(x)
-        feats.append(f.float().cpu())
-        logits.append(z.float().cpu())
+    with exact_float32():  # no TF32 convolutions on GPUs either
+        for start in range(0, len(images), batch_size):
+            x = normalise(images[start:start + batch_size].to(device), None)
+            f, z = model(x)
+            feats.append(f.float().cpu())
+            logits.append(z.float().cpu())
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()

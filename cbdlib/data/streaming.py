@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..devices import exact_float32
 from ..errors import CBDError
 from ..seeding import derive_seed
 from .large import ImageList, LargeLongTail
@@ -177,10 +178,11 @@ def predict_loader(model, loader: DataLoader, device: torch.device) -> tuple[np.
     ``data.device.predict``: a saved model scores the same whatever precision trained it)."""
     model.eval()
     feats, logits = [], []
-    for x, _ in iterate(loader):
-        f, z = model(to_device(x, device))
-        feats.append(f.float().cpu())
-        logits.append(z.float().cpu())
+    with exact_float32():  # no TF32 convolutions on GPUs either
+        for x, _ in iterate(loader):
+            f, z = model(to_device(x, device))
+            feats.append(f.float().cpu())
+            logits.append(z.float().cpu())
     if not logits:  # an empty share of a split
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
