@@ -83,7 +83,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
     x = torch.randn(2, 4)
     compiled = compile_for_training(model, backend=broken_backend)
-    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(.*no C\+\+ compiler found\); training "
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(.*no C\+\+ compiler found\); running "
                                             r"Sequential in eager mode instead"):
         out = compiled(x)
     torch.testing.assert_close(out, model(x), rtol=0, atol=0)

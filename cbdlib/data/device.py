@@ -47,12 +47,14 @@ class DeviceData:
             class_counts=counts,
         )
 
-    def batches(self, job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1):
+    def batches(self, job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1,
+                compile_fn=None):
         """A function ``epoch -> iterator`` of this rank's share of each global batch of
-        ``batch_size`` images: (normalised images, labels), ``steps`` batches per epoch."""
+        ``batch_size`` images: (normalised images, labels), ``steps`` batches per epoch.
+        ``compile_fn`` compiles the colour-jitter augmentation (see ``BatchAugmenter``)."""
         size = self.train_images.shape[1]
         augmenter = BatchAugmenter(aug_config(size) if job.augment == "aug" else vanilla_config(size),
-                                   self.mean, self.std, channels_last=use_channels_last(device))
+                                   self.mean, self.std, channels_last=use_channels_last(device), compile_fn=compile_fn)
         sampler = IndexSampler(self.train_labels, job.sampling, num_classes=self.num_classes,
                                total_epochs=job.epochs, generator_seed=job.seed, device=device)
         local = batch_size // world

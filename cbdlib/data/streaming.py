@@ -209,9 +209,11 @@ class StreamData:
         self.image_size = data.image_size
         self._val_loaders: dict[tuple[int, int], DataLoader] = {}
 
-    def batches(self, job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1):
+    def batches(self, job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1,
+                compile_fn=None):
         """A function ``epoch -> iterator`` of this rank's share of each global batch
-        (normalised images on ``device``, labels), ``steps`` batches per epoch."""
+        (normalised images on ``device``, labels), ``steps`` batches per epoch. ``compile_fn`` is
+        not used: the DataLoader workers augment here."""
         local = batch_size // world
         sampler = SeededSampler(
             DistributedStrategySampler(self.train_labels, job.sampling, rank=rank, world_size=world,

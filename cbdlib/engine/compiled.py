@@ -58,8 +58,9 @@ class CompiledOrEager:
             out = self.compiled(*args, **kwargs)
         except Exception as error:  # any failure of the first compiled call
             reason = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])[:300]  # error, cause
-            warnings.warn(f"torch.compile failed ({type(error).__name__}: {reason}); "
-                          f"training {type(self.module).__name__} in eager mode instead", RuntimeWarning, stacklevel=2)
+            name = getattr(self.module, "__qualname__", type(self.module).__name__)
+            warnings.warn(f"torch.compile failed ({type(error).__name__}: {reason}); running {name} in eager mode "
+                          "instead", RuntimeWarning, stacklevel=2)
             self.compiled = None
             return self.module(*args, **kwargs)
         self.proven = True

@@ -251,12 +251,14 @@ def fit(job: Job, model: Network, data, *, device: torch.device, checkpoint_path
     if images < world:
         raise CBDError(f"{images} training images cannot be shared by {world} processes")
     batch_size, steps = epoch_steps(images, job.batch_size, world)
-    epoch_batches = data.batches(job, batch_size, steps, device, rank, world)
+    compiled = should_compile(use_compile, device, steps * (job.epochs - start_epoch), precision)
+    epoch_batches = data.batches(job, batch_size, steps, device, rank, world,
+                                 compile_fn=compile_for_training if compiled else None)
     train_model = distributed.wrap(model, device, sync_bn)  # DDP under torchrun, else the model itself
     teachers = teachers or []
     # The frozen teachers' forwards: one grouped forward on a GPU (several launches saved per step).
     teacher_forward = place(TeacherFeatures(teachers, grouped=device.type == "cuda"), device) if teachers else None
-    if should_compile(use_compile, device, steps * (job.epochs - start_epoch), precision):
+    if compiled:
         train_model = compile_for_training(train_model)
         teacher_forward = compile_for_training(teacher_forward) if teacher_forward is not None else None
     step_loss = model_step(job, train_model, teachers, log_prior(data.class_counts), precision, teacher_forward)
