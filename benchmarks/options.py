@@ -4,6 +4,7 @@
     python benchmarks/options.py forward    # inference forward against a training step (FORWARD_COST)
     python benchmarks/options.py threads    # 1 thread against torch's default
     python benchmarks/options.py augment    # batched augmentation alone, eager and compiled
+    python benchmarks/options.py aug_epoch  # an aug teacher's epoch, augmentation eager against compiled (paired)
 
 One JSON line per measurement on stdout. Each figure is the best of 3 repeats, after a few
 warm-up steps whose time (the compile, when compiled) is reported as ``warmup_s``. Run it on
@@ -119,8 +120,46 @@ def augment() -> None:
                  max_abs_diff_from_eager=gap)
 
 
+def aug_epoch(pairs: int = 3) -> None:
+    """One ``aug`` ResNet-8 teacher epoch on CIFAR-10-LT-sized data (12,406 images, 96 steps), the
+    model compiled in both (fp32, as the engine runs a CPU job of >= 2,000 steps), its augmentation
+    eager or compiled. Pairs alternate which goes first, so a load that drifts hits both alike."""
+    from cbdlib.engine import Job, loop
+    from cbdlib.engine.compiled import compile_for_training
+    from cbdlib.engine.losses import log_prior
+
+    data = synthetic_data(12406, CPU)
+    job = Job(name="teacher_aug_1", train_seed=1, spec=ModelSpec("resnet8", 10, "cosine"), augment="aug",
+              epochs=200, batch_size=BATCH)
+    model = loop.init_model(job.spec, job.seed).to(memory_format=torch.channels_last)
+    optimizer = loop.make_optimizer(loop.trainable_parameters(model, job), job, CPU)
+    step_loss = loop.model_step(job, compile_for_training(model), [], log_prior(data.class_counts), "fp32")
+    batch, steps = loop.epoch_steps(len(data.train_labels), BATCH)
+    modes = {"eager": data.batches(job, batch, steps, CPU),
+             "compiled": data.batches(job, batch, steps, CPU, compile_fn=compile_for_training)}
+
+    def epoch(mode: str, index: int, steps_run: int = steps) -> float:
+        batches = itertools.islice(modes[mode](index), steps_run)
+        start = time.perf_counter()
+        model.train()
+        loop.run_epoch([job], batches, step_loss, optimizer, epoch=index, steps=steps_run, stage="bench")
+        return time.perf_counter() - start
+
+    for mode in modes:  # compiles: the model's, then the augmentation's
+        emit(aug_epoch=mode, warmup_s=round(epoch(mode, 0, 3), 1), steps=3)
+    times = {mode: [] for mode in modes}
+    for pair in range(pairs):
+        for mode in (("eager", "compiled") if pair % 2 == 0 else ("compiled", "eager")):
+            times[mode].append(epoch(mode, 1 + pair))
+            emit(aug_epoch=mode, pair=pair, seconds=round(times[mode][-1], 2), steps=steps)
+    best = {mode: min(values) for mode, values in times.items()}
+    emit(aug_epoch="best", eager_s=round(best["eager"], 2), compiled_s=round(best["compiled"], 2),
+         ratio=round(best["compiled"] / best["eager"], 3), pairs=pairs, images=steps * batch,
+         threads=torch.get_num_threads())
+
+
 if __name__ == "__main__":
-    parts = {"grid": grid, "forward": forward, "threads": threads, "augment": augment}
+    parts = {"grid": grid, "forward": forward, "threads": threads, "augment": augment, "aug_epoch": aug_epoch}
     if len(sys.argv) != 2 or sys.argv[1] not in parts:
         sys.exit(f"usage: python benchmarks/options.py {'|'.join(parts)}")
     parts[sys.argv[1]]()

@@ -117,6 +117,18 @@ def test_single_process_helpers_describe_rank_0_of_1(monkeypatch):
     assert distributed.wrap(model, torch.device("cpu")) is model
 
 
+def test_a_local_rank_beyond_the_visible_gpus_is_refused_with_what_to_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device before the check"))
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29999")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(CBDError, match=r"LOCAL_RANK 1 needs GPU cuda:1, but this machine shows 1 GPU\(s\); "
+                                       r"start at most 1 processes per node"):
+        distributed.init()
+
+
 # ---------------------------------------------------------------- DDP equals one process
 
 # Trains three BatchNorm-free models with ``loop.fit`` on digits-LT: a teacher (instance
@@ -137,7 +149,7 @@ WORKER = textwrap.dedent('''
     parser.add_argument("--crash-after", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
-    distributed.init()
+    distributed.init(cpu=True)  # trains on the CPU: gloo, even where CUDA is present
     data = DeviceData.from_long_tail(load_long_tail("digits", imbalance_ratio=10, val_per_class=10),
                                      torch.device("cpu"))
 
@@ -225,7 +237,8 @@ def test_two_ddp_ranks_train_the_same_weights_as_one_process_also_after_a_resume
 
 @pytest.mark.slow
 def test_torchrun_teachers_stage_completes_and_agrees_with_one_process(tmp_path):
-    command = ["--params", str(SMOKE), "--stage", "teachers"]
+    # On the CPU also on a GPU machine: two processes on one GPU would ask for cuda:1.
+    command = ["--params", str(SMOKE), "--stage", "teachers", "-p", "device=cpu"]
     done = torchrun("-m", "cbdlib.train", *command, "--out", str(tmp_path / "ddp"))
     assert "on 2 processes" in done.stderr
     assert train_main([*command, "--out", str(tmp_path / "one")]) == 0  # the same command, one process

@@ -29,7 +29,7 @@ def class_frequencies(sampler, labels, epochs):
     hist = torch.zeros(sampler.num_classes, dtype=torch.int64)
     total = 0
     for e in epochs:
-        idx = sampler.epoch_indices(e)
+        idx = sampler.epoch_indices(e).cpu()  # the sampler may draw on CUDA; the labels here are on the CPU
         hist += torch.bincount(labels_t[idx], minlength=sampler.num_classes)
         total += idx.numel()
     return hist.to(torch.float64), total

@@ -135,3 +135,42 @@ def test_an_experiment_trains_stage_one_together_with_the_same_results(tmp_path,
     for name in alone:
         assert together[name]["seeds"] == [1, 2]
         assert abs(together[name]["all"] - alone[name]["all"]) <= 0.03, name  # float noise only
+
+
+def test_a_group_stopped_at_mixed_epochs_resumes_each_model_from_its_own_checkpoint(tmp_path, data):
+    """A damaged newest checkpoint sends one model back to its .prev.pt (an epoch behind the others,
+    as a kill between the models' checkpoint writes would): it finishes alone, the others together,
+    and every model ends where an uninterrupted group does."""
+    jobs = _jobs(epochs=3)[:3]
+    meta = {"dataset": "digits"}
+
+    def run(folder):
+        models = [loop.init_model(j.spec, j.seed) for j in jobs]
+        fit_together(jobs, models, data, device=CPU, checkpoint_paths=[folder / f"{j.name}.pt" for j in jobs],
+                     history_path=folder / "history.jsonl", metas=[meta] * 3, stage="teachers", quiet=True)
+        return models
+
+    straight = run(tmp_path / "a")
+
+    def crash_in_epoch_three(step, loss):  # the checkpoints of epoch 2 remain, and epoch 1's as .prev.pt
+        if step.epoch == 2 and step.step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), hooks.on_step(crash_in_epoch_three):
+        run(tmp_path / "b")
+    (tmp_path / "b" / f"{jobs[0].name}.pt").write_bytes(b"damaged")
+    seen = []
+    with hooks.on_step(lambda step, loss: seen.append((step.job.name, step.epoch))):
+        resumed = run(tmp_path / "b")
+    # the first model replays epochs 2 and 3, the others only epoch 3
+    assert {e for name, e in seen if name == jobs[0].name} == {1, 2}
+    assert {e for name, e in seen if name != jobs[0].name} == {2}
+    for job, m1, m2 in zip(jobs, straight, resumed):
+        for key, value in m1.state_dict().items():
+            torch.testing.assert_close(m2.state_dict()[key], value, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{job.name} {key}: {m}")
+    history = [json.loads(line) for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
+    # each epoch once (the replayed epoch 2 keeps its first line); epoch 3 of the first model trained alone
+    assert sorted((r["model"], r["epoch"], r.get("trained_with")) for r in history) == sorted(
+        [(j.name, e, 3) for j in jobs for e in (1, 2)] + [(jobs[0].name, 3, None)]
+        + [(j.name, 3, 2) for j in jobs[1:]])

@@ -20,13 +20,15 @@ last dim. The colour helpers (:func:`adjust_brightness`, :func:`adjust_contrast`
 :func:`adjust_saturation`, :func:`adjust_hue`) take one factor per image and follow
 ``torchvision.transforms.v2.functional`` on float images, including its clamping.
 
-Hot-path functions use no ``.item()`` and no data-dependent Python branches (branches
-depend only on static config values and shapes). Dynamo cannot trace calls that take
-an explicit ``torch.Generator`` (each is a graph break), so :class:`BatchAugmenter`
-draws a batch's uniforms in one call (:meth:`BatchAugmenter.draw`) and the rest
-(:meth:`BatchAugmenter.apply`) compiles with ``fullgraph=True``.
+Hot-path functions use no ``.item()``, no data-dependent Python branches (branches
+depend only on static config values and shapes) and build no tensor from Python data
+(on CUDA that is a blocking host-to-device copy). Dynamo cannot trace calls that take an
+explicit ``torch.Generator`` (each is a graph break), so :class:`BatchAugmenter` draws a
+batch's uniforms in one call (:meth:`BatchAugmenter.draw`) and the rest is one pure
+function, :func:`augment_batch`, which the training loop compiles for the colour-jitter
+recipe wherever it compiles the model.
 """
-from .batch import BatchAugmenter
+from .batch import BatchAugmenter, augment_batch
 from .ops import (
     adjust_brightness,
     adjust_contrast,
@@ -47,5 +49,5 @@ from .recipes import AugmentConfig, aug_config, vanilla_config
 __all__ = [
     "AugmentConfig", "vanilla_config", "aug_config", "random_crop", "random_flip", "color_jitter", "random_grayscale",
     "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "rgb_to_grayscale", "rgb_to_hsv",
-    "hsv_to_rgb", "to_float", "normalize_nchw", "BatchAugmenter",
+    "hsv_to_rgb", "to_float", "normalize_nchw", "BatchAugmenter", "augment_batch",
 ]

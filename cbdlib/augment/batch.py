@@ -1,6 +1,8 @@
 """The batch augmenter of the training loop: random numbers drawn once per batch, then pure ops."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..errors import CBDError
@@ -27,13 +29,16 @@ class BatchAugmenter:
     the global RNG of the images' device.
 
     All randomness of a batch is drawn at once (:meth:`draw`) and the rest is a pure
-    function of the images and those uniforms (:meth:`apply`); for ``torch.compile``
-    compile ``apply`` and call ``draw`` outside it.
+    function of the images and those uniforms (:meth:`apply`, through :func:`augment_batch`).
+    ``compile_fn`` (e.g. the engine's ``compile_for_training``) compiles that function for a
+    recipe with colour jitter, whose eager ops cost as much as a ResNet-8 training step on a
+    CPU (docs/performance.md); crop and flip alone are cheap and stay eager.
     """
 
     NUM_UNIFORMS = 13  # crop (2) + flip (1) + jitter (1 + 4 + 4) + grayscale (1)
 
-    def __init__(self, cfg: AugmentConfig | None, mean: FloatSeq, std: FloatSeq, *, channels_last: bool = False):
+    def __init__(self, cfg: AugmentConfig | None, mean: FloatSeq, std: FloatSeq, *, channels_last: bool = False,
+                 compile_fn: Callable | None = None):
         if cfg is not None and not isinstance(cfg, AugmentConfig):
             raise CBDError(f"cfg must be an AugmentConfig or None, got {type(cfg).__name__}")
         self.cfg = cfg
@@ -46,6 +51,8 @@ class BatchAugmenter:
             raise CBDError(f"std must be positive, got {self._std.tolist()}")
         # Device copies made once, so steps do not re-upload the statistics.
         self._stats_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.compiled = compile_fn is not None and cfg is not None and cfg.color_jitter
+        self._transform = compiled_augment_batch(compile_fn) if self.compiled else augment_batch
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._stats_cache:
@@ -74,22 +81,11 @@ class BatchAugmenter:
         check_bhwc(images_uint8, channels=3)
         if images_uint8.dtype != torch.uint8:
             raise CBDError(f"BatchAugmenter expects uint8 images, got {images_uint8.dtype}")
-        x = images_uint8
-        cfg = self.cfg
-        if cfg is not None:
-            if u is None or u.dim() != 2 or u.shape[1] != self.NUM_UNIFORMS or u.shape[0] != x.shape[0]:
-                raise CBDError(f"apply needs uniforms of shape ({x.shape[0]}, {self.NUM_UNIFORMS}) from draw()")
-            if cfg.crop_padding > 0:
-                x = crop_from_uniform(x, cfg.crop_padding, u[:, 0:2])
-            if cfg.flip:
-                x = flip_from_uniform(x, u[:, 2], 0.5)
-        xf = to_float(x)
-        if cfg is not None and cfg.color_jitter:
-            xf = jitter_from_uniform(xf, u[:, 3:12], cfg)
-            if cfg.grayscale_p > 0:
-                xf = grayscale_from_uniform(xf, u[:, 12], cfg.grayscale_p)
-        mean, std = self._stats(xf.device)
-        return normalize_nchw(xf, mean, std, channels_last=self.channels_last)
+        if self.cfg is not None and (u is None or u.dim() != 2 or u.shape[1] != self.NUM_UNIFORMS
+                                     or u.shape[0] != images_uint8.shape[0]):
+            raise CBDError(f"apply needs uniforms of shape ({images_uint8.shape[0]}, {self.NUM_UNIFORMS}) from draw()")
+        mean, std = self._stats(images_uint8.device)
+        return self._transform(images_uint8, u, self.cfg, mean, std, self.channels_last)
 
     def __call__(self, images_uint8: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Augment (if a config was given) and normalise one uint8 (B, H, W, 3) batch.
@@ -101,3 +97,32 @@ class BatchAugmenter:
         check_bhwc(images_uint8, channels=3)
         u = None if self.cfg is None else self.draw(images_uint8.shape[0], generator, images_uint8.device)
         return self.apply(images_uint8, u)
+
+
+def augment_batch(x: torch.Tensor, u: torch.Tensor | None, cfg: AugmentConfig | None, mean: torch.Tensor,
+                  std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Crop and flip on uint8, to float, colour jitter and grayscale (if ``cfg.color_jitter``),
+    normalise: the pure part of :meth:`BatchAugmenter.apply`, one graph for ``torch.compile``
+    (branches on the static config only)."""
+    if cfg is not None:
+        if cfg.crop_padding > 0:
+            x = crop_from_uniform(x, cfg.crop_padding, u[:, 0:2])
+        if cfg.flip:
+            x = flip_from_uniform(x, u[:, 2], 0.5)
+    xf = to_float(x)
+    if cfg is not None and cfg.color_jitter:
+        xf = jitter_from_uniform(xf, u[:, 3:12], cfg)
+        if cfg.grayscale_p > 0:
+            xf = grayscale_from_uniform(xf, u[:, 12], cfg.grayscale_p)
+    return normalize_nchw(xf, mean, std, channels_last=channels_last)
+
+
+# One compiled augment_batch per compile function, shared by every augmenter of the process:
+# dynamo keys its cache on the config's values, so recipes recompile, new augmenters do not.
+_compiled: dict[Callable, Callable] = {}
+
+
+def compiled_augment_batch(compile_fn: Callable) -> Callable:
+    if compile_fn not in _compiled:
+        _compiled[compile_fn] = compile_fn(augment_batch)
+    return _compiled[compile_fn]

@@ -141,13 +141,16 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_hsv` for (..., 3) tensors, without branching on sextants.
 
     Uses the closed form ``c_n = v - v*s*clamp(min(k, 4 - k), 0, 1)`` with
-    ``k = (n + 6h) mod 6`` and ``n = 5, 3, 1`` for R, G, B.
+    ``k = (n + 6h) mod 6`` and ``n = 5, 3, 1`` for R, G, B. The offsets stay Python
+    numbers: a tensor of them built per call would be a blocking host-to-device copy on CUDA.
     """
     h, s, v = hsv.unbind(-1)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device)
-    k = torch.remainder(n + 6.0 * h.unsqueeze(-1), 6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
-    return v.unsqueeze(-1) - (v * s).unsqueeze(-1) * ramp
+    h6, vs = 6.0 * h, v * s
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        channels.append(v - vs * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=-1)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor | float) -> torch.Tensor:

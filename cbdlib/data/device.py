@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..augment import BatchAugmenter, aug_config, vanilla_config
-from ..devices import use_channels_last
+from ..devices import exact_float32, use_channels_last
 from ..errors import CBDError
 from ..seeding import derive_seed, make_generator
 from .samplers import IndexSampler, shard_indices
@@ -47,12 +47,14 @@ class DeviceData:
             class_counts=counts,
         )
 
-    def batches(self, job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1):
+    def batches(self, job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1,
+                compile_fn=None):
         """A function ``epoch -> iterator`` of this rank's share of each global batch of
-        ``batch_size`` images: (normalised images, labels), ``steps`` batches per epoch."""
+        ``batch_size`` images: (normalised images, labels), ``steps`` batches per epoch.
+        ``compile_fn`` compiles the colour-jitter augmentation (see ``BatchAugmenter``)."""
         size = self.train_images.shape[1]
         augmenter = BatchAugmenter(aug_config(size) if job.augment == "aug" else vanilla_config(size),
-                                   self.mean, self.std, channels_last=use_channels_last(device))
+                                   self.mean, self.std, channels_last=use_channels_last(device), compile_fn=compile_fn)
         sampler = IndexSampler(self.train_labels, job.sampling, num_classes=self.num_classes,
                                total_epochs=job.epochs, generator_seed=job.seed, device=device)
         local = batch_size // world
@@ -90,9 +92,10 @@ def predict(model, images: torch.Tensor | np.ndarray, mean, std, device: torch.d
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     feats, logits = [], []
-    for start in range(0, len(images), batch_size):
-        x = normalise(images[start:start + batch_size].to(device), None)
-        f, z = model(x)
-        feats.append(f.float().cpu())
-        logits.append(z.float().cpu())
+    with exact_float32():  # no TF32 convolutions on GPUs either
+        for start in range(0, len(images), batch_size):
+            x = normalise(images[start:start + batch_size].to(device), None)
+            f, z = model(x)
+            feats.append(f.float().cpu())
+            logits.append(z.float().cpu())
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..devices import exact_float32
 from ..errors import CBDError
 from ..seeding import derive_seed
 from .large import ImageList, LargeLongTail
@@ -177,10 +178,11 @@ def predict_loader(model, loader: DataLoader, device: torch.device) -> tuple[np.
     ``data.device.predict``: a saved model scores the same whatever precision trained it)."""
     model.eval()
     feats, logits = [], []
-    for x, _ in iterate(loader):
-        f, z = model(to_device(x, device))
-        feats.append(f.float().cpu())
-        logits.append(z.float().cpu())
+    with exact_float32():  # no TF32 convolutions on GPUs either
+        for x, _ in iterate(loader):
+            f, z = model(to_device(x, device))
+            feats.append(f.float().cpu())
+            logits.append(z.float().cpu())
     if not logits:  # an empty share of a split
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
@@ -207,9 +209,11 @@ class StreamData:
         self.image_size = data.image_size
         self._val_loaders: dict[tuple[int, int], DataLoader] = {}
 
-    def batches(self, job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1):
+    def batches(self, job, batch_size: int, steps: int, device: torch.device, rank: int = 0, world: int = 1,
+                compile_fn=None):
         """A function ``epoch -> iterator`` of this rank's share of each global batch
-        (normalised images on ``device``, labels), ``steps`` batches per epoch."""
+        (normalised images on ``device``, labels), ``steps`` batches per epoch. ``compile_fn`` is
+        not used: the DataLoader workers augment here."""
         local = batch_size // world
         sampler = SeededSampler(
             DistributedStrategySampler(self.train_labels, job.sampling, rank=rank, world_size=world,

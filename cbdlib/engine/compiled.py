@@ -14,6 +14,8 @@ state-dict keys); evaluation runs the plain module.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -31,6 +33,40 @@ def should_compile(setting: bool | None, device: torch.device, steps: int) -> bo
     return True
 
 
-def compile_for_training(module: nn.Module) -> nn.Module:
-    """The module behind ``torch.compile`` (same parameters and buffers, plain state dict)."""
-    return torch.compile(module)
+def compile_for_training(module: nn.Module, backend="inductor") -> "CompiledOrEager":
+    """The module behind ``torch.compile`` (same parameters and buffers, plain state dict); if
+    compiling fails, the eager module (see :class:`CompiledOrEager`)."""
+    return CompiledOrEager(module, torch.compile(module, backend=backend))
+
+
+class CompiledOrEager:
+    """Calls the compiled module; when its first call fails (compiling happens there: no C++
+    compiler, no Triton, an unsupported op), warns once and runs the eager module from then on,
+    so a run does not end over a speed-up. A genuine error of the model fails again in eager.
+    Only the forward call is guarded: a backward that fails to compile still stops the run.
+    Other attributes are the eager module's (as ``torch.compile``'s wrapper forwards them)."""
+
+    def __init__(self, module: nn.Module, compiled):
+        self.module, self.compiled, self.proven = module, compiled, False
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.module(*args, **kwargs)
+        if self.proven:
+            return self.compiled(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as error:  # any failure of the first compiled call
+            reason = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])[:300]  # error, cause
+            name = getattr(self.module, "__qualname__", type(self.module).__name__)
+            warnings.warn(f"torch.compile failed ({type(error).__name__}: {reason}); running {name} in eager mode "
+                          "instead", RuntimeWarning, stacklevel=2)
+            self.compiled = None
+            return self.module(*args, **kwargs)
+        self.proven = True
+        return out
+
+    def __getattr__(self, name):
+        if name == "module":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)

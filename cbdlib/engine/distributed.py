@@ -53,6 +53,11 @@ def init(cpu: bool = False) -> bool:
         if name not in os.environ:
             raise CBDError(f"WORLD_SIZE > 1 but {name} is not set; start the run with torchrun")
     if torch.cuda.is_available() and not cpu:
+        gpus = torch.cuda.device_count()
+        if local_rank() >= gpus:
+            raise CBDError(f"LOCAL_RANK {local_rank()} needs GPU cuda:{local_rank()}, but this machine shows {gpus} "
+                           f"GPU(s); start at most {gpus} processes per node (torchrun --nproc_per_node={gpus}), "
+                           "or train on the CPU with device: cpu")
         torch.cuda.set_device(local_rank())
         backend = "nccl"
     else:

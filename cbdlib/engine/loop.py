@@ -29,7 +29,7 @@ import torch
 from .. import checkpoint as ckpt
 from .. import runs
 from ..data.samplers import epoch_length
-from ..devices import use_channels_last
+from ..devices import place, tuned_convolutions
 from ..errors import CBDError
 from ..models import ModelSpec, Network, build_model
 from ..models.grouped import TeacherFeatures
@@ -235,9 +235,7 @@ def fit(job: Job, model: Network, data, *, device: torch.device, checkpoint_path
     """
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     distributed.local_batch_size(job.batch_size)  # the global batch must split evenly over the ranks
-    model.to(device)
-    if use_channels_last(device):
-        model.to(memory_format=torch.channels_last)
+    place(model, device)
     optimizer = make_optimizer(trainable_parameters(model, job), job, device)
     start_epoch = 0
     state = resume(job, model, checkpoint_path)  # every rank loads what rank 0 wrote before the last barrier
@@ -253,17 +251,20 @@ def fit(job: Job, model: Network, data, *, device: torch.device, checkpoint_path
     if images < world:
         raise CBDError(f"{images} training images cannot be shared by {world} processes")
     batch_size, steps = epoch_steps(images, job.batch_size, world)
-    epoch_batches = data.batches(job, batch_size, steps, device, rank, world)
+    compiled = should_compile(use_compile, device, steps * (job.epochs - start_epoch))
+    epoch_batches = data.batches(job, batch_size, steps, device, rank, world,
+                                 compile_fn=compile_for_training if compiled else None)
     train_model = distributed.wrap(model, device, sync_bn)  # DDP under torchrun, else the model itself
     teachers = teachers or []
     # The frozen teachers' forwards: one grouped forward on a GPU (several launches saved per step).
-    teacher_forward = TeacherFeatures(teachers, grouped=device.type == "cuda").to(device) if teachers else None
-    if should_compile(use_compile, device, steps * (job.epochs - start_epoch)):
+    teacher_forward = place(TeacherFeatures(teachers, grouped=device.type == "cuda"), device) if teachers else None
+    if compiled:
         train_model = compile_for_training(train_model)
         teacher_forward = compile_for_training(teacher_forward) if teacher_forward is not None else None
     step_loss = model_step(job, train_model, teachers, class_terms(data.class_counts), precision, teacher_forward)
 
-    with ModelProgress(f"{job.name} seed {job.train_seed}", job.epochs, start_epoch, quiet or not main) as progress:
+    with ModelProgress(f"{job.name} seed {job.train_seed}", job.epochs, start_epoch, quiet or not main) as progress, \
+            tuned_convolutions(device):
         for epoch in range(start_epoch, job.epochs):
             t0 = time.perf_counter()
             train_mode(model, job)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from ..data.cache import cache_dir
 from ..io import write_json
 from ..models import ModelSpec
 from .precision import autocast
+
+log = logging.getLogger("cbdlib")
 
 WARMUP_STEPS = 2
 REPEATS = 3
@@ -85,7 +88,15 @@ def measure_step_rates(probe: dict, compiled: bool) -> dict:
         variants += [("fp32", True), ("bf16", True)]
     steppers = {precision + ("_compiled" if compile_it else ""): _Stepper(probe, precision, compile_it)
                 for precision, compile_it in variants}
-    steps = {name: stepper.warm_up() for name, stepper in steppers.items()}
+    steps = {}
+    for name, stepper in list(steppers.items()):
+        try:
+            steps[name] = stepper.warm_up()
+        except Exception as exc:  # a compile that fails here (no C++ compiler, ...) rules that variant out
+            if not stepper.compiled:
+                raise
+            log.warning("precision probe: %s could not run (%s); it is left out", name, str(exc).splitlines()[0])
+            del steppers[name]
     best = dict.fromkeys(steppers, 0.0)
     for _ in range(REPEATS):
         for name, stepper in steppers.items():
@@ -109,6 +120,7 @@ class _Stepper:
         self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, int(probe["num_classes"]), (self.batch,), generator=generator)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.compiled = compiled
         self.step_model = torch.compile(self.model) if compiled else self.model
         self.sound = True
 

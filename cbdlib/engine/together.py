@@ -19,7 +19,7 @@ from .. import checkpoint as ckpt
 from .. import runs
 from ..data.device import DeviceData
 from ..data.samplers import epoch_length
-from ..devices import use_channels_last
+from ..devices import place, tuned_convolutions
 from ..errors import CBDError
 from ..models import CIFAR_ARCHS, Network
 from ..models.grouped import GroupedCifarResNet, TeacherFeatures, unpack_state_dict
@@ -31,6 +31,7 @@ from .loop import (
     epoch_line,
     epoch_record,
     epoch_steps,
+    fit,
     make_optimizer,
     report,
     resume,
@@ -96,14 +97,31 @@ def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, de
     if not can_train_together(jobs):
         raise CBDError("these models cannot share a step (different architecture or schedule)")
     teachers = teachers or [None] * len(jobs)
-    start_epoch, resume_buffers = _resume_point(jobs, models, checkpoint_paths)
+    states = [resume(job, model, path) for job, model, path in zip(jobs, models, checkpoint_paths)]
+    done = [_epochs_done(job, state) for job, state in zip(jobs, states)]
+    if len(set(done)) > 1:  # a kill between the models' checkpoint writes, or a fallback to an older .prev.pt
+        report("models of one group stopped at different epochs ("
+               + ", ".join(f"{j.name} seed {j.train_seed}: {d}" for j, d in zip(jobs, done))
+               + "); each resumes from its own checkpoint, those at the same epoch together")
+        for epochs_done in sorted(set(done)):
+            part = [k for k, d in enumerate(done) if d == epochs_done]
+            if len(part) > 1:
+                fit_together(*_pick(part, jobs, models), data, device=device,
+                             checkpoint_paths=_pick(part, checkpoint_paths)[0], history_path=history_path,
+                             metas=_pick(part, metas)[0], stage=stage, teachers=_pick(part, teachers)[0],
+                             quiet=quiet, check_every=check_every, precision=precision)
+            else:
+                k = part[0]
+                fit(jobs[k], models[k], data, device=device, checkpoint_path=checkpoint_paths[k],
+                    history_path=history_path, meta=metas[k], stage=stage, teachers=teachers[k], quiet=quiet,
+                    check_every=check_every, precision=precision)
+        return models
+    start_epoch, resume_buffers = _resume_point(jobs, models, states)
     if start_epoch is None:  # every model already finished
         return models
     for m in models:
         m.to(device)
-    group = _Group(models).to(device)
-    if use_channels_last(device):
-        group.to(memory_format=torch.channels_last)
+    group = place(_Group(models), device)
     backbone_params, own_params = group.param_lists()
     first = jobs[0]
     optimizer = make_optimizer(backbone_params + [p for ps in own_params for p in ps], first, device)
@@ -112,7 +130,7 @@ def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, de
 
     batch_size, steps = epoch_steps(epoch_length(first.sampling, data.class_counts.tolist()), first.batch_size)
     epoch_batches = [data.batches(job, batch_size, steps, device) for job in jobs]
-    teacher_features = [TeacherFeatures(t).to(device) if t else None for t in teachers]
+    teacher_features = [place(TeacherFeatures(t), device) if t else None for t in teachers]
     step_loss = _group_step(jobs, group, teacher_features, teachers, class_terms(data.class_counts), precision,
                             device)
     every = checkpoint_interval(first.epochs)
@@ -122,31 +140,32 @@ def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, de
                 for k, j in enumerate(jobs)]
     finished = False
     try:
-        for epoch in range(start_epoch, first.epochs):
-            t0 = time.perf_counter()
-            group.train()
-            totals, lr = run_epoch(jobs, zip(*[batches(epoch) for batches in epoch_batches]), step_loss, optimizer,
-                                   epoch=epoch, steps=steps, stage=stage, check_every=check_every)
-            _write_back(group, models)
-            complete = epoch + 1 == first.epochs
-            save_now = complete or (epoch + 1) % every == 0
-            buffers = (_split_buffers(optimizer, backbone_params, own_params, len(jobs))
-                       if save_now and not complete else None)
-            elapsed = time.perf_counter() - t0
-            for k, job in enumerate(jobs):
-                record = epoch_record(job, stage, epoch, totals[k], steps=steps, images=steps * batch_size,
-                                      val_acc=balanced_val_accuracy(models[k], data, device), lr=lr,
-                                      seconds=elapsed / len(jobs), trained_with=len(jobs))
-                if save_now:
-                    ckpt.save_checkpoint(
-                        checkpoint_paths[k], spec=job.spec.to_dict(),
-                        meta={**metas[k], "job": job.identity(), "epoch": epoch, "complete": complete},
-                        model=models[k].state_dict(),
-                        optimizer=None if complete else _individual_optimizer_state(models[k], job, buffers[k]))
-                if history_path is not None:
-                    runs.append_history(history_path, record)
-                progress[k].epoch_done(epoch_line(job, record), record["time_s"],
-                                       {"loss": f"{record['loss']:.3f}", "val": f"{record['val_acc']:.3f}"})
+        with tuned_convolutions(device):  # cuDNN autotuning for the fixed shapes of training
+            for epoch in range(start_epoch, first.epochs):
+                t0 = time.perf_counter()
+                group.train()
+                totals, lr = run_epoch(jobs, zip(*[batches(epoch) for batches in epoch_batches]), step_loss, optimizer,
+                                       epoch=epoch, steps=steps, stage=stage, check_every=check_every)
+                _write_back(group, models)
+                complete = epoch + 1 == first.epochs
+                save_now = complete or (epoch + 1) % every == 0
+                buffers = (_split_buffers(optimizer, backbone_params, own_params, len(jobs))
+                           if save_now and not complete else None)
+                elapsed = time.perf_counter() - t0
+                for k, job in enumerate(jobs):
+                    record = epoch_record(job, stage, epoch, totals[k], steps=steps, images=steps * batch_size,
+                                          val_acc=balanced_val_accuracy(models[k], data, device), lr=lr,
+                                          seconds=elapsed / len(jobs), trained_with=len(jobs))
+                    if save_now:
+                        ckpt.save_checkpoint(
+                            checkpoint_paths[k], spec=job.spec.to_dict(),
+                            meta={**metas[k], "job": job.identity(), "epoch": epoch, "complete": complete},
+                            model=models[k].state_dict(),
+                            optimizer=None if complete else _individual_optimizer_state(models[k], job, buffers[k]))
+                    if history_path is not None:
+                        runs.append_history(history_path, record)
+                    progress[k].epoch_done(epoch_line(job, record), record["time_s"],
+                                           {"loss": f"{record['loss']:.3f}", "val": f"{record['val_acc']:.3f}"})
         finished = True
     finally:
         for p in progress:
@@ -218,19 +237,27 @@ def _restore_buffers(optimizer, backbone_params, own_params, models, buffers, de
                 optimizer.state[p]["momentum_buffer"] = b.to(device)
 
 
-def _resume_point(jobs, models, paths) -> tuple[int | None, list | None]:
-    """The common epoch to continue from; None when all are done. Mixed progress is an error."""
-    states = [resume(job, model, path) for job, model, path in zip(jobs, models, paths)]
+def _pick(part: list[int], *lists: list) -> list[list]:
+    return [[values[k] for k in part] for values in lists]
+
+
+def _epochs_done(job: Job, state: dict | None) -> int:
+    """How many epochs a model's checkpoint holds (0 without one)."""
+    if state is None:
+        return 0
+    return job.epochs if state["meta"]["complete"] else state["meta"]["epoch"] + 1
+
+
+def _resume_point(jobs, models, states) -> tuple[int | None, list | None]:
+    """The epoch the group continues from (its models agree), with each model's momentum
+    buffers; None when all are done."""
     if all(s is not None and s["meta"]["complete"] for s in states):
         for job in jobs:
             report(f"{job.name} (seed {job.train_seed}): already trained")
         return None, None
-    epochs = {(-1 if s is None else (jobs[0].epochs if s["meta"]["complete"] else s["meta"]["epoch"])) for s in states}
-    if len(epochs) != 1:
-        raise CBDError("models of one group stopped at different epochs; train them separately (train_together: false)")
-    last = epochs.pop()
-    if last < 0:
+    start = _epochs_done(jobs[0], states[0])
+    if start == 0:
         return 0, None
-    report(f"{len(jobs)} models: resuming together from the checkpoint of epoch {last + 1}/{jobs[0].epochs}")
+    report(f"{len(jobs)} models: resuming together from the checkpoint of epoch {start}/{jobs[0].epochs}")
     buffers = [_buffers_from_state(m, j, s["optimizer"]) for m, j, s in zip(models, jobs, states)]
-    return last + 1, buffers
+    return start, buffers
