@@ -108,7 +108,7 @@ def split_pool(
             f"imbalance ratio {imbalance_ratio} leaves class(es) {zero} with no images; "
             f"lower the ratio or use a dataset with more images per class"
         )
-    train, val, overlap = [], [], 0
+    train, val, overlap, overlap_classes = [], [], 0, []
     for c, perm in enumerate(perms):
         if reserve_first:
             train.append(perm[: counts[c]])
@@ -117,10 +117,16 @@ def split_pool(
             train.append(perm[: counts[c]])
             v = min(val_per_class, len(perm))
             val.append(perm[len(perm) - v:])
-            overlap += max(0, counts[c] + v - len(perm))
-    notes = {"val_overlap_images": int(overlap), "val_reserved_first": bool(reserve_first)}
+            shared = max(0, counts[c] + v - len(perm))
+            overlap += shared
+            if shared:
+                overlap_classes.append(c)
+    notes = {"val_overlap_images": int(overlap), "val_overlap_classes": overlap_classes,
+             "val_reserved_first": bool(reserve_first)}
     if overlap:
-        log.info("%d validation images are also in the training subset (classes that use their whole pool)", overlap)
+        log.warning("warning: %d validation images of class(es) %s are also training images (their subset takes "
+                    "the images val_per_class=%d would hold out); what is chosen on validation (tau) sees them",
+                    overlap, overlap_classes, val_per_class)
     return np.concatenate(train), np.concatenate(val), notes
 
 

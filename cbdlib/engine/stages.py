@@ -279,6 +279,10 @@ class Experiment:
         if resumed:
             metrics["resumed_stages"] = resumed
         add_analyses(metrics, evaluations, load_analyses(self.out))
+        overlap = self.data.notes.get("val_overlap_images", 0)
+        if overlap:  # validation images that are also training images: summary.md warns
+            metrics["val_overlap"] = {"images": overlap, "classes": self.data.notes.get("val_overlap_classes", []),
+                                      "val_per_class": self.settings.val_per_class}
         runs.write_metrics(self.out, metrics, self.data.class_names)
         return metrics
 

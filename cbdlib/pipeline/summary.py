@@ -152,6 +152,12 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out.append(f"- {len(counts)} classes, {sum(counts)} training images; class counts by label: "
                    f"{' '.join(str(c) for c in counts)}")
         out += _split_description(metrics)
+        overlap = metrics.get("val_overlap")
+        if overlap:
+            out.append(f"- **warning: {overlap['images']} validation images are also training images** (class(es) "
+                       f"{', '.join(map(str, overlap['classes']))}: their subset takes the images that "
+                       f"`val_per_class: {overlap['val_per_class']}` would hold out), so what is chosen on the "
+                       "validation set (the tau of `tau_norm` and `logit_adjust`) partly sees training images")
         out.append("")
 
         seeds = metrics.get("seeds", [])

@@ -396,3 +396,25 @@ def test_a_resumed_notebook_is_not_charged_for_what_the_rerun_rewrote(tmp_path):
     assert 4.0 <= times["02_b.ipynb"]["s"] < 60 and times["02_b.ipynb"]["resumed"]
     assert 5.0 <= times["total"]["s"] < 60
     assert times["01_a.ipynb"]["s"] + times["02_b.ipynb"]["s"] <= times["total"]["s"] + 1.0
+
+
+def test_validation_images_that_are_also_training_images_are_a_warning_in_the_summary(tmp_path, caplog):
+    # As on CIFAR-10-LT: equal pools, and the largest class of the subset takes its whole pool.
+    from cbdlib.data.longtail import split_pool
+    from cbdlib.pipeline.summary import summary_markdown
+
+    labels = np.repeat(np.arange(3), [30, 30, 30])
+    with caplog.at_level(logging.WARNING):
+        _, _, notes = split_pool(labels, 3, imbalance_ratio=3, profile="exp", lt_seed=0, val_per_class=10,
+                                 reserve_first=False)
+    # counts 30, 17, 10: class 0 keeps all 30 of its images, so its 10 validation images are training ones
+    assert notes["val_overlap_images"] == 10 and notes["val_overlap_classes"] == [0]
+    assert "warning: 10 validation images of class(es) [0] are also training images" in caplog.text
+    tree = image_tree(tmp_path / "tree", per_class=12)  # 3 classes of 12: class 0 keeps all 12 at IR 2
+    settings = config.resolve(config.make_params({**TINY, "run_name": "overlap", "dataset": "folder", "data": str(tree),
+                                                  "imbalance_ratio": 2, "val_per_class": 2, "image_size": 8,
+                                                  "batch_size": 8, "methods": ["ce"]}))
+    metrics = Experiment(settings, tmp_path / "overlap", quiet=True).run("one_stage")
+    assert metrics["val_overlap"] == {"images": 2, "classes": [0], "val_per_class": 2}
+    text = summary_markdown(tmp_path / "overlap", metrics)
+    assert "**warning: " in text and "validation images are also training images" in text
