@@ -29,7 +29,7 @@ from PIL import Image
 from reliability_helpers import ROOT, TINY, cli_env, image_tree, tiny_settings, write_params
 from test_pipeline import write_notebook
 
-from cbdlib import CBDError, config, pipeline, runs, workbook
+from cbdlib import CBDError, pipeline, runs, workbook
 from cbdlib import __main__ as cli
 from cbdlib import train as train_cli
 from cbdlib.config import make_params, resolve
@@ -37,6 +37,7 @@ from cbdlib.data import load_long_tail
 from cbdlib.data.stats import class_splits
 from cbdlib.engine import Experiment
 from cbdlib.metrics import split_accuracy
+from cbdlib.param_rules import ParameterError
 from cbdlib.runs import checkpoint_path, evaluation_path
 
 
@@ -263,7 +264,7 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("key, value, message", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
 def test_every_bad_value_is_refused_before_any_work(tmp_path, capsys, key, value, message):
-    with pytest.raises(config.ParameterError, match="^" + re.escape(message)) as err:
+    with pytest.raises(ParameterError, match="^" + re.escape(message)) as err:
         make_params({**TINY, key: value})
     assert err.value.key == key
     # cbdlib.train: one line, exit 2, no run folder.

@@ -121,7 +121,7 @@ def test_notebook_03_continues_the_experiment_of_the_run_folder(tmp_path, monkey
     assert run_dir == tmp_path / "mine"
     assert (settings.epochs, settings.alpha, settings.seeds, settings.lr) == (7, 0.3, [2], started.lr)
     assert settings.device == "cpu" and settings.eval_batch_size == started.eval_batch_size
-    assert settings.methods == started.methods and not settings.overwrite  # 03 never clears 02's models
+    assert settings.method_names == started.method_names and not settings.overwrite  # 03 never clears 02's models
     # What would change results is not a parameter of notebook 03.
     with pytest.raises(CBDError, match="notebook 03 has no parameter 'alpha'"):
         workbook.setup({"run_name": "mine", "In": ["# Parameters\nalpha = 0.5\n"]}, notebook="03")

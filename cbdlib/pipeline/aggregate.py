@@ -16,6 +16,7 @@ from ..analysis import add_analyses, analyse_folder, analysis_path, load_analyse
 from ..errors import CBDError, one_line
 from ..io import refuse_links, write_bytes, write_json, write_text
 from ..methods import is_method_name, method_label, method_order
+from ..param_rules import check_rule
 from .parameters import default_notebooks_dir, discover_notebooks
 from .reading import reading_lines
 from .run import execute_notebook, kernel_environment
@@ -50,7 +51,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
     out = Path(out)
     if notebook:  # notebook 04 takes the folder's name as its run_name
         try:
-            config.check_rule("run_name", out.name)
+            check_rule("run_name", out.name)
         except CBDError as error:
             raise CBDError(f"--out {out}: {error} (notebook 04 runs on it by that name)") from None
     loaded = []

@@ -16,6 +16,7 @@ import yaml
 
 from .. import config
 from ..errors import CBDError, one_line
+from ..param_rules import ParameterError
 from ..plain_values import check_plain
 
 NOTEBOOK_PATTERN = re.compile(r"^\d{2}_.+\.ipynb$")
@@ -118,7 +119,7 @@ def checked_params(values: dict, sources: dict) -> config.Params:
     """``config.make_params``, its range errors prefixed with where the value came from."""
     try:
         return config.make_params(values)
-    except config.ParameterError as error:
+    except ParameterError as error:
         where = sources.get(error.key)
         raise CBDError(f"{where}: {error}" if where else str(error)) from None
 

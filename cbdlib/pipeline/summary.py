@@ -14,7 +14,7 @@ from .. import config, runs
 from ..data.stats import split_size_lines
 from ..errors import CBDError, one_line
 from ..io import open_no_follow, write_text
-from ..methods import best_baseline, method_order
+from ..methods import DECOUPLED_BASELINES, best_baseline, method_order
 from ..metrics import ACCURACY_KEYS
 from .parameters import NOTEBOOK_PATTERN, yaml_scalar
 
@@ -160,7 +160,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
                 "(population std; one seed shows the mean only). Split headers give their number of classes; "
                 "n/a: no class in that split.", "",
                 format_split_table(metrics), ""]
-        if any(b in metrics.get("methods", {}) for b in config.DECOUPLED_BASELINES):
+        if any(b in metrics.get("methods", {}) for b in DECOUPLED_BASELINES):
             out += [BASELINES_NOTE, ""]
         out += after_results or []
     else:
