@@ -146,15 +146,19 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 def check_value(key: str, value: Any) -> Any:
     """Validate one key/value pair against the schema; returns the value (ints widened to float)."""
     if key not in _HINTS:
-        raise CBDError(f"unknown parameter {key!r}{did_you_mean(key, _HINTS)}; known parameters: "
+        raise ParameterError(key, f"unknown parameter {key!r}{did_you_mean(key, _HINTS)}; known parameters: "
                        f"{', '.join(field_names())}")
-    check_plain(value, f"parameter {key!r}")
+    try:
+        check_plain(value, f"parameter {key!r}")
+    except CBDError as error:
+        raise ParameterError(key, str(error)) from None
     hint = _HINTS[key]
     accepts_float = hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
     if accepts_float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if not fits_type(value, hint):
-        raise CBDError(f"parameter {key!r} must be {type_word(hint)}, got {value!r} ({type(value).__name__})")
+        raise ParameterError(key, f"parameter {key!r} must be {type_word(hint)}, got {value!r} "
+                                  f"({type(value).__name__})")
     if hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint)):
         if isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -194,17 +198,19 @@ def validate(p: Params) -> None:
 def parse_teachers(teachers: list) -> list[tuple[str, int]]:
     """``["vanilla:1", "aug:2"]`` -> ``[("vanilla", 1), ("aug", 2)]``."""
     if not isinstance(teachers, list) or not teachers:
-        raise CBDError(f"teachers must be a non-empty list like ['vanilla:1', 'aug:1'], got {teachers!r}")
+        raise ParameterError("teachers", f"teachers must be a non-empty list like ['vanilla:1', 'aug:1'], "
+                                         f"got {teachers!r}")
     parsed = []
     for spec in teachers:
         kind, _, seed = str(spec).partition(":")
         if kind not in TEACHER_KINDS or not seed.isdigit():
-            raise CBDError(f"teacher {spec!r} must look like 'vanilla:1' or 'aug:2'")
+            raise ParameterError("teachers", f"teacher {spec!r} must look like 'vanilla:1' or 'aug:2'")
         parsed.append((kind, int(seed)))
     if len(set(parsed)) != len(parsed):
-        raise CBDError(f"teachers repeat: {teachers!r}")
+        raise ParameterError("teachers", f"teachers repeat: {teachers!r}")
     if not any(kind == "vanilla" for kind, _ in parsed):
-        raise CBDError("teachers need at least one 'vanilla:N' teacher (CBD uses one vanilla teacher)")
+        raise ParameterError("teachers", "teachers need at least one 'vanilla:N' teacher (CBD uses one vanilla "
+                                         "teacher)")
     return parsed
 
 

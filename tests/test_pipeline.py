@@ -199,7 +199,7 @@ def test_wrong_type_or_value_is_refused(tmp_path, results, notebooks, key, value
 def test_notebook_only_key_with_none_default_takes_any_type(notebooks):
     nbs = pipeline.discover_notebooks(notebooks)
     assert [nb.name for nb in nbs] == ["01_stats.ipynb", "02_train.ipynb"]
-    pipeline.validate_keys({"anything": [1, "x"], "tsne_points": 7, "alpha": 1}, nbs, {})
+    pipeline.checked_values({"anything": [1, "x"], "tsne_points": 7, "alpha": 1}, nbs, {})
 
 
 def test_failing_notebook_names_it(tmp_path, results, notebooks):

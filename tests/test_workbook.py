@@ -190,9 +190,14 @@ def test_notebook_03_declares_only_what_may_change_after_notebook_02_and_each_as
 def test_papermill_sees_the_declared_parameters():
     import papermill
 
+    from cbdlib.notebook_params import declared_in
+
     for key, name in workbook.NOTEBOOK_FILES.items():
         cell = literal_assignments(parameters_cell(notebook(key))[0].source)
-        assert tuple(papermill.inspect_notebook(str(NOTEBOOKS / name))) == tuple(cell)
+        inspected = papermill.inspect_notebook(str(NOTEBOOKS / name))
+        assert tuple(inspected) == tuple(cell)
+        # the one reader of a parameters cell (kernels and cbdlib run) reads what papermill injects into
+        assert declared_in(NOTEBOOKS / name) == {k: v["default"] for k, v in inspected.items()}
 
 
 def test_notebook_01_documents_the_outputs_policy():

@@ -6,7 +6,7 @@
 - ``aggregate``: run folders of different training seeds merged into one (``aggregate_runs``).
 """
 from .aggregate import aggregate_runs
-from .parameters import NOTEBOOK_PATTERN, Notebook, declared_parameters, discover_notebooks, validate_keys
+from .parameters import Notebook, checked_values, discover_notebooks
 from .run import PACKAGE_ENV, execute_notebook, format_command, kernel_environment, package_dir, run_pipeline
 from .summary import (
                       INDEX_COLUMNS,
@@ -19,8 +19,7 @@ from .summary import (
 )
 
 __all__ = [
-    "INDEX_COLUMNS", "NOTEBOOK_PATTERN", "Notebook", "PACKAGE_ENV", "SPLIT_COLUMNS", "aggregate_runs", "append_index",
-    "declared_parameters", "discover_notebooks", "execute_notebook", "format_command", "format_seconds",
+    "INDEX_COLUMNS", "Notebook", "PACKAGE_ENV", "SPLIT_COLUMNS", "aggregate_runs", "append_index",
+    "checked_values", "discover_notebooks", "execute_notebook", "format_command", "format_seconds",
     "format_split_table", "index_row", "kernel_environment", "package_dir", "run_pipeline", "summary_markdown",
-    "validate_keys",
 ]

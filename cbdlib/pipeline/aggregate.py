@@ -16,6 +16,7 @@ from ..analysis import add_analyses, analyse_folder, analysis_path, load_analyse
 from ..errors import CBDError, one_line
 from ..io import refuse_links, write_bytes, write_json, write_text
 from ..methods import is_method_name, method_label, method_order
+from ..notebook_params import NOTEBOOK_FILES
 from ..param_rules import check_rule
 from .parameters import default_notebooks_dir, discover_notebooks
 from .reading import reading_lines
@@ -165,7 +166,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
 # --- what a merged folder holds besides the numbers -----------------------------------------
 
 NOTES = "notes.md"                        # hand-written reading, kept across re-aggregation
-ANALYSIS_NOTEBOOK = "04_per_split_analysis.ipynb"
+ANALYSIS_NOTEBOOK = NOTEBOOK_FILES["04"]
 NOTEBOOKS_MAX_BYTES = 5 * 2**20           # executed notebooks above this are stripped (figures stay in figures/)
 
 

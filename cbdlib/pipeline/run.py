@@ -17,12 +17,11 @@ from ..io import write_text
 from ..plain_values import check_plain
 from .parameters import (
     Notebook,
-    checked_params,
+    checked_values,
     default_notebooks_dir,
     discover_notebooks,
     notebook_parameters,
     quiet_logger,
-    validate_keys,
     yaml_scalar,
 )
 from .reading import reading_lines
@@ -38,7 +37,7 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     params_file = Path(params_path) if params_path is not None else config.params_dir() / "default.yaml"
     file_values = config.load_params_file(params_file)
     values = {**file_values, **overrides}
-    for key, value in overrides.items():  # file values were checked as they were read
+    for key, value in overrides.items():  # plain before the messages below print it (files: as read)
         check_plain(value, f"-p {key}")
     if isinstance(values.get("data"), str) and not Path(values["data"]).expanduser().is_absolute():
         # The kernels run in notebooks/: a relative path means the one the command was started from.
@@ -47,11 +46,8 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     sources.update({k: f"-p {k}={yaml_scalar(v)}" for k, v in overrides.items()})
 
     fields = set(config.field_names())
-    # Schema fields first: their types need no notebook. Then unknown and notebook-only keys.
-    validate_keys({k: v for k, v in values.items() if k in fields}, [], sources)
     notebooks = discover_notebooks(notebooks_dir if notebooks_dir is not None else default_notebooks_dir())
-    validate_keys(values, notebooks, sources)
-    params = checked_params({k: v for k, v in values.items() if k in fields}, sources)
+    params = checked_values(values, notebooks, sources)  # the one check; everything below trusts it
     extra = {k: v for k, v in values.items() if k not in fields}
     settings = config.resolve(params)
     if settings.smoke:

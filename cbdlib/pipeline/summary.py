@@ -16,7 +16,8 @@ from ..errors import CBDError, one_line
 from ..io import open_no_follow, write_text
 from ..methods import DECOUPLED_BASELINES, best_baseline, method_order
 from ..metrics import ACCURACY_KEYS
-from .parameters import NOTEBOOK_PATTERN, yaml_scalar
+from ..notebook_params import NOTEBOOK_PATTERN
+from .parameters import yaml_scalar
 
 SPLIT_COLUMNS = ACCURACY_KEYS   # the results table's columns
 # Parameters a reader needs to judge a number (in this order in summary.md).
