@@ -23,7 +23,7 @@ from cbdlib.data.streaming import (
     train_transform,
 )
 from cbdlib.engine import Experiment
-from cbdlib.runs import validate_metrics
+from cbdlib.metrics import validate_metrics
 
 TRAIN_COUNTS = (8, 4, 2)   # a long tail over three classes
 COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200))

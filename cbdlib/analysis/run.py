@@ -229,7 +229,8 @@ def analyse_folder(run_dir: str | Path, device: str = "auto") -> list[str]:
     from ..data.device import predict
     from ..devices import resolve_device
     from ..engine.stages import load_model
-    from ..runs import read_params_yaml, validate_metrics
+    from ..metrics import validate_metrics
+    from ..runs import read_params_yaml
 
     run_dir = Path(run_dir)
     if not needs_analysis(run_dir):

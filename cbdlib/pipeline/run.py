@@ -15,6 +15,7 @@ from .. import config, runs
 from ..errors import CBDError, one_line
 from ..io import write_text
 from ..plain_values import check_plain
+from ..text import format_seconds
 from .parameters import (
     Notebook,
     checked_values,
@@ -25,7 +26,7 @@ from .parameters import (
     yaml_scalar,
 )
 from .reading import reading_lines
-from .summary import append_index, display_path, format_seconds, index_row, read_metrics, summary_markdown
+from .summary import append_index, display_path, index_row, read_metrics, summary_markdown
 
 log = logging.getLogger("cbdlib.pipeline")
 
@@ -241,7 +242,8 @@ def progress_mode(progress: bool, smoke: bool) -> str | None:
 def _followed(run_dir: Path, mode: str | None):
     """Follow the run folder's history while the notebooks run (see ``cbdlib.progress``); the
     kernels, told so by ``CBD_PROGRESS``, then print one line per model and no bars."""
-    from ..progress import PROGRESS_ENV, RunFollower
+    from ..progress import PROGRESS_ENV
+    from .follow import RunFollower
 
     previous = os.environ.get(PROGRESS_ENV)
     os.environ[PROGRESS_ENV] = "parent"

@@ -17,6 +17,7 @@ from ..io import open_no_follow, write_text
 from ..methods import DECOUPLED_BASELINES, best_baseline, method_order
 from ..metrics import ACCURACY_KEYS
 from ..notebook_params import NOTEBOOK_PATTERN
+from ..text import format_seconds
 from .parameters import yaml_scalar
 
 SPLIT_COLUMNS = ACCURACY_KEYS   # the results table's columns
@@ -45,14 +46,6 @@ def display_path(path: Path) -> str:
         return str(path.resolve().relative_to(config.project_root()))
     except ValueError:
         return str(path)
-
-
-def format_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
 def read_metrics(run_dir: Path, required: bool = True) -> dict | None:
