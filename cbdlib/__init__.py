@@ -6,9 +6,11 @@ Layout (where to look):
   cbdlib/engine/     training loop, stage 1 teachers, stage 2 students, baselines
   cbdlib/distill.py  the feature-distillation loss
   cbdlib/metrics.py  evaluation and many/medium/few, head/mid/tail accuracy
-  cbdlib/config.py   the one parameter schema shared by YAML, CLI and notebooks
-  cbdlib/runs.py     run folders, metrics.json, provenance
-  cbdlib/pipeline.py papermill pipeline (``python -m cbdlib run``) and aggregation
+  cbdlib/methods.py  method names, teacher names, what each method needs, table order
+  cbdlib/config.py   the one parameter schema shared by YAML, CLI and notebooks (Params, Settings)
+  cbdlib/runs/       run folders, metrics.json, history, provenance
+  cbdlib/pipeline/   papermill pipeline (``python -m cbdlib run``) and aggregation
+  cbdlib/workbook.py the notebooks' one entry point
 """
 from .errors import CBDError
 

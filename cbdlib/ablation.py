@@ -10,23 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import runs
-from .config import ParameterError, Settings, make_params, resolve, teacher_method_name
+from .config import Settings, make_params, resolve
 from .errors import CBDError
 from .io import write_json, write_text
+from .methods import parse_teacher_name, student_teachers
 from .metrics import ACCURACY_KEYS, accuracy_record
+from .param_rules import ParameterError
 
 SPLIT_COLUMNS = ACCURACY_KEYS
 
 
 def variants(settings: Settings) -> list[tuple[str, dict]]:
     """(label, changes) pairs; the paper's setting comes first and is not repeated."""
-    teachers = [teacher_method_name(k, s) for k, s in settings.teachers]
-    vanilla = [teacher_method_name(k, s) for k, s in settings.teachers if k == "vanilla"]
+    teachers = settings.teacher_names
+    vanilla = [n for n in teachers if parse_teacher_name(n)[0] == "vanilla"]
     rows = [("paper (alpha 0.4, beta 100, all teachers, projection)", {}),
             ("alpha 0 (no distillation)", {"alpha": 0.0}),
             ("alpha 0.8", {"alpha": 0.8}),
             ("beta 10", {"beta": 10.0}),
-            ("1 vanilla teacher (CBD)", {"teachers": vanilla[:1]})]
+            ("1 vanilla teacher (CBD)", {"teachers": student_teachers("cbd", teachers)})]
     if len(vanilla) >= 2 and len(vanilla) < len(teachers):
         rows.append(("2 vanilla teachers", {"teachers": vanilla[:2]}))
     rows.append(("no projection", {"projection": False}))
@@ -48,9 +50,8 @@ def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | Non
     """
     import shutil
 
-    from .data.device import predict
     from .engine import Experiment
-    from .engine.loop import fit, init_model
+    from .engine.loop import init_model
     from .seeding import derive_seed
 
     run_dir = Path(run_dir)
@@ -77,33 +78,23 @@ def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | Non
         _refuse_other_students(out / "checkpoints" / f"seed_{seed}", epochs)
         exp = Experiment(settings, run_dir, quiet=quiet)
         rows, plans = [], []
-        all_teachers = exp.teacher_names()
         for label, changes in variants(settings):
-            names = changes.get("teachers", all_teachers)
-            teachers = [exp.load_trained(n, seed) for n in names]
-            for t in teachers:
-                t.eval().requires_grad_(False)
-            projection = changes.get("projection", settings.projection)
-            projection_dim = (settings.projection_dim or sum(t.feature_dim for t in teachers)) if projection else None
-            spec = exp.spec("cosine", projection_dim)
+            changes = dict(changes)
+            names = changes.pop("teachers", exp.teacher_names())
+            teachers = exp.frozen_teachers(names, seed)
             slug = _slug(label)
-            job = exp.job(f"ablation_{slug}", seed, spec, sampling="class_balanced", loss="cbd", teachers=names,
-                          epochs=epochs, alpha=changes.get("alpha", settings.alpha),
-                          beta=changes.get("beta", settings.beta))
-            plans.append((label, names, teachers, projection, spec, job,
-                          out / "checkpoints" / f"seed_{seed}" / f"{slug}.pt", out / f"{slug}.json"))
-        for label, names, teachers, projection, spec, job, checkpoint, row_file in plans:
-            model = init_model(spec, derive_seed("cbd_ens", seed))  # the same start for every row
-            model = fit(job, model, exp.device_data, device=exp.device, checkpoint_path=checkpoint,
-                        history_path=out / "history.jsonl", meta=exp.meta(job.name, seed), stage="ablation",
-                        teachers=teachers, quiet=exp.quiet, precision=exp.precision, use_compile=exp.use_compile)
-            _, logits = predict(model, exp.data.test_images, exp.data.mean, exp.data.std, exp.device,
-                                settings.eval_batch_size)
-            record = accuracy_record(logits, exp.data.test_labels, exp.splits)
+            job = exp.student_job(f"ablation_{slug}", seed, names, teachers, epochs=epochs, **changes)
+            plans.append((label, names, teachers, changes.get("projection", settings.projection), job, slug))
+        for label, names, teachers, projection, job, slug in plans:
+            model = init_model(job.spec, derive_seed("cbd_ens", seed))  # the same start for every row
+            model = exp.train(job, model, "ablation", teachers=teachers,
+                              checkpoint_path=out / "checkpoints" / f"seed_{seed}" / f"{slug}.pt",
+                              history_path=out / "history.jsonl")
+            record = accuracy_record(exp.predict(model, "test")[1], exp.data.test_labels, exp.splits)
             record.pop("confusion")
             row = {"variant": label, "alpha": job.alpha, "beta": job.beta, "teachers": names,
                    "projection": projection, "epochs": epochs, "seed": seed, **record}
-            write_json(row_file, row)
+            write_json(out / f"{slug}.json", row)
             rows.append(row)
         result = {"run": str(run_dir), "seed": seed, "epochs": epochs, "full_epochs": settings.epochs, "rows": rows}
         write_json(out / "ablation.json", result)

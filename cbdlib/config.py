@@ -1,8 +1,9 @@
 """One parameter schema for YAML files, ``cbdlib.train``, ``cbdlib run -p`` and notebooks.
 
-``Params`` holds what a user states; ``resolve`` turns it into the settings a run
-actually uses (smoke profile applied, ``lr`` and the projection size filled in).
-Both are plain dataclasses so they print, compare and serialise as they are.
+``make_params`` is where values enter: it checks every key, type and range once and returns
+``Params`` (what a user states). ``resolve`` turns it into ``Settings``, what a run actually uses
+(smoke profile applied, ``lr`` and the teachers' names filled in), which the code below trusts.
+Both are frozen dataclasses, so they print, compare and serialise as they are.
 """
 from __future__ import annotations
 
@@ -17,25 +18,13 @@ from typing import Any, Optional
 import yaml
 
 from .errors import CBDError
-from .methods import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS  # noqa: F401  (re-exported)
-from .param_rules import (  # noqa: F401  (re-exported)
-    DATASETS,
-    DECOUPLED_BN_MODES,
-    NCM_VARIANTS,
-    PRECISIONS,
-    RULES,
-    SCHEDULES,
-    TEACHER_KINDS,
-    ParameterError,
-    Rule,
-    check_device_available,
-    check_rule,
-    default_lt_subset,
-)
+from .methods import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, TEACHER_KINDS, teacher_name
+from .param_rules import ParameterError, check_device_available, check_rule, default_lt_subset
 from .plain_values import check_plain, load_yaml
+from .text import did_you_mean
 
 
-@dataclass
+@dataclass(frozen=True)
 class Params:
     """Every key a run understands. Comments give the meaning; YAML files use the same names."""
 
@@ -70,7 +59,7 @@ class Params:
     # normalised class means
     ncm_variant: str = "cl2n"
     batch_size: int = 128                # global batch size (the decoupled stage uses it too)
-    lr: Optional[float] = None           # learning rate used; None: 0.1 (cifar_lt) or 0.1 * batch/256 (cosine)
+    lr: Optional[float] = None           # learning rate; None: 0.1 x batch/128 (cifar_lt) or 0.1 x batch/256 (cosine)
     weight_decay: float = 2e-4
     momentum: float = 0.9                # SGD momentum of every stage
     schedule: str = "cifar_lt"           # cifar_lt (warm-up, x0.01 at 80%, x0.0001 at 90%) | cosine (official CBD)
@@ -157,16 +146,19 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 def check_value(key: str, value: Any) -> Any:
     """Validate one key/value pair against the schema; returns the value (ints widened to float)."""
     if key not in _HINTS:
-        close = [n for n in field_names() if n.startswith(key[:3])]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise CBDError(f"unknown parameter {key!r}{hint}; known parameters: {', '.join(field_names())}")
-    check_plain(value, f"parameter {key!r}")
+        raise ParameterError(key, f"unknown parameter {key!r}{did_you_mean(key, _HINTS)}; known parameters: "
+                       f"{', '.join(field_names())}")
+    try:
+        check_plain(value, f"parameter {key!r}")
+    except CBDError as error:
+        raise ParameterError(key, str(error)) from None
     hint = _HINTS[key]
     accepts_float = hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
     if accepts_float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if not fits_type(value, hint):
-        raise CBDError(f"parameter {key!r} must be {type_word(hint)}, got {value!r} ({type(value).__name__})")
+        raise ParameterError(key, f"parameter {key!r} must be {type_word(hint)}, got {value!r} "
+                                  f"({type(value).__name__})")
     if hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint)):
         if isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -174,7 +166,8 @@ def check_value(key: str, value: Any) -> Any:
 
 
 def make_params(values: dict) -> Params:
-    """Build ``Params`` from a mapping, checking every key and type, then the values' meaning."""
+    """Build ``Params`` from a mapping, checking every key and type, then the values' meaning: the
+    one check of a run's parameters (``resolve`` and everything after it trust the result)."""
     checked = {k: check_value(k, v) for k, v in values.items()}
     params = Params(**checked)
     validate(params)
@@ -205,27 +198,29 @@ def validate(p: Params) -> None:
 def parse_teachers(teachers: list) -> list[tuple[str, int]]:
     """``["vanilla:1", "aug:2"]`` -> ``[("vanilla", 1), ("aug", 2)]``."""
     if not isinstance(teachers, list) or not teachers:
-        raise CBDError(f"teachers must be a non-empty list like ['vanilla:1', 'aug:1'], got {teachers!r}")
+        raise ParameterError("teachers", f"teachers must be a non-empty list like ['vanilla:1', 'aug:1'], "
+                                         f"got {teachers!r}")
     parsed = []
     for spec in teachers:
         kind, _, seed = str(spec).partition(":")
         if kind not in TEACHER_KINDS or not seed.isdigit():
-            raise CBDError(f"teacher {spec!r} must look like 'vanilla:1' or 'aug:2'")
+            raise ParameterError("teachers", f"teacher {spec!r} must look like 'vanilla:1' or 'aug:2'")
         parsed.append((kind, int(seed)))
     if len(set(parsed)) != len(parsed):
-        raise CBDError(f"teachers repeat: {teachers!r}")
+        raise ParameterError("teachers", f"teachers repeat: {teachers!r}")
     if not any(kind == "vanilla" for kind, _ in parsed):
-        raise CBDError("teachers need at least one 'vanilla:N' teacher (CBD uses one vanilla teacher)")
+        raise ParameterError("teachers", "teachers need at least one 'vanilla:N' teacher (CBD uses one vanilla "
+                                         "teacher)")
     return parsed
 
 
-def teacher_method_name(kind: str, seed: int) -> str:
-    return f"teacher_{kind}_{seed}"
+def teacher_names(teachers: list) -> tuple[str, ...]:
+    """``["vanilla:1", "aug:2"]`` -> ``("teacher_vanilla_1", "teacher_aug_2")``: the teachers' method names."""
+    return tuple(teacher_name(kind, seed) for kind, seed in parse_teachers(teachers))
 
 
 def all_method_names(teachers: list) -> list[str]:
-    names = [teacher_method_name(k, s) for k, s in parse_teachers(teachers)]
-    return names + ["teacher_ensemble", *ONE_STAGE_BASELINES, *DECOUPLED_BASELINES, *STUDENTS]
+    return [*teacher_names(teachers), "teacher_ensemble", *ONE_STAGE_BASELINES, *DECOUPLED_BASELINES, *STUDENTS]
 
 
 def load_params_file(path: str | os.PathLike) -> dict:
@@ -266,31 +261,28 @@ def smoke_enabled(smoke: Optional[bool]) -> bool:
     return os.environ.get("CBD_SMOKE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-# What a run derives from its parameters; every other field of ``Settings`` is the parameter
-# of the same name as the run uses it (after the smoke profile).
-RESOLVED_FIELDS = (
-    ("params", "Params"),                          # the effective parameters, as params.yaml records them
-    ("smoke", "bool"),                             # whether the smoke profile applies
-    ("lr", "float"),                               # learning rate used
-    ("decoupled_lr", "float"),                     # cRT / LWS learning rate used
-    ("teachers", "list"),                          # [(kind, seed), ...], parsed from params.teachers
-    ("methods", "list"),                           # method names this run produces
-    ("max_train_per_class", "Optional[int]"),      # smoke's cap on training images per class
-    ("max_test_per_class", "Optional[int]"),       # smoke's cap on test images per class
-)
-Settings = dataclasses.make_dataclass(
-    "Settings",
-    [(f.name, f.type) for f in dataclasses.fields(Params) if f.name not in dict(RESOLVED_FIELDS)]
-    + list(RESOLVED_FIELDS),
-    frozen=True,
-    namespace={"__module__": __name__,
-               "__doc__": "What a run actually uses (frozen): every parameter after the smoke profile, with the "
-                          "derived values of RESOLVED_FIELDS filled in."})
+@dataclass(frozen=True)
+class Settings(Params):
+    """What a run actually uses: every parameter after the smoke profile (``smoke`` a bool, ``lr``
+    and ``decoupled_lr`` the rates used), and what the run derives from them. ``teachers`` stays
+    the parameter (``["vanilla:1", ...]``); the teachers' method names are ``teacher_names``."""
+
+    lr: float = 0.1
+    decoupled_lr: float = 0.05
+    teacher_names: tuple = ()                  # ("teacher_vanilla_1", ...), in the order of ``teachers``
+    method_names: tuple = ()                   # the methods this run produces (``methods``, or every one)
+    max_train_per_class: Optional[int] = None  # smoke's cap on training images per class
+    max_test_per_class: Optional[int] = None   # smoke's cap on test images per class
+
+    @property
+    def params(self) -> Params:
+        """The effective parameters, as ``params.yaml`` records them (lr stated)."""
+        return Params(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Params)})
 
 
 def resolve(params: Params) -> Settings:
-    """Apply the smoke profile and compute derived values (lr, method list)."""
-    validate(params)
+    """Apply the smoke profile and compute derived values (lr, teacher names, method list).
+    ``params`` comes from ``make_params``, which checked it."""
     smoke = smoke_enabled(params.smoke)
     values = dataclasses.asdict(params)
     if smoke:
@@ -299,31 +291,14 @@ def resolve(params: Params) -> Settings:
     values["smoke"] = smoke
     if values["lt_subset"] is None:  # stated in params.yaml, so a later default cannot change a run's data
         values["lt_subset"] = default_lt_subset(params.dataset)
-    effective = Params(**values)
-    if effective.lr is not None:
-        lr = effective.lr
-    elif effective.schedule == "cosine":
-        lr = 0.1 * effective.batch_size / 256
-    else:
-        lr = 0.1 * effective.batch_size / 128
-    decoupled_lr = effective.decoupled_lr
-    if decoupled_lr is None:
-        decoupled_lr = 0.2 * effective.batch_size / 512  # Kang et al.: lr 0.2 at batch 512, scaled linearly
-    teachers = parse_teachers(effective.teachers)
-    methods = effective.methods or all_method_names(effective.teachers)
-    resolved = dict(RESOLVED_FIELDS)
-    own = {f.name: getattr(effective, f.name) for f in dataclasses.fields(Params) if f.name not in resolved}
-    return Settings(
-        **own,
-        params=effective,
-        smoke=smoke,
-        lr=lr,
-        decoupled_lr=decoupled_lr,
-        teachers=teachers,
-        methods=list(methods),
-        max_train_per_class=SMOKE_MAX_PER_CLASS if smoke else None,
-        max_test_per_class=SMOKE_TEST_PER_CLASS if smoke else None,
-    )
+    if values["lr"] is None:
+        values["lr"] = 0.1 * values["batch_size"] / (256 if values["schedule"] == "cosine" else 128)
+    if values["decoupled_lr"] is None:  # Kang et al.: lr 0.2 at batch 512, scaled linearly
+        values["decoupled_lr"] = 0.2 * values["batch_size"] / 512
+    return Settings(**values, teacher_names=teacher_names(params.teachers),
+                    method_names=tuple(params.methods or all_method_names(params.teachers)),
+                    max_train_per_class=SMOKE_MAX_PER_CLASS if smoke else None,
+                    max_test_per_class=SMOKE_TEST_PER_CLASS if smoke else None)
 
 
 def smoke_replacements(given: dict) -> dict[str, tuple[Any, Any]]:

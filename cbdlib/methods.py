@@ -16,7 +16,14 @@ DECOUPLED_BASELINES = ("crt", "lws", "tau_norm", "ncm", "logit_adjust")
 # Single-model baselines: what CBD is compared against (teachers and their ensemble are not baselines).
 BASELINES = ONE_STAGE_BASELINES + DECOUPLED_BASELINES
 STUDENTS = ("cbd", "cbd_ens")
-TEACHER_NAME = re.compile(r"^teacher_(vanilla|aug)_\d+$")
+TEACHER_KINDS = ("vanilla", "aug")   # crop + flip | + colour jitter and grayscale
+TEACHER_NAME = re.compile(r"^teacher_(vanilla|aug)_(\d+)$")
+# The stage whose run makes each method (every teacher_<kind>_<seed>: "teachers").
+STAGE_OF = {"teacher_ensemble": "teachers", **{m: "one_stage" for m in ONE_STAGE_BASELINES},
+            **{m: "decoupled" for m in DECOUPLED_BASELINES}, **{m: "students" for m in STUDENTS}}
+# What a method stands on besides its own training: the decoupled baselines use ce's trained
+# model; a student distils its teachers (``student_teachers``).
+STANDS_ON = {m: ("ce",) for m in DECOUPLED_BASELINES}
 
 LABELS = {
     "ce": "CE",
@@ -35,11 +42,52 @@ LABELS = {
 }
 
 
+def teacher_name(kind: str, seed: int) -> str:
+    """The method name of a teacher: ``("aug", 2)`` -> ``teacher_aug_2`` (``parse_teacher_name`` reads it)."""
+    return f"teacher_{kind}_{seed}"
+
+
+def parse_teacher_name(name) -> tuple[str, int] | None:
+    """``teacher_aug_2`` -> ``("aug", 2)``; None for a name that is not an individual teacher's."""
+    match = TEACHER_NAME.fullmatch(name) if isinstance(name, str) else None
+    return (match[1], int(match[2])) if match else None
+
+
+def is_teacher(name) -> bool:
+    return parse_teacher_name(name) is not None
+
+
+def teacher_sort_key(name: str) -> tuple:
+    """Vanilla teachers first, then by seed."""
+    kind, seed = parse_teacher_name(name)
+    return kind != "vanilla", seed
+
+
+def stage_of(name: str) -> str | None:
+    """The stage that makes ``name`` (None: no stage of this package makes it)."""
+    return "teachers" if is_teacher(name) else STAGE_OF.get(name)
+
+
+def student_teachers(student: str, teacher_names) -> list[str]:
+    """The teachers a student distils: CBD the first vanilla teacher, CBD-ENS all of them."""
+    if student == "cbd":
+        return [n for n in teacher_names if parse_teacher_name(n)[0] == "vanilla"][:1]
+    return list(teacher_names)
+
+
+def stands_on(methods, teacher_names) -> list[str]:
+    """The trained models that ``methods`` need from earlier stages (teachers, ``ce``), in order, once each."""
+    needed = []
+    for method in methods:
+        needed += student_teachers(method, teacher_names) if method in STUDENTS else STANDS_ON.get(method, ())
+    return list(dict.fromkeys(needed))
+
+
 def method_order(names) -> list[str]:
     """``names`` in table order: baselines, teachers (sorted), the teacher ensemble, students;
     unknown names last, sorted."""
     names = list(names)
-    teachers = sorted(n for n in names if n.startswith("teacher_") and n != "teacher_ensemble")
+    teachers = sorted(n for n in names if is_teacher(n))
     order = [*BASELINES, *teachers, "teacher_ensemble", *STUDENTS]
     return [n for n in order if n in names] + sorted(n for n in names if n not in order)
 
@@ -64,4 +112,4 @@ def is_method_name(name) -> bool:
     ``teacher_<kind>_<seed>``. Options that name methods (and become file names) accept these only."""
     if not isinstance(name, str):
         return False
-    return name in (*BASELINES, "teacher_ensemble", *STUDENTS) or bool(TEACHER_NAME.fullmatch(name))
+    return name in (*BASELINES, "teacher_ensemble", *STUDENTS) or is_teacher(name)

@@ -1,8 +1,9 @@
 """The parameters of the four notebooks: what each declares, what papermill injected, and
 where notebook 03 finds the experiment it continues.
 
-What a notebook declares is read from its own ``parameters`` cell (papermill's inspection), so
-the cells are the one list: add a line to a cell and the notebook accepts that parameter.
+What a notebook declares is read from its own ``parameters`` cell (``declared_in``, the one reader
+of a cell, used by the kernels and by ``cbdlib run``), so the cells are the one list: add a line to
+a cell and the notebook accepts that parameter. ``NOTEBOOK_FILES`` is the one list of notebooks.
 Notebook 03 continues the experiment that notebook 02 started in the same run folder; it
 declares only what may change between the two without changing results (``STAGE_TWO_KEYS``)
 and takes everything else from the folder's ``params.yaml``.
@@ -10,9 +11,9 @@ and takes everything else from the folder's ``params.yaml``.
 from __future__ import annotations
 
 import ast
-import difflib
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 from .config import field_names, project_root
 from .errors import CBDError, one_line
 from .runs import RESUMABLE_KEYS, read_params_yaml
+from .text import did_you_mean
 
 NOTEBOOK_FILES = {
     "01": "01_long_tail_statistics.ipynb",
@@ -27,6 +29,8 @@ NOTEBOOK_FILES = {
     "03": "03_class_balanced_distillation.ipynb",
     "04": "04_per_split_analysis.ipynb",
 }
+# A folder's numbered notebooks run in this order by ``cbdlib run`` (NOTEBOOK_FILES above, or a test's own).
+NOTEBOOK_PATTERN = re.compile(r"^\d{2}_.+\.ipynb$")
 # What notebook 03 may set itself: the run folder, and the keys that do not change a run's
 # results (overwrite excepted: notebook 03 must never clear notebook 02's models).
 STAGE_TWO_KEYS = ("run_name", *sorted(RESUMABLE_KEYS - {"overwrite"}))
@@ -49,14 +53,18 @@ def notebook_path(notebook: str) -> Path:
 
 def declared(notebook: str) -> tuple[str, ...]:
     """The names the notebook's ``parameters`` cell assigns, in order."""
-    path = notebook_path(notebook)
-    return _declared_in(str(path), os.stat(path).st_mtime_ns)
+    return tuple(declared_in(notebook_path(notebook)))
+
+
+def declared_in(path: str | os.PathLike) -> dict:
+    """``{name: default source text}`` of the cell tagged ``parameters`` in the notebook at ``path``."""
+    return dict(_declared_in(str(path), os.stat(path).st_mtime_ns))
 
 
 @lru_cache(maxsize=16)
-def _declared_in(path: str, mtime_ns: int) -> tuple[str, ...]:  # mtime_ns: an edited cell is read again
-    """The assigned names of the cell tagged ``parameters``, as papermill reads them (a test checks
-    that they agree); parsed here with ``ast`` so that no kernel imports papermill to read one cell."""
+def _declared_in(path: str, mtime_ns: int) -> tuple:  # mtime_ns: an edited cell is read again
+    """The cell's assignments as papermill reads them (a test checks that they agree); parsed here
+    with ``ast`` so that no kernel imports papermill to read one cell."""
     try:
         cells = json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
         cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
@@ -65,22 +73,30 @@ def _declared_in(path: str, mtime_ns: int) -> tuple[str, ...]:  # mtime_ns: an e
     except StopIteration:
         raise CBDError(f"{path} has no cell tagged 'parameters'") from None
     except (OSError, ValueError, KeyError, TypeError, SyntaxError) as error:
-        raise CBDError(f"cannot read the parameters cell of {path}: {one_line(error)}") from None
-    return tuple(assigned_names(tree))
+        raise CBDError(f"cannot read the parameters of {path}: {one_line(error)}") from None
+    return tuple((name, ast.get_source_segment(source, value)) for name, value in assignments(tree))
 
 
-def assigned_names(tree: ast.Module) -> list[str]:
-    """The names a cell assigns at top level (``name = ...``, ``name: type = ...``), in order, once each."""
-    names = []
+def assignments(tree: ast.Module) -> list[tuple[str, ast.expr]]:
+    """``(name, value)`` of the cell's top-level assignments (``name = ...``, ``name: type = ...``),
+    in order, once each."""
+    found: dict = {}
     for node in tree.body:
         if isinstance(node, ast.Assign):
             targets = node.targets
-        elif isinstance(node, ast.AnnAssign):
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
             targets = [node.target]
         else:
             continue
-        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
-    return names
+        for t in targets:
+            if isinstance(t, ast.Name) and t.id not in found:
+                found[t.id] = node.value
+    return list(found.items())
+
+
+def assigned_names(tree: ast.Module) -> list[str]:
+    """The names a cell assigns at top level, in order, once each."""
+    return [name for name, _ in assignments(tree)]
 
 
 def collect_params(namespace: Mapping[str, Any], names=None) -> dict:
@@ -115,9 +131,8 @@ def check_injected(namespace: Mapping[str, Any], notebook: str) -> None:
     unknown = [n for n in injected_names(namespace) if n not in names]
     if unknown:
         name = unknown[0]
-        close = difflib.get_close_matches(name, names, n=2)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise CBDError(f"notebook {notebook} has no parameter {name!r}{hint}; its parameters: {', '.join(names)}")
+        raise CBDError(f"notebook {notebook} has no parameter {name!r}{did_you_mean(name, names)}; its parameters: "
+                       f"{', '.join(names)}")
 
 
 def stage_two_values(values: Mapping[str, Any], run_dir: Path) -> dict:
@@ -132,6 +147,6 @@ def stage_two_values(values: Mapping[str, Any], run_dir: Path) -> dict:
 
 
 __all__ = [
-    "INJECTED_HEADER", "NOTEBOOK_FILES", "STAGE_TWO_KEYS", "check_injected", "collect_params", "declared",
-    "injected_names", "notebook_path", "stage_two_values",
+    "INJECTED_HEADER", "NOTEBOOK_FILES", "NOTEBOOK_PATTERN", "STAGE_TWO_KEYS", "check_injected", "collect_params",
+    "declared", "declared_in", "injected_names", "notebook_path", "stage_two_values",
 ]

@@ -12,7 +12,6 @@ from .errors import CBDError
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "splitfile", "imagenet_lt", "places_lt", "inat2018")
 SCHEDULES = ("cifar_lt", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
-TEACHER_KINDS = ("vanilla", "aug")
 DECOUPLED_BN_MODES = ("train", "frozen")
 NCM_VARIANTS = ("cl2n", "cosine")
 LT_SUBSETS = ("cao", "shuffled")  # how the long-tailed subset is drawn (data/longtail.py)
@@ -22,7 +21,6 @@ DEFAULT_LT_SUBSET = {"cifar10": "cao", "cifar100": "cao"}
 
 def default_lt_subset(dataset: str) -> str:
     return DEFAULT_LT_SUBSET.get(dataset, "shuffled")
-
 
 
 class ParameterError(CBDError):

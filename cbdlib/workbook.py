@@ -19,7 +19,6 @@ here raises ``CBDError`` with a one-line message for bad input.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import sys
@@ -28,23 +27,20 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from . import runs
-from .config import (
-    DECOUPLED_BASELINES,
-    ONE_STAGE_BASELINES,
-    SMOKE_MAX_PER_CLASS,
-    STUDENTS,
-    Settings,
-    check_rule,
-    check_value,
-    fits_type,
-    make_params,
-    resolve,
-    teacher_method_name,
-)
+from .config import SMOKE_MAX_PER_CLASS, Settings, check_value, fits_type, make_params, resolve, smoke_enabled
 from .data.stats import split_size_lines
 from .errors import CBDError
 from .io import refuse_links
-from .methods import TEACHER_NAME, best_baseline, is_method_name
+from .methods import (
+    DECOUPLED_BASELINES,
+    ONE_STAGE_BASELINES,
+    STUDENTS,
+    best_baseline,
+    is_method_name,
+    is_teacher,
+    stands_on,
+    teacher_sort_key,
+)
 from .notebook_outputs import check_outputs, expected_outputs, mark_started  # noqa: F401
 from .notebook_params import (  # noqa: F401
     NOTEBOOK_FILES,
@@ -54,6 +50,7 @@ from .notebook_params import (  # noqa: F401
     injected_names,
     stage_two_values,
 )
+from .param_rules import check_rule
 from .plots import imbalance_explorer  # noqa: F401  (notebook 01 calls it from here)
 from .runs.readers import (  # noqa: F401
     class_names,
@@ -70,6 +67,7 @@ from .runs.readers import (  # noqa: F401
     tau_curves,
     tsne_teacher,
 )
+from .text import did_you_mean
 
 TSNE_SMOKE_POINTS = 200   # t-SNE points at most under smoke (notebook 04)
 
@@ -126,8 +124,6 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
 
     Under smoke, t-SNE embeds at most ``TSNE_SMOKE_POINTS`` points.
     """
-    from .config import smoke_enabled
-
     check_same_package()
     check_injected(namespace, "04")
     values = collect_params(namespace, declared("04"))
@@ -135,7 +131,7 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
         if key in values:
             check_rule(key, check_value(key, values[key]))
     teacher = values.get("tsne_method_teacher")
-    if teacher is not None and not (isinstance(teacher, str) and TEACHER_NAME.fullmatch(teacher)):
+    if teacher is not None and not is_teacher(teacher):
         # it becomes part of a file name: a teacher's name only (teacher_<vanilla|aug>_<seed>)
         raise CBDError(f"parameter 'tsne_method_teacher' must be a teacher's name (teacher_<vanilla|aug>_<seed>) "
                        f"or None, got {teacher!r}")
@@ -228,7 +224,7 @@ def describe(settings: Settings, run_dir: Path) -> str:
         f"decoupled baselines (Kang et al.): cRT {s.decoupled_epochs} / LWS {s.lws_epochs} epochs of class-aware "
         f"sampling, lr {s.decoupled_lr:g}, weight decay {s.decoupled_weight_decay:g}, cosine; BatchNorm "
         f"{s.decoupled_bn}; NCM {s.ncm_variant}; final epoch reported (they keep the best-validation one)",
-        f"teachers: {', '.join(s.params.teachers)}; training seeds: {s.seeds}",
+        f"teachers: {', '.join(s.teachers)}; training seeds: {s.seeds}",
         f"distillation: alpha {s.alpha:g}, beta {s.beta:g}, cosine scale {s.cosine_scale:g}",
         f"device: {device} (asked: {s.device})",
     ]
@@ -288,15 +284,8 @@ def experiment(settings: Settings, run_dir: Path | None = None):
 
 def stage_one_missing(settings: Settings, run_dir: Path) -> list[str]:
     """Checkpoints that notebook 03's stages need and notebook 02 makes, as ``method (seed s)``."""
-    wanted = set(settings.methods)
-    teachers = [teacher_method_name(kind, seed) for kind, seed in settings.teachers]
-    needed = []
-    if "cbd_ens" in wanted:
-        needed += teachers
-    elif "cbd" in wanted:
-        needed += [teacher_method_name(kind, seed) for kind, seed in settings.teachers if kind == "vanilla"][:1]
-    if wanted & set(DECOUPLED_BASELINES):
-        needed.append("ce")
+    needed = stands_on([m for m in (*STUDENTS, *DECOUPLED_BASELINES) if m in settings.method_names],
+                       settings.teacher_names)
     return [f"{name} (seed {seed})" for seed in settings.seeds for name in needed
             if not runs.checkpoint_path(Path(run_dir), seed, name).exists()]
 
@@ -316,8 +305,7 @@ def require_stage_one(settings: Settings, run_dir: Path) -> None:
 
 def teacher_names(metrics: Mapping) -> list[str]:
     """The individual teachers present in ``metrics`` (vanilla first, then by seed)."""
-    names = [m for m in metrics.get("methods", {}) if TEACHER_NAME.match(m)]
-    return sorted(names, key=lambda m: (m.split("_")[1] != "vanilla", int(m.rsplit("_", 1)[1])))
+    return sorted((m for m in metrics.get("methods", {}) if is_teacher(m)), key=teacher_sort_key)
 
 
 # --------------------------------------------------------------------------- reading a run back
@@ -326,9 +314,8 @@ def teacher_names(metrics: Mapping) -> list[str]:
 def _check_method_name(name: Any) -> None:
     known = (*ONE_STAGE_BASELINES, *DECOUPLED_BASELINES, "teacher_ensemble", *STUDENTS)
     if not is_method_name(name):
-        close = difflib.get_close_matches(str(name), known, n=2)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise CBDError(f"unknown method {name!r}{hint}; methods: {', '.join(known)}, teacher_<vanilla|aug>_<seed>")
+        raise CBDError(f"unknown method {name!r}{did_you_mean(name, known)}; methods: {', '.join(known)}, "
+                       f"teacher_<vanilla|aug>_<seed>")
 
 
 def restrict(metrics: Mapping, methods=None) -> dict:

@@ -11,8 +11,9 @@ from cbdlib import runs
 from cbdlib.config import make_params, resolve
 from cbdlib.engine import Experiment
 from cbdlib.evaluate import evaluate_checkpoint
-from cbdlib.pipeline import aggregate_runs, format_seconds
+from cbdlib.pipeline import aggregate_runs
 from cbdlib.pipeline.reading import compare, reading_lines, verdict
+from cbdlib.text import format_seconds
 
 SMALL = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=2, decoupled_epochs=1, lws_epochs=1,
              batch_size=32, lr=0.05, warmup_epochs=1, teachers=["vanilla:1", "aug:1"], device="cpu", smoke=False,

@@ -19,7 +19,7 @@ from cbdlib import CBDError
 from cbdlib.config import project_root
 from cbdlib.data.samplers import DistributedStrategySampler, IndexSampler, shard_indices
 from cbdlib.engine import distributed
-from cbdlib.runs import validate_metrics
+from cbdlib.metrics import validate_metrics
 from cbdlib.train import main as train_main
 
 ROOT = project_root()

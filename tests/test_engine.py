@@ -11,7 +11,8 @@ from cbdlib import CBDError
 from cbdlib import checkpoint as ckpt
 from cbdlib.config import all_method_names
 from cbdlib.engine import Experiment, hooks, load_model, predict
-from cbdlib.runs import checkpoint_path, validate_metrics
+from cbdlib.metrics import validate_metrics
+from cbdlib.runs import checkpoint_path
 
 
 @pytest.mark.slow

@@ -29,15 +29,17 @@ from PIL import Image
 from reliability_helpers import ROOT, TINY, cli_env, image_tree, tiny_settings, write_params
 from test_pipeline import write_notebook
 
-from cbdlib import CBDError, config, pipeline, runs, workbook
+from cbdlib import CBDError, pipeline, runs, workbook
 from cbdlib import __main__ as cli
 from cbdlib import train as train_cli
 from cbdlib.config import make_params, resolve
 from cbdlib.data import load_long_tail
 from cbdlib.data.stats import class_splits
 from cbdlib.engine import Experiment
-from cbdlib.metrics import split_accuracy
+from cbdlib.metrics import split_accuracy, validate_metrics
+from cbdlib.param_rules import ParameterError
 from cbdlib.runs import checkpoint_path, evaluation_path
+from cbdlib.text import format_seconds
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +227,7 @@ def test_cbdlib_run_sums_wall_times_and_relays_warnings(tmp_path, monkeypatch, c
     times = runs.wall_times(run / runs.NOTEBOOK_TIMES)
     assert times["01_flaky.ipynb"]["invocations"] == 2 and times["01_flaky.ipynb"]["resumed"]
     summary = (run / "summary.md").read_text()
-    shown = pipeline.format_seconds(times["01_flaky.ipynb"]["s"])
+    shown = format_seconds(times["01_flaky.ipynb"]["s"])
     assert f"| 01_flaky.ipynb | {shown} (resumed) |" in summary
 
 
@@ -263,7 +265,7 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("key, value, message", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
 def test_every_bad_value_is_refused_before_any_work(tmp_path, capsys, key, value, message):
-    with pytest.raises(config.ParameterError, match="^" + re.escape(message)) as err:
+    with pytest.raises(ParameterError, match="^" + re.escape(message)) as err:
         make_params({**TINY, key: value})
     assert err.value.key == key
     # cbdlib.train: one line, exit 2, no run folder.
@@ -369,7 +371,7 @@ def test_a_damaged_metrics_json_is_rewritten(finished, digits):
     (out / "metrics.json").write_text('{"methods": ')
     metrics = Experiment(settings, out, data=digits, quiet=True).run("one_stage")
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    runs.validate_metrics(metrics)
+    validate_metrics(metrics)
 
 
 def test_aggregate_names_a_damaged_evaluation(tmp_path):

@@ -23,7 +23,7 @@ from cbdlib.data.streaming import (
     train_transform,
 )
 from cbdlib.engine import Experiment
-from cbdlib.runs import validate_metrics
+from cbdlib.metrics import validate_metrics
 
 TRAIN_COUNTS = (8, 4, 2)   # a long tail over three classes
 COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200))
@@ -237,7 +237,7 @@ def test_experiment_trains_and_evaluates_on_the_streaming_path(imagenet_lt, tmp_
         smoke=False, num_workers=0, eval_batch_size=8)))
     metrics = Experiment(settings, tmp_path / "run", quiet=True).run("all")
     validate_metrics(metrics)
-    assert set(metrics["methods"]) == set(settings.methods)
+    assert set(metrics["methods"]) == set(settings.method_names)
     assert metrics["class_counts"] == list(TRAIN_COUNTS)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert {r["model"] for r in history} == {"teacher_vanilla_1", "teacher_aug_1", "ce", "crt", "cbd_ens"}

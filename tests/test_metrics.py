@@ -14,7 +14,7 @@ import yaml
 from cbdlib import CBDError, config, pipeline, runs
 from cbdlib.__main__ import main as cli_main
 from cbdlib.data.stats import class_splits
-from cbdlib.metrics import aggregate_records, split_accuracy
+from cbdlib.metrics import aggregate_records, split_accuracy, validate_metrics
 
 # Five classes, none with fewer than 20 images: the few-shot split is empty (null everywhere).
 COUNTS = [150, 120, 90, 60, 40]
@@ -69,7 +69,7 @@ def test_a_split_without_classes_stays_null_in_mean_and_std():
     mean, std = aggregate_records([record(s) for s in (1, 2, 3)])
     assert mean["few"] is None and std["few"] is None
     metrics = three_seed_metrics()
-    runs.validate_metrics(metrics)
+    validate_metrics(metrics)
     assert metrics["methods"]["cbd_ens"]["few"] is None and metrics["std"]["cbd_ens"]["few"] is None
     assert metrics["methods"]["cbd_ens"]["seeds"] == [1, 2, 3]
 
@@ -103,7 +103,7 @@ def test_cbdlib_aggregate_over_three_runs_writes_the_mean_and_std_of_the_seeds(t
     folders = [str(make_run(tmp_path, f"seed{s}", s)) for s in (1, 2, 3)]
     assert cli_main(["aggregate", *folders, "--out", str(tmp_path / "merged"), "--no-notebook"]) == 0
     metrics = json.loads((tmp_path / "merged" / "metrics.json").read_text())
-    runs.validate_metrics(metrics)
+    validate_metrics(metrics)
     got, std = metrics["methods"]["cbd_ens"], metrics["std"]["cbd_ens"]
     assert metrics["seeds"] == [1, 2, 3] and got["seeds"] == [1, 2, 3]
     assert got["all"] == pytest.approx(0.37) and std["all"] == pytest.approx(population_std([0.40, 0.46, 0.25]))
@@ -120,9 +120,9 @@ def test_cbdlib_aggregate_over_three_runs_writes_the_mean_and_std_of_the_seeds(t
 
 
 def test_a_valid_object_passes_and_a_non_object_is_refused():
-    runs.validate_metrics(three_seed_metrics())
+    validate_metrics(three_seed_metrics())
     with pytest.raises(CBDError, match="holds list, not a JSON object"):
-        runs.validate_metrics([])
+        validate_metrics([])
 
 
 def _broken(change):
@@ -177,7 +177,7 @@ BAD = [
 def test_the_validator_refuses_a_bad_metrics_object(change, message):
     metrics = _broken(change)
     with pytest.raises(CBDError, match=message):
-        runs.validate_metrics(metrics)
+        validate_metrics(metrics)
 
 
 def test_aggregate_refuses_a_run_whose_metrics_break_the_contract(tmp_path):

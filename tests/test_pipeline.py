@@ -20,7 +20,7 @@ import yaml
 from cbdlib import config, pipeline, runs
 from cbdlib.data.stats import class_splits
 from cbdlib.errors import CBDError
-from cbdlib.metrics import split_accuracy
+from cbdlib.metrics import split_accuracy, validate_metrics
 
 ROOT = config.project_root()
 COUNTS = [500, 300, 180, 110, 70, 40, 25, 15, 8, 5]  # 10 classes, imbalance ratio 100
@@ -199,7 +199,7 @@ def test_wrong_type_or_value_is_refused(tmp_path, results, notebooks, key, value
 def test_notebook_only_key_with_none_default_takes_any_type(notebooks):
     nbs = pipeline.discover_notebooks(notebooks)
     assert [nb.name for nb in nbs] == ["01_stats.ipynb", "02_train.ipynb"]
-    pipeline.validate_keys({"anything": [1, "x"], "tsne_points": 7, "alpha": 1}, nbs, {})
+    pipeline.checked_values({"anything": [1, "x"], "tsne_points": 7, "alpha": 1}, nbs, {})
 
 
 def test_failing_notebook_names_it(tmp_path, results, notebooks):
@@ -288,7 +288,7 @@ def test_aggregate_merges_seeds_mean_and_std(tmp_path):
     b = make_run(tmp_path, "run_b", [2])
     out = pipeline.aggregate_runs([str(a), str(b)], str(tmp_path / "merged"), notebook=False)  # no confusions here
     metrics = json.loads((out / "metrics.json").read_text())
-    runs.validate_metrics(metrics)
+    validate_metrics(metrics)
     assert metrics["seeds"] == [1, 2]
     for method in ("ce", "cbd", "cbd_ens"):
         rec_a = json.loads(runs.evaluation_path(a, 1, method).read_text())
@@ -330,7 +330,8 @@ def test_aggregate_refuses_mismatched_runs(tmp_path):
 REAL_NOTEBOOKS = ["01_long_tail_statistics.ipynb", "02_teacher_training.ipynb",
                   "03_class_balanced_distillation.ipynb", "04_per_split_analysis.ipynb"]
 CONTRACT_METHODS = ["teacher_vanilla_1", "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2", "teacher_ensemble",
-                    "ce", "ce_cb", "crt", "lws", "tau_norm", "ncm", "balanced_softmax", "cbd", "cbd_ens"]
+                    "ce", "ce_cb", "crt", "lws", "tau_norm", "ncm", "balanced_softmax", "cbd", "cbd_ens",
+                    "ce_drw", "ldam_drw", "logit_adjust"]
 
 
 @pytest.mark.slow
@@ -338,7 +339,7 @@ def test_end_to_end_smoke_run(smoke_run):
     """``python -m cbdlib run`` on the smoke profile (the session's shared run, see conftest.py)."""
     run = smoke_run
     metrics = json.loads((run / "metrics.json").read_text())
-    runs.validate_metrics(metrics)
+    validate_metrics(metrics)
     assert sorted(metrics["methods"]) == sorted(CONTRACT_METHODS)
     for name in ("params.yaml", "per_class.csv", "history.jsonl", "summary.md", *REAL_NOTEBOOKS):
         assert (run / name).is_file(), name

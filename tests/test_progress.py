@@ -8,7 +8,8 @@ import pytest
 from cbdlib import progress
 from cbdlib.config import make_params, resolve
 from cbdlib.engine import Experiment
-from cbdlib.progress import FORWARD_COST, PlannedModel, RunFollower, read_plan, step_cost, write_plan
+from cbdlib.pipeline.follow import RunFollower
+from cbdlib.progress import FORWARD_COST, PlannedModel, read_plan, step_cost, write_plan
 
 
 def test_step_costs_weigh_frozen_backbones_and_teacher_forwards():

@@ -121,7 +121,7 @@ def test_notebook_03_continues_the_experiment_of_the_run_folder(tmp_path, monkey
     assert run_dir == tmp_path / "mine"
     assert (settings.epochs, settings.alpha, settings.seeds, settings.lr) == (7, 0.3, [2], started.lr)
     assert settings.device == "cpu" and settings.eval_batch_size == started.eval_batch_size
-    assert settings.methods == started.methods and not settings.overwrite  # 03 never clears 02's models
+    assert settings.method_names == started.method_names and not settings.overwrite  # 03 never clears 02's models
     # What would change results is not a parameter of notebook 03.
     with pytest.raises(CBDError, match="notebook 03 has no parameter 'alpha'"):
         workbook.setup({"run_name": "mine", "In": ["# Parameters\nalpha = 0.5\n"]}, notebook="03")
@@ -190,9 +190,14 @@ def test_notebook_03_declares_only_what_may_change_after_notebook_02_and_each_as
 def test_papermill_sees_the_declared_parameters():
     import papermill
 
+    from cbdlib.notebook_params import declared_in
+
     for key, name in workbook.NOTEBOOK_FILES.items():
         cell = literal_assignments(parameters_cell(notebook(key))[0].source)
-        assert tuple(papermill.inspect_notebook(str(NOTEBOOKS / name))) == tuple(cell)
+        inspected = papermill.inspect_notebook(str(NOTEBOOKS / name))
+        assert tuple(inspected) == tuple(cell)
+        # the one reader of a parameters cell (kernels and cbdlib run) reads what papermill injects into
+        assert declared_in(NOTEBOOKS / name) == {k: v["default"] for k, v in inspected.items()}
 
 
 def test_notebook_01_documents_the_outputs_policy():

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # id: (file, [(old, new), ...], tests that must fail)
 MISTAKES = {
     "tau-on-test": ("cbdlib/engine/stages.py", [
-        ('self._predict(base, "val")[0]', 'self._predict(base, "test")[0]'),
+        ('self.predict(base, "val")[0]', 'self.predict(base, "test")[0]'),
         ("balanced_accuracy(logits.numpy(), self.data.val_labels)",
          "balanced_accuracy(logits.numpy(), self.data.test_labels)"),
     ], ["tests/test_methods.py::test_tau_is_chosen_on_the_validation_set_never_on_test"]),
@@ -83,8 +83,8 @@ MISTAKES = {
          '"teacher_ensemble"'),
     ], ["tests/test_methods.py::test_the_teacher_ensemble_is_the_mean_of_the_teachers_logits"]),
     "student-from-teacher": ("cbdlib/engine/stages.py", [
-        ("model = init_model(spec, derive_seed(name, seed))  # from scratch, not from a teacher",
-         "model = init_model(spec, derive_seed(name, seed))\n"
+        ("model = init_model(job.spec, derive_seed(name, seed))  # from scratch, not from a teacher",
+         "model = init_model(job.spec, derive_seed(name, seed))\n"
          "            model.backbone.load_state_dict(teachers[0].backbone.state_dict())"),
     ], ["tests/test_methods.py::test_students_start_from_scratch_not_from_a_teacher"]),
     "evaluate-other-normalisation": ("cbdlib/evaluate.py", [

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ..methods import TEACHER_NAME, best_baseline, method_label
+from ..methods import best_baseline, is_teacher, method_label
 
 
 def _pm(mean, std) -> str:
@@ -25,7 +25,7 @@ def probe_sentences(metrics: Mapping, student: str = "cbd_ens", split: str = "al
     probes, std = metrics.get("probes") or {}, metrics.get("probes_std") or {}
     if student not in probes or probes[student]["linear"].get(split) is None:
         return []
-    teachers = [m for m in probes if TEACHER_NAME.match(m) and probes[m]["linear"].get(split) is not None]
+    teachers = [m for m in probes if is_teacher(m) and probes[m]["linear"].get(split) is not None]
     lines = []
     references = []
     if teachers:

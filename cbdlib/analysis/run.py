@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import CBDError
 from ..io import write_json
-from ..methods import ONE_STAGE_BASELINES, STUDENTS, TEACHER_NAME, method_order
+from ..methods import ONE_STAGE_BASELINES, STUDENTS, is_teacher, method_order
 from ..metrics import ACCURACY_KEYS
 from ..runs.records import checkpoint_path, evaluation_path, load_evaluations
 from .agreement import ensemble_gain, pairwise_agreement, student_cosine
@@ -38,7 +38,7 @@ def analysis_path(out: Path, seed: int, name: str) -> Path:
 
 def has_own_backbone(name: str) -> bool:
     """Whether ``name`` trains a backbone (probed) rather than re-using ``ce``'s."""
-    return name in ONE_STAGE_BASELINES or name in STUDENTS or bool(TEACHER_NAME.match(name))
+    return name in ONE_STAGE_BASELINES or name in STUDENTS or is_teacher(name)
 
 
 def _fresh(path: Path, sources: list[Path]) -> bool:
@@ -106,7 +106,7 @@ def _agreement(out: Path, seed: int, evaluations: dict, outputs, data) -> list[s
     """Students against their teachers' target; teachers' pairwise agreement and ensemble gain."""
     students = {m: evaluations[m].get("teachers") or [] for m in STUDENTS if m in evaluations}
     teachers = sorted({t for m, ts in students.items() for t in ts}
-                      | {m for m in evaluations if TEACHER_NAME.match(m)})
+                      | {m for m in evaluations if is_teacher(m)})
     teachers = [t for t in teachers if checkpoint_path(out, seed, t).exists()]
     students = {m: ts for m, ts in students.items() if ts and checkpoint_path(out, seed, m).exists()
                 and all(t in teachers for t in ts)}
@@ -229,7 +229,8 @@ def analyse_folder(run_dir: str | Path, device: str = "auto") -> list[str]:
     from ..data.device import predict
     from ..devices import resolve_device
     from ..engine.stages import load_model
-    from ..runs import read_params_yaml, validate_metrics
+    from ..metrics import validate_metrics
+    from ..runs import read_params_yaml
 
     run_dir = Path(run_dir)
     if not needs_analysis(run_dir):

@@ -5,5 +5,5 @@
 - ``bench``: ``python -m cbdlib.bench``;
 - ``plumbing``: logging to stderr and one-line errors instead of tracebacks.
 
-``cbdlib/__main__.py``, ``cbdlib/train.py`` and the ``main`` of ``cbdlib/bench.py`` only start these.
+``cbdlib/__main__.py``, ``cbdlib/train.py`` and ``cbdlib/bench/__main__.py`` only start these.
 """

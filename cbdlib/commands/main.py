@@ -9,9 +9,9 @@ from .plumbing import exits_cleanly, setup_logging
 
 
 def _stats(args) -> int:
-    from ..config import check_rule
     from ..data import format_stats, load_long_tail
     from ..errors import CBDError
+    from ..param_rules import check_rule
 
     # The same rules as a run's parameters, before any data is read.
     for option, key in (("--dataset", "dataset"), ("--imbalance-ratio", "imbalance_ratio"), ("--lt-seed", "lt_seed"),

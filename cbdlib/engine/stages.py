@@ -31,12 +31,21 @@ import torch
 from .. import checkpoint as ckpt
 from .. import runs
 from ..analysis import add_analyses, analyse_seed, calibration_record, load_analyses
-from ..config import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, Settings, teacher_method_name
+from ..config import Settings
 from ..data import LongTailData, check_trainable, data_fingerprint, load_for_settings
 from ..data.device import DeviceData, predict
 from ..devices import resolve_device
 from ..errors import CBDError
 from ..io import write_json
+from ..methods import (
+    DECOUPLED_BASELINES,
+    ONE_STAGE_BASELINES,
+    STUDENTS,
+    parse_teacher_name,
+    stage_of,
+    stands_on,
+    student_teachers,
+)
 from ..metrics import accuracy_record, balanced_accuracy
 from ..models import (
     TORCHVISION_ARCHS,
@@ -71,9 +80,6 @@ STAGE_GROUPS = {
     "all": STAGES,
 }
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0 .. 2.0
-# The stage whose run makes each method (teacher_<kind>_<seed>: "teachers").
-_STAGE_OF = {"teacher_ensemble": "teachers", **{m: "one_stage" for m in ONE_STAGE_BASELINES},
-             **{m: "decoupled" for m in DECOUPLED_BASELINES}, **{m: "students" for m in STUDENTS}}
 
 
 def _stored_choice(path: Path) -> dict | None:
@@ -155,7 +161,7 @@ class Experiment:
     # --- bookkeeping -------------------------------------------------------------------
     @property
     def wanted(self) -> set:
-        return set(self.settings.methods)
+        return set(self.settings.method_names)
 
     def data_identity(self) -> dict:
         """What a checkpoint must agree on to be used in this run."""
@@ -194,18 +200,18 @@ class Experiment:
         entries = []
         for seed in s.seeds:
             for job in [*self._teacher_jobs(seed), *self._one_stage_jobs(seed)]:
-                stage = "teachers" if job.name.startswith("teacher_") else "one_stage"
+                stage = stage_of(job.name)
                 entries.append(PlannedModel(job.name, seed, stage,
                                             job.epochs, plain_steps, step_cost()))
             for name, epochs in (("crt", s.decoupled_epochs), ("lws", s.lws_epochs)):
                 if name in self.wanted:  # class-aware epochs of N images (Kang et al.'s loop)
                     entries.append(PlannedModel(name, seed, "decoupled", epochs, plain_steps,
                                                 step_cost(train_backbone=False)))
-            teachers = {"cbd": 1, "cbd_ens": len(s.teachers)}
             for name in STUDENTS:
                 if name in self.wanted:
+                    teachers = len(student_teachers(name, s.teacher_names))
                     entries.append(PlannedModel(name, seed, "students", s.epochs, plain_steps,
-                                                step_cost(teachers=teachers[name])))
+                                                step_cost(teachers=teachers)))
         return entries
 
     # --- running -----------------------------------------------------------------------
@@ -227,18 +233,20 @@ class Experiment:
         distributed.barrier()
         return metrics
 
-    def _train(self, job: Job, model: Network, stage: str, teachers=None) -> Network:
+    def train(self, job: Job, model: Network, stage: str, teachers=None, checkpoint_path: Path | None = None,
+               history_path: Path | None = None) -> Network:
+        """``fit`` into this run's checkpoints and history (the ablation passes its own files)."""
         if self._recompute_only:  # recomputing a damaged evaluation: load finished models, train none
             path = runs.checkpoint_path(self.out, job.train_seed, job.name)
             if not path.exists() or not ckpt.load_checkpoint(path, fallback=True)["meta"].get("complete"):
                 raise CBDError(f"{job.name} (seed {job.train_seed}) has no finished checkpoint")
         return fit(job, model, self.device_data, device=self.device,
-                   checkpoint_path=runs.checkpoint_path(self.out, job.train_seed, job.name),
-                   history_path=self.out / "history.jsonl", meta=self.meta(job.name, job.train_seed),
+                   checkpoint_path=checkpoint_path or runs.checkpoint_path(self.out, job.train_seed, job.name),
+                   history_path=history_path or self.out / "history.jsonl", meta=self.meta(job.name, job.train_seed),
                    stage=stage, teachers=teachers, quiet=self.quiet, sync_bn=self.settings.sync_bn,
                    precision=self.precision, use_compile=self.use_compile)
 
-    def _predict(self, model: Network, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, model: Network, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features, logits) of the train, val or test images, without augmentation."""
         if self.test_images is None:
             features, logits, _ = self.device_data.predict(model, split, self.device)
@@ -251,7 +259,7 @@ class Experiment:
         """Test metrics of a model, saved in the run folder (rank 0 only; None elsewhere)."""
         if not self.main:
             return None
-        features, logits = self._predict(model, "test")
+        features, logits = self.predict(model, "test")
         self._logits_cache[(seed, method)] = logits
         if save_features:
             runs.save_features(self.out, seed, method, features, self.data.test_labels, self.settings.tsne_samples)
@@ -293,7 +301,7 @@ class Experiment:
             return
         for seed in self.settings.seeds:
             done = analyse_seed(self.out, seed, self.data, lambda path: load_model(path, self.data_identity(),
-                                                                                   self.device), self._predict)
+                                                                                   self.device), self.predict)
             if done:
                 report(f"seed {seed} analysed: {', '.join(done)}")
 
@@ -304,7 +312,7 @@ class Experiment:
         for path, reason in damaged:
             method, seed = path.stem, int(path.parent.name.split("_", 1)[1])
             try:
-                stage = _STAGE_OF.get(method) or ("teachers" if method.startswith("teacher_") else None)
+                stage = stage_of(method)
                 if stage is None:
                     raise CBDError("no stage of this package makes it")
                 self._recompute_only = True
@@ -329,16 +337,16 @@ class Experiment:
 
     # --- stage 1 -----------------------------------------------------------------------
     def teacher_names(self) -> list[str]:
-        return [teacher_method_name(kind, tseed) for kind, tseed in self.settings.teachers]
+        return list(self.settings.teacher_names)
 
     def _teacher_jobs(self, seed: int) -> list[Job]:
-        return [self.job(name, seed, self.spec("cosine"), sampling="instance", augment=kind)
-                for (kind, _), name in zip(self.settings.teachers, self.teacher_names())]
+        return [self.job(name, seed, self.spec("cosine"), sampling="instance", augment=parse_teacher_name(name)[0])
+                for name in self.settings.teacher_names]
 
     def _run_teachers(self, seed: int, trained: dict | None = None) -> None:
         names = self.teacher_names()
         for job in self._teacher_jobs(seed):
-            model = trained[job.name] if trained else self._train(job, init_model(job.spec, job.seed), "teachers")
+            model = trained[job.name] if trained else self.train(job, init_model(job.spec, job.seed), "teachers")
             self.evaluate(model, job.name, seed, save_features=(job.name == names[0]))
         if "teacher_ensemble" in self.wanted and self.main:
             logits = [self._teacher_logits(name, seed) for name in names]
@@ -346,7 +354,7 @@ class Experiment:
 
     def _teacher_logits(self, name: str, seed: int) -> np.ndarray:
         if (seed, name) not in self._logits_cache:
-            self._logits_cache[(seed, name)] = self._predict(self.load_trained(name, seed), "test")[1]
+            self._logits_cache[(seed, name)] = self.predict(self.load_trained(name, seed), "test")[1]
         return self._logits_cache[(seed, name)]
 
     # --- one-stage baselines ---------------------------------------------------------
@@ -360,14 +368,14 @@ class Experiment:
                    "balanced_softmax": (linear, dict(sampling="instance", loss="balanced_softmax")),
                    "ce_drw": (linear, dict(sampling="instance", loss="ce", reweight_from_epoch=drw)),
                    "ldam_drw": (ldam, dict(sampling="instance", loss="ldam", reweight_from_epoch=drw))}
-        needed = [m for m in ONE_STAGE_BASELINES if m in self.wanted]
-        if "ce" not in needed and any(m in self.wanted for m in DECOUPLED_BASELINES):
-            needed.insert(0, "ce")  # the decoupled baselines stand on ce's backbone
+        s = self.settings
+        needed = [m for m in stands_on(s.method_names, s.teacher_names) if stage_of(m) == "one_stage"]  # ce
+        needed += [m for m in ONE_STAGE_BASELINES if m in self.wanted and m not in needed]
         return [self.job(name, seed, recipes[name][0], **recipes[name][1]) for name in needed]
 
     def _run_one_stage(self, seed: int, trained: dict | None = None) -> None:
         for job in self._one_stage_jobs(seed):
-            model = trained[job.name] if trained else self._train(job, init_model(job.spec, job.seed), "one_stage")
+            model = trained[job.name] if trained else self.train(job, init_model(job.spec, job.seed), "one_stage")
             self.evaluate(model, job.name, seed, save_features=(job.name == "ce"))
 
     def _train_together(self, part: str) -> bool:
@@ -414,7 +422,7 @@ class Experiment:
             job = self.job(name, seed, spec, sampling="class_aware", epochs=epochs[name], schedule="cosine",
                            warmup_epochs=0, lr=s.decoupled_lr, weight_decay=s.decoupled_weight_decay,
                            train_backbone=False, decoupled_bn=s.decoupled_bn)
-            model = self._train(job, model, "decoupled")
+            model = self.train(job, model, "decoupled")
             self.evaluate(model, name, seed)
         if not self.main:  # tau-norm and NCM train nothing: rank 0 derives and evaluates them
             return
@@ -427,7 +435,7 @@ class Experiment:
 
     def _tau_norm(self, base: Network, seed: int) -> None:
         weight = base.classifier.weight.detach().float().cpu()
-        val_features = torch.from_numpy(self._predict(base, "val")[0])
+        val_features = torch.from_numpy(self.predict(base, "val")[0])
         scores = []
         for tau in TAU_GRID:  # chosen on the balanced validation set, never on test
             logits = val_features @ TauNormClassifier(weight, tau).weight.t()
@@ -447,7 +455,7 @@ class Experiment:
         tau chosen on the balanced validation set (ties to the tau closest to 1, the paper's default).
         The adjusted model is ``ce`` with ``tau * log(prior)`` taken off its classifier's bias."""
         prior = log_prior(torch.as_tensor(self.data.class_counts, dtype=torch.float64)).numpy()
-        val_logits = self._predict(base, "val")[1].astype(np.float64)
+        val_logits = self.predict(base, "val")[1].astype(np.float64)
         scores = [balanced_accuracy(val_logits - tau * prior, self.data.val_labels) for tau in TAU_GRID]
         best = closest_best(scores, TAU_GRID, prefer=1.0)
         tau = TAU_GRID[best]
@@ -460,7 +468,7 @@ class Experiment:
                                                     "tau_grid": list(TAU_GRID), "tau_val_curve": scores})
 
     def _ncm(self, base: Network, seed: int) -> None:
-        features = torch.from_numpy(self._predict(base, "train")[0])
+        features = torch.from_numpy(self.predict(base, "train")[0])
         labels = torch.from_numpy(self.data.train_labels).long()
         model = copy.deepcopy(base)
         variant = self.settings.ncm_variant
@@ -476,26 +484,37 @@ class Experiment:
 
     # --- stage 2: class-balanced distillation ----------------------------------------
     def _run_students(self, seed: int) -> None:
-        vanilla = [n for (kind, _), n in zip(self.settings.teachers, self.teacher_names()) if kind == "vanilla"]
-        plans = {"cbd": vanilla[:1], "cbd_ens": self.teacher_names()}
         for name in STUDENTS:
             if name not in self.wanted:
                 continue
-            teachers = [self.load_trained(t, seed) for t in plans[name]]
-            for teacher in teachers:
-                teacher.eval()
-                for p in teacher.parameters():
-                    p.requires_grad_(False)
-            projection_dim = None
-            if self.settings.projection:
-                projection_dim = self.settings.projection_dim or sum(t.feature_dim for t in teachers)
-            spec = self.spec("cosine", projection_dim)
-            model = init_model(spec, derive_seed(name, seed))  # from scratch, not from a teacher
-            job = self.job(name, seed, spec, sampling="class_balanced", loss="cbd", teachers=plans[name],
-                           logit_distill_weight=self.settings.logit_distill_weight,
-                           logit_distill_temperature=self.settings.logit_distill_temperature)
-            model = self._train(job, model, "students", teachers=teachers)
-            self.evaluate(model, name, seed, {"teachers": plans[name]}, save_features=(name == "cbd_ens"))
+            names = student_teachers(name, self.settings.teacher_names)
+            teachers = self.frozen_teachers(names, seed)
+            job = self.student_job(name, seed, names, teachers)
+            model = init_model(job.spec, derive_seed(name, seed))  # from scratch, not from a teacher
+            model = self.train(job, model, "students", teachers=teachers)
+            self.evaluate(model, name, seed, {"teachers": names}, save_features=(name == "cbd_ens"))
+
+    def frozen_teachers(self, names: list[str], seed: int) -> list[Network]:
+        """The trained teachers ``names`` of ``seed``, in eval mode and without gradients."""
+        teachers = [self.load_trained(name, seed) for name in names]
+        for teacher in teachers:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        return teachers
+
+    def student_job(self, name: str, seed: int, teacher_names: list[str], teachers: list[Network],
+                    projection: bool | None = None, **changes) -> Job:
+        """A CBD student's recipe: class-balanced sampling, the CBD loss on ``teachers``' features, a
+        projection to their summed feature size (``projection_dim`` when set); ``changes`` (the
+        ablation's) replace the run's own settings."""
+        s = self.settings
+        projection = s.projection if projection is None else projection
+        projection_dim = (s.projection_dim or sum(t.feature_dim for t in teachers)) if projection else None
+        values = dict(sampling="class_balanced", loss="cbd", teachers=list(teacher_names),
+                      logit_distill_weight=s.logit_distill_weight,
+                      logit_distill_temperature=s.logit_distill_temperature)
+        return self.job(name, seed, self.spec("cosine", projection_dim), **{**values, **changes})
 
 
 def first_best(scores, tolerance: float = 1e-9) -> int:

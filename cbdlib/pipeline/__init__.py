@@ -1,26 +1,18 @@
 """The batch side of the workbook: ``python -m cbdlib run`` and ``python -m cbdlib aggregate``.
 
 - ``parameters``: the numbered notebooks and the parameters each declares, checked up front;
-- ``run``: the notebooks executed by papermill into one run folder (``run_pipeline``);
+- ``run``: the notebooks executed by papermill into one run folder (``run_pipeline``), followed
+  by ``follow`` (a bar or one line per finished model);
 - ``summary``: the run folder's ``summary.md`` and its line in ``<results>/index.csv``;
 - ``aggregate``: run folders of different training seeds merged into one (``aggregate_runs``).
 """
 from .aggregate import aggregate_runs
-from .parameters import NOTEBOOK_PATTERN, Notebook, declared_parameters, discover_notebooks, validate_keys
+from .parameters import Notebook, checked_values, discover_notebooks
 from .run import PACKAGE_ENV, execute_notebook, format_command, kernel_environment, package_dir, run_pipeline
-from .summary import (
-                      INDEX_COLUMNS,
-                      SPLIT_COLUMNS,
-                      append_index,
-                      format_seconds,
-                      format_split_table,
-                      index_row,
-                      summary_markdown,
-)
+from .summary import INDEX_COLUMNS, SPLIT_COLUMNS, append_index, format_split_table, index_row, summary_markdown
 
 __all__ = [
-    "INDEX_COLUMNS", "NOTEBOOK_PATTERN", "Notebook", "PACKAGE_ENV", "SPLIT_COLUMNS", "aggregate_runs", "append_index",
-    "declared_parameters", "discover_notebooks", "execute_notebook", "format_command", "format_seconds",
+    "INDEX_COLUMNS", "Notebook", "PACKAGE_ENV", "SPLIT_COLUMNS", "aggregate_runs", "append_index",
+    "checked_values", "discover_notebooks", "execute_notebook", "format_command",
     "format_split_table", "index_row", "kernel_environment", "package_dir", "run_pipeline", "summary_markdown",
-    "validate_keys",
 ]

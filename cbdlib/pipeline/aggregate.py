@@ -16,10 +16,14 @@ from ..analysis import add_analyses, analyse_folder, analysis_path, load_analyse
 from ..errors import CBDError, one_line
 from ..io import refuse_links, write_bytes, write_json, write_text
 from ..methods import is_method_name, method_label, method_order
+from ..metrics import validate_metrics
+from ..notebook_params import NOTEBOOK_FILES
+from ..param_rules import check_rule
+from ..text import format_seconds
 from .parameters import default_notebooks_dir, discover_notebooks
 from .reading import reading_lines
 from .run import execute_notebook, kernel_environment
-from .summary import display_path, format_seconds, read_metrics, summary_markdown
+from .summary import display_path, read_metrics, summary_markdown
 
 log = logging.getLogger("cbdlib.pipeline")
 
@@ -50,7 +54,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
     out = Path(out)
     if notebook:  # notebook 04 takes the folder's name as its run_name
         try:
-            config.check_rule("run_name", out.name)
+            check_rule("run_name", out.name)
         except CBDError as error:
             raise CBDError(f"--out {out}: {error} (notebook 04 runs on it by that name)") from None
     loaded = []
@@ -62,7 +66,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
             raise CBDError(f"--out {out} is one of the run folders; choose a new folder")
         metrics = read_metrics(run)
         try:
-            runs.validate_metrics(metrics)
+            validate_metrics(metrics)
         except (CBDError, ValueError) as exc:
             raise CBDError(f"{run}/metrics.json: {one_line(exc)}") from None
         analyse_folder(run)  # a run made before the analyses existed gets them from its checkpoints
@@ -123,7 +127,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
         metrics["data_fingerprint"] = first["metrics"]["data_fingerprint"]
     if short:
         metrics["partial"] = {method: seeds for method, seeds in short.items()}
-    runs.validate_metrics(metrics)
+    validate_metrics(metrics)
 
     _prepare_aggregate_dir(out)
     with runs.run_lock(out):
@@ -164,7 +168,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
 # --- what a merged folder holds besides the numbers -----------------------------------------
 
 NOTES = "notes.md"                        # hand-written reading, kept across re-aggregation
-ANALYSIS_NOTEBOOK = "04_per_split_analysis.ipynb"
+ANALYSIS_NOTEBOOK = NOTEBOOK_FILES["04"]
 NOTEBOOKS_MAX_BYTES = 5 * 2**20           # executed notebooks above this are stripped (figures stay in figures/)
 
 

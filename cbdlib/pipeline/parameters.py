@@ -5,20 +5,19 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
-import difflib
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .. import config
-from ..errors import CBDError, one_line
+from ..errors import CBDError
+from ..notebook_params import NOTEBOOK_PATTERN, declared_in
+from ..param_rules import ParameterError
 from ..plain_values import check_plain
-
-NOTEBOOK_PATTERN = re.compile(r"^\d{2}_.+\.ipynb$")
+from ..text import did_you_mean
 
 
 def default_notebooks_dir() -> Path:
@@ -45,35 +44,7 @@ def discover_notebooks(notebooks_dir: str | os.PathLike) -> list[Notebook]:
     paths = sorted(p for p in folder.iterdir() if p.is_file() and NOTEBOOK_PATTERN.match(p.name))
     if not paths:
         raise CBDError(f"no numbered notebooks (NN_*.ipynb) in {folder}")
-    return [Notebook(p, declared_parameters(p)) for p in paths]
-
-
-def declared_parameters(path: Path) -> dict:
-    """{name: default source text} of a notebook's ``parameters`` cell (papermill's inspection)."""
-    import papermill
-
-    try:
-        with quiet_logger("papermill"):
-            inspected = papermill.inspect_notebook(str(path))
-    except ValueError:
-        # No kernel name in the notebook's metadata: inspect its cell with the Python translator,
-        # the same one papermill uses for the python3 kernel we execute with.
-        inspected = _inspect_python_cell(path)
-    except Exception as exc:  # unreadable JSON, not a notebook, ...
-        raise CBDError(f"cannot read the parameters of {path}: {one_line(exc)}") from None
-    return {name: info["default"] for name, info in inspected.items()}
-
-
-def _inspect_python_cell(path: Path) -> dict:
-    import nbformat
-    from papermill.translators import papermill_translators
-
-    nb = nbformat.read(str(path), as_version=4)
-    for cell in nb.cells:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            params = papermill_translators.find_translator("python3", "python").inspect(cell)
-            return {p.name: p._asdict() for p in params}
-    return {}
+    return [Notebook(p, declared_in(p)) for p in paths]
 
 
 def _literal(source: str) -> tuple[bool, Any]:
@@ -84,11 +55,11 @@ def _literal(source: str) -> tuple[bool, Any]:
         return False, None
 
 
-def validate_keys(values: dict, notebooks: list[Notebook], sources: dict) -> None:
-    """Every key is a Params field or declared by a notebook, and has the right type.
-
-    ``sources`` says where each key came from (``-p`` or the parameter file) for the messages.
-    """
+def checked_values(values: dict, notebooks: list[Notebook], sources: dict) -> config.Params:
+    """The one check of ``cbdlib run``'s values: every key plain, known to the schema or to a notebook,
+    and of the right type and range (``config.make_params`` for the schema's keys, the default's type
+    for a notebook's own). Returns the schema's ``Params``; ``sources`` says where each key came from
+    (``-p`` or the parameter file) for the messages."""
     fields = config.field_names()
     notebook_keys = sorted({k for nb in notebooks for k in nb.declared} - set(fields))
     known = fields + notebook_keys
@@ -96,31 +67,17 @@ def validate_keys(values: dict, notebooks: list[Notebook], sources: dict) -> Non
         check_plain(value, f"{sources.get(key, key)}: parameter {key!r}")  # before it is printed or injected
         where = sources.get(key, f"{key}={yaml_scalar(value)}")
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}?" if close else f"known parameters: {', '.join(known)}"
-            raise CBDError(f"{where}: unknown parameter {key!r}: no notebook or schema field declares it; {hint}")
-        if key in fields:
-            try:
-                config.check_value(key, value)
-            except CBDError as error:
-                raise CBDError(f"{where}: {error}") from None
-            continue
-        for nb in notebooks:
-            if key not in nb.declared:
-                continue
-            ok, default = _literal(nb.declared[key])
+            hint = did_you_mean(key, known, n=3) or f"; known parameters: {', '.join(known)}"
+            raise CBDError(f"{where}: unknown parameter {key!r}: no notebook or schema field declares it{hint}")
+        for nb in notebooks if key not in fields else ():
+            ok, default = _literal(nb.declared.get(key, "None"))
             if ok and default is not None and not config.fits_type(value, type(default)):
                 raise CBDError(f"{where}: parameter {key!r} must be {config.type_word(type(default))} (its default "
                                f"in {nb.name} is {nb.declared[key]}), got {value!r} ({type(value).__name__})")
-
-
-def checked_params(values: dict, sources: dict) -> config.Params:
-    """``config.make_params``, its range errors prefixed with where the value came from."""
     try:
-        return config.make_params(values)
-    except config.ParameterError as error:
-        where = sources.get(error.key)
-        raise CBDError(f"{where}: {error}" if where else str(error)) from None
+        return config.make_params({k: v for k, v in values.items() if k in fields})
+    except ParameterError as error:
+        raise CBDError(f"{sources.get(error.key, error.key)}: {error}") from None
 
 
 def notebook_parameters(nb: Notebook, params: config.Params, extra: dict) -> dict:

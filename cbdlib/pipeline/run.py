@@ -15,18 +15,18 @@ from .. import config, runs
 from ..errors import CBDError, one_line
 from ..io import write_text
 from ..plain_values import check_plain
+from ..text import format_seconds
 from .parameters import (
     Notebook,
-    checked_params,
+    checked_values,
     default_notebooks_dir,
     discover_notebooks,
     notebook_parameters,
     quiet_logger,
-    validate_keys,
     yaml_scalar,
 )
 from .reading import reading_lines
-from .summary import append_index, display_path, format_seconds, index_row, read_metrics, summary_markdown
+from .summary import append_index, display_path, index_row, read_metrics, summary_markdown
 
 log = logging.getLogger("cbdlib.pipeline")
 
@@ -38,7 +38,7 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     params_file = Path(params_path) if params_path is not None else config.params_dir() / "default.yaml"
     file_values = config.load_params_file(params_file)
     values = {**file_values, **overrides}
-    for key, value in overrides.items():  # file values were checked as they were read
+    for key, value in overrides.items():  # plain before the messages below print it (files: as read)
         check_plain(value, f"-p {key}")
     if isinstance(values.get("data"), str) and not Path(values["data"]).expanduser().is_absolute():
         # The kernels run in notebooks/: a relative path means the one the command was started from.
@@ -47,11 +47,8 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     sources.update({k: f"-p {k}={yaml_scalar(v)}" for k, v in overrides.items()})
 
     fields = set(config.field_names())
-    # Schema fields first: their types need no notebook. Then unknown and notebook-only keys.
-    validate_keys({k: v for k, v in values.items() if k in fields}, [], sources)
     notebooks = discover_notebooks(notebooks_dir if notebooks_dir is not None else default_notebooks_dir())
-    validate_keys(values, notebooks, sources)
-    params = checked_params({k: v for k, v in values.items() if k in fields}, sources)
+    params = checked_values(values, notebooks, sources)  # the one check; everything below trusts it
     extra = {k: v for k, v in values.items() if k not in fields}
     settings = config.resolve(params)
     if settings.smoke:
@@ -245,7 +242,8 @@ def progress_mode(progress: bool, smoke: bool) -> str | None:
 def _followed(run_dir: Path, mode: str | None):
     """Follow the run folder's history while the notebooks run (see ``cbdlib.progress``); the
     kernels, told so by ``CBD_PROGRESS``, then print one line per model and no bars."""
-    from ..progress import PROGRESS_ENV, RunFollower
+    from ..progress import PROGRESS_ENV
+    from .follow import RunFollower
 
     previous = os.environ.get(PROGRESS_ENV)
     os.environ[PROGRESS_ENV] = "parent"

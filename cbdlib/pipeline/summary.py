@@ -14,9 +14,11 @@ from .. import config, runs
 from ..data.stats import split_size_lines
 from ..errors import CBDError, one_line
 from ..io import open_no_follow, write_text
-from ..methods import best_baseline, method_order
+from ..methods import DECOUPLED_BASELINES, best_baseline, method_order
 from ..metrics import ACCURACY_KEYS
-from .parameters import NOTEBOOK_PATTERN, yaml_scalar
+from ..notebook_params import NOTEBOOK_PATTERN
+from ..text import format_seconds
+from .parameters import yaml_scalar
 
 SPLIT_COLUMNS = ACCURACY_KEYS   # the results table's columns
 # Parameters a reader needs to judge a number (in this order in summary.md).
@@ -44,14 +46,6 @@ def display_path(path: Path) -> str:
         return str(path.resolve().relative_to(config.project_root()))
     except ValueError:
         return str(path)
-
-
-def format_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
 def read_metrics(run_dir: Path, required: bool = True) -> dict | None:
@@ -166,7 +160,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
                 "(population std; one seed shows the mean only). Split headers give their number of classes; "
                 "n/a: no class in that split.", "",
                 format_split_table(metrics), ""]
-        if any(b in metrics.get("methods", {}) for b in config.DECOUPLED_BASELINES):
+        if any(b in metrics.get("methods", {}) for b in DECOUPLED_BASELINES):
             out += [BASELINES_NOTE, ""]
         out += after_results or []
     else:

@@ -14,7 +14,6 @@ Layout of ``<run_name>/``::
 ``timing``: wall time summed over invocations, provenance; ``records``: what it records.
 """
 
-from ..metrics import validate_metrics  # the contract's check of metrics.json, kept under runs for readers
 from .folder import (
     LOCK_TOKEN_ENV,
     PRECISION_FILE,
@@ -38,6 +37,7 @@ from .records import (
     evaluation_path,
     features_path,
     load_evaluations,
+    parse_history_lines,
     per_class_csv,
     read_history,
     save_evaluation,
@@ -60,6 +60,7 @@ __all__ = [
     "git_commit",
     "has_results",
     "load_evaluations",
+    "parse_history_lines",
     "lock_token",
     "LOCK_TOKEN_ENV",
     "NOTEBOOK_TIMES",
@@ -77,7 +78,6 @@ __all__ = [
     "save_features",
     "STAGE_TIMES",
     "timed",
-    "validate_metrics",
     "wall_times",
     "write_metrics",
 ]

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Params, Settings, check_rule, project_root
+from ..config import Params, Settings, project_root
 from ..errors import CBDError
 from ..io import open_no_follow, refuse_links, write_text
+from ..param_rules import check_rule
 from ..plain_values import load_yaml
 from .timing import NOTEBOOK_TIMES, STAGE_TIMES, close_killed
 

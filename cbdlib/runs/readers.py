@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from ..errors import CBDError
-from ..methods import TEACHER_NAME
+from ..methods import is_teacher, teacher_sort_key
 from ..metrics import validate_metrics
 from .records import evaluation_path, features_path, read_history
 
@@ -88,8 +88,7 @@ def tsne_teacher(run_dir: Path, seed: int, requested: Optional[str] = None) -> O
     among the saved ones, else any saved teacher (with a note); None (with a note) when none is saved.
     """
     folder = features_path(Path(run_dir), seed, "x").parent
-    saved = [p.stem for p in folder.glob("teacher_*.npz") if TEACHER_NAME.match(p.stem)]
-    saved.sort(key=lambda m: (m.split("_")[1] != "vanilla", int(m.rsplit("_", 1)[1])))
+    saved = sorted((p.stem for p in folder.glob("teacher_*.npz") if is_teacher(p.stem)), key=teacher_sort_key)
     if requested is not None:
         if features_path(Path(run_dir), seed, requested).exists():
             return requested

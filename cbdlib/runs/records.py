@@ -125,8 +125,13 @@ def _well_typed(record: dict) -> bool:
 
 def _history_records(path: Path) -> tuple[list[dict], list[int]]:
     """The records of a history file and the numbers of its unreadable lines."""
+    return parse_history_lines(path.read_bytes().split(b"\n"))
+
+
+def parse_history_lines(lines: list[bytes]) -> tuple[list[dict], list[int]]:
+    """The one parser of ``history.jsonl``: the well-typed records of ``lines`` and the (1-based)
+    numbers of the damaged ones; a line torn by a kill is skipped without being named."""
     records, bad = [], []
-    lines = path.read_bytes().split(b"\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -144,7 +144,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
         shared = ["x"] * 10
         for _ in range(8):
             shared = [shared] * 10
-        pipeline.validate_keys({"methods": shared}, [], {})
+        pipeline.checked_values({"methods": shared}, [], {})
     assert yaml.safe_load("a: 1") == {"a": 1}
 
 

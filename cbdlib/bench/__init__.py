@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.device import DeviceData
-from .data.longtail import long_tail_counts
-from .devices import resolve_device, use_channels_last
-from .engine.compiled import should_compile
-from .engine.job import Job
-from .engine.loop import fit, init_model
-from .engine.precision import PrecisionChoice, choose_precision
-from .engine.together import fit_together
-from .models import ModelSpec
+from ..data.device import DeviceData
+from ..data.longtail import long_tail_counts
+from ..devices import resolve_device, use_channels_last
+from ..engine.compiled import should_compile
+from ..engine.job import Job
+from ..engine.loop import fit, init_model
+from ..engine.precision import PrecisionChoice, choose_precision
+from ..engine.together import fit_together
+from ..models import ModelSpec
 
 FULL_EPOCHS = 200
 CIFAR10_LT_IMAGES = 12406
@@ -181,7 +181,7 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
 
     choice = auto_choice(arch)
     precision, use_compile = choice.precision, compiles(choice)
-    from .runs import device_description, git_commit
+    from ..runs import device_description, git_commit
 
     result = {"device": device_description(device), "torch": torch.__version__, "git_commit": git_commit(),
               "size": size, "arch": arch, "batch_size": batch, "train_images": int(len(data.train_labels)),
@@ -239,14 +239,3 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
                                    f"student epoch), scaled to {CIFAR10_LT_IMAGES} images; extrapolated, not run "
                                    f"end to end")
     return result
-
-
-def main(argv=None) -> int:
-    """``python -m cbdlib.bench`` (the command's parser is in ``cbdlib/commands/bench.py``)."""
-    from .commands.bench import main as bench_main
-
-    return bench_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
