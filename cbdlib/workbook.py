@@ -250,8 +250,8 @@ def load_data(settings: Settings):
     from .data import load_long_tail
 
     return load_long_tail(settings.dataset, settings.data, imbalance_ratio=settings.imbalance_ratio,
-                          profile=settings.profile, lt_seed=settings.lt_seed, val_per_class=settings.val_per_class,
-                          image_size=settings.image_size)
+                          profile=settings.profile, lt_seed=settings.lt_seed, lt_subset=settings.lt_subset,
+                          val_per_class=settings.val_per_class, image_size=settings.image_size)
 
 
 def dataset_summary(settings: Settings, data) -> str:

@@ -29,7 +29,11 @@ def test_the_merged_record_holds_three_real_seeds_of_every_method():
     metrics = metrics_of(MERGED)
     validate_metrics(metrics)
     assert metrics["dataset"] == "cifar10" and metrics["class_counts"] == IR100_COUNTS
-    assert set(metrics["methods"]) == set(all_method_names(["vanilla:1", "vanilla:2", "aug:1", "aug:2"]))
+    # Every method of the contract at the record's commit: the 14 of December's first record, and
+    # ldam_drw, ce_drw and logit_adjust once it is rerun (issue 24); never fewer than the first 14.
+    contract = set(all_method_names(["vanilla:1", "vanilla:2", "aug:1", "aug:2"]))
+    added_since = {"ldam_drw", "ce_drw", "logit_adjust"}
+    assert set(metrics["methods"]) in (contract, contract - added_since)
     assert metrics["seeds"] == list(SEEDS)
     assert all(record["seeds"] == list(SEEDS) for record in metrics["methods"].values())
 

@@ -126,7 +126,7 @@ def test_stats_json_prints_one_object_on_stdout():
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "imagenet9", "--imbalance-ratio", "10"], "unknown dataset"),
-    (["--dataset", "digits", "--imbalance-ratio", "0.5"], "imbalance ratio must be >= 1"),
+    (["--dataset", "digits", "--imbalance-ratio", "0.5"], "imbalance_ratio must be >= 1"),
     (["--dataset", "cifar10", "--data", "/nonexistent/cifar", "--imbalance-ratio", "10"], "/nonexistent/cifar"),
     (["--dataset", "digits", "--imbalance-ratio", "100000"], "no images"),
 ])

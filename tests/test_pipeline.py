@@ -303,7 +303,9 @@ def test_aggregate_merges_seeds_mean_and_std(tmp_path):
     rows = list(csv.DictReader((out / "per_class.csv").open()))
     assert len(rows) == 3 * 10 and rows[0]["class_name"] == "class_0" and rows[0]["seeds"] == "2"
     summary = (out / "summary.md").read_text()
-    assert str(a) in summary and str(b) in summary and "| `cbd_ens` | 2 |" in summary and " ± " in summary
+    # sources by run name, not by the folders of the machine that made them
+    assert f"`{a.name}`" in summary and f"`{b.name}`" in summary and str(a) not in summary
+    assert "| `cbd_ens` | 2 |" in summary and " ± " in summary
     assert "seeds [1, 2]" in summary and summary.startswith("# merged\n")
     # Aggregating again into the same folder replaces it.
     pipeline.aggregate_runs([a, b], tmp_path / "merged", notebook=False)

@@ -274,8 +274,8 @@ class Experiment:
         return record
 
     def write_metrics(self) -> dict:
+        evaluations = self._evaluations()  # a damaged evaluation is recomputed first: the analyses read them
         self.analyse()
-        evaluations = self._evaluations()
         metrics = runs.build_metrics(
             evaluations, dataset=self.settings.dataset,
             imbalance_ratio=self.settings.imbalance_ratio, class_counts=self.data.class_counts, splits=self.splits,
