@@ -337,6 +337,9 @@ def restrict(metrics: Mapping, methods=None) -> dict:
     out = dict(metrics)
     out["methods"] = {m: metrics["methods"][m] for m in keep}
     out["std"] = {m: metrics.get("std", {}).get(m, {}) for m in keep}
+    for analysis in ("probes", "probes_std", "ece", "ece_std"):  # the analyses of the methods kept
+        if analysis in metrics:
+            out[analysis] = {m: v for m, v in metrics[analysis].items() if m in keep}
     return out
 
 

@@ -18,6 +18,8 @@ from cbdlib.errors import CBDError
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_COUNTS = {"ant": 24, "bee": 10, "cat": 4, "dog": 1}   # long-tailed; dog has a single training image
+# The end-to-end tree holds at least one smoke batch (64): a batch larger than the training set is refused.
+E2E_COUNTS = {"ant": 48, "bee": 20, "cat": 8, "dog": 1}
 
 
 def write_image(path: Path, label: int, size=(16, 16), seed=0):
@@ -54,7 +56,7 @@ def test_imbalance_ratio_null_keeps_the_tree_s_counts_and_a_number_resubsamples(
 
 @pytest.mark.slow
 def test_own_tree_runs_the_four_notebooks_end_to_end(tmp_path):
-    tree = make_tree(tmp_path / "tree")
+    tree = make_tree(tmp_path / "tree", train_counts=E2E_COUNTS)
     results = tmp_path / "results"
     env = {**os.environ, "CBD_SMOKE": "1", "MPLBACKEND": "Agg", "CBD_RESULTS_DIR": str(results)}
     done = subprocess.run([sys.executable, "-m", "cbdlib", "run", "--no-progress", "--params",
@@ -64,13 +66,13 @@ def test_own_tree_runs_the_four_notebooks_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     run = results / "my_dataset"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["class_counts"] == list(TRAIN_COUNTS.values()) and metrics["imbalance_ratio"] is None
+    assert metrics["class_counts"] == list(E2E_COUNTS.values()) and metrics["imbalance_ratio"] is None
     assert {"cbd_ens", "ce", "crt"} <= set(metrics["methods"]) and "probes" in metrics and "ece" in metrics
     for notebook in ("01_long_tail_statistics", "02_teacher_training", "03_class_balanced_distillation",
                      "04_per_split_analysis"):
         assert (run / f"{notebook}.ipynb").exists()
     executed = (run / "01_long_tail_statistics.ipynb").read_text()
-    assert "natural class counts" in executed and "24 10 4 1" in executed
+    assert "natural class counts" in executed and "48 20 8 1" in executed
     summary = (run / "summary.md").read_text()
     assert "imbalance ratio natural" in summary and "## Reading" in summary
 
