@@ -126,14 +126,14 @@ def aug_epoch(pairs: int = 3) -> None:
     eager or compiled. Pairs alternate which goes first, so a load that drifts hits both alike."""
     from cbdlib.engine import Job, loop
     from cbdlib.engine.compiled import compile_for_training
-    from cbdlib.engine.losses import log_prior
+    from cbdlib.engine.losses import class_terms
 
     data = synthetic_data(12406, CPU)
     job = Job(name="teacher_aug_1", train_seed=1, spec=ModelSpec("resnet8", 10, "cosine"), augment="aug",
               epochs=200, batch_size=BATCH)
     model = loop.init_model(job.spec, job.seed).to(memory_format=torch.channels_last)
     optimizer = loop.make_optimizer(loop.trainable_parameters(model, job), job, CPU)
-    step_loss = loop.model_step(job, compile_for_training(model), [], log_prior(data.class_counts), "fp32")
+    step_loss = loop.model_step(job, compile_for_training(model), [], class_terms(data.class_counts), "fp32")
     batch, steps = loop.epoch_steps(len(data.train_labels), BATCH)
     modes = {"eager": data.batches(job, batch, steps, CPU),
              "compiled": data.batches(job, batch, steps, CPU, compile_fn=compile_for_training)}
