@@ -117,3 +117,11 @@ def image_tree(root: Path, per_class: int = 12, size: int = 8) -> Path:
                 pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i:03d}.jpg")
     return root
+
+
+def error_line(stderr: str) -> str:
+    """The one ``error:`` line a command printed last, with no traceback before it."""
+    assert "Traceback" not in stderr, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), stderr
+    return line

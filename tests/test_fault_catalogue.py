@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from reliability_helpers import ROOT, TINY, cli_env, image_tree, tiny_settings, write_params
+from reliability_helpers import ROOT, TINY, cli_env, error_line, image_tree, tiny_settings, write_params
 from test_pipeline import write_notebook
 
 from cbdlib import CBDError, pipeline, runs, workbook
@@ -65,13 +65,6 @@ def run_main(main, argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     status = main(argv)
     return status, capsys.readouterr().err
-
-
-def error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    line = stderr.strip().splitlines()[-1]
-    assert line.startswith("error: "), stderr
-    return line
 
 
 # =========================================================================== 1. no silent wrong numbers

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from reliability_helpers import TINY, image_tree, write_params
+from reliability_helpers import TINY, error_line, image_tree, write_params
 from test_pipeline import (
     make_run,
     notebooks,  # noqa: F401  (fixture: two tiny notebooks, 02 declares `anything = None`)
@@ -45,13 +45,6 @@ def run_main(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     status = cli.main(argv)
     return status, capsys.readouterr().err
-
-
-def error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    line = stderr.strip().splitlines()[-1]
-    assert line.startswith("error: "), stderr
-    return line
 
 
 # =========================================================================== security
