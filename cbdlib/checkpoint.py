@@ -182,3 +182,20 @@ def load_state_strict(model: torch.nn.Module, state: dict, what: str) -> None:
             f"{what} does not match the model: missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
+
+
+def load_model(path: str | Path, expected: dict | None = None, device: torch.device | str = "cpu"):
+    """Rebuild a model from its checkpoint (spec + strict weights), refusing a data mismatch."""
+    from .models import ModelSpec, build_model  # torchvision and the models load only when a model is
+
+    state = load_checkpoint(path, fallback=True)
+    if expected:
+        check_compatible(state["meta"], expected, f"checkpoint {Path(path).name}")
+    if not state["meta"].get("complete", False):
+        raise CBDError(f"checkpoint {path} is from an unfinished run (epoch {state['meta'].get('epoch', 0) + 1}); "
+                       f"finish its stage first")
+    model = build_model(ModelSpec(**state["spec"]))
+    load_state_strict(model, state["model"], f"checkpoint {path}")
+    model.to(device).eval()
+    model.meta = state["meta"]
+    return model

@@ -11,6 +11,9 @@ import numpy as np
 from .data.stats import SPLIT_NAMES
 from .errors import CBDError
 
+# metrics.json's key of the teacher-agreement analysis (cbdlib/analysis/agreement.py)
+AGREEMENT = "teacher_agreement"
+
 ACCURACY_KEYS = ("all",) + SPLIT_NAMES
 
 
@@ -108,7 +111,7 @@ def validate_metrics(metrics: dict) -> None:
 
     Accuracies are fractions in [0, 1] (per class too) or null; a split with no class is null;
     every method has a std record of the same keys (non-negative or null); nothing is NaN. The
-    analyses (``probes``, ``ece``, ``teacher_agreement``) are checked by ``analysis.check_analyses``.
+    analyses (``probes``, ``ece``, ``teacher_agreement``) are checked by ``check_analyses``.
     """
     if not isinstance(metrics, dict):
         raise CBDError(f"metrics.json holds {type(metrics).__name__}, not a JSON object")
@@ -144,10 +147,37 @@ def validate_metrics(metrics: dict) -> None:
         if not isinstance(std, dict):
             raise CBDError(f"metrics.json: no std for {name}")
         _require_fractions(std, f"std of {name}", f"std {name}", "a standard deviation of fractions (in [0, 1])")
-    from .analysis.run import check_analyses  # here, not at the top: analysis reads run folders
-
     check_analyses(metrics)
     try:
         check_finite(metrics)
     except ValueError as error:
         raise CBDError(f"metrics.json: {error}") from None
+
+
+def check_analyses(metrics: dict) -> None:
+    """The analyses' part of ``metrics.json``: fractions in [0, 1] or null under the split keys."""
+    def fractions(record, where: str, low: float = 0.0) -> None:
+        if not isinstance(record, dict):
+            raise CBDError(f"metrics.json: {where} is not a mapping")
+        for key in ACCURACY_KEYS:
+            value = record.get(key, "absent")
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and low <= value <= 1.0):
+                raise CBDError(f"metrics.json: {where}.{key} = {value!r} is not in [{low:g}, 1] (or null)")
+
+    for top, kinds in (("probes", ("linear", "ncm")), ("probes_std", ("linear", "ncm"))):
+        for name, record in (metrics.get(top) or {}).items():
+            for kind in kinds:
+                fractions((record or {}).get(kind), f"{top}.{name}.{kind}")
+    for top in ("ece", "ece_std"):
+        for name, record in (metrics.get(top) or {}).items():
+            if top == "ece" and name not in metrics.get("methods", {}):
+                raise CBDError(f"metrics.json: ece.{name} names no method of this run")
+            fractions(record, f"{top}.{name}")
+    agreement = metrics.get(AGREEMENT) or {}
+    for name, record in agreement.get("student_cosine", {}).items():
+        fractions(record, f"{AGREEMENT}.student_cosine.{name}", low=-1.0)
+    if agreement.get("pairwise_agreement"):
+        fractions(agreement["pairwise_agreement"], f"{AGREEMENT}.pairwise_agreement")
+    if agreement.get("ensemble_gain"):
+        fractions(agreement["ensemble_gain"], f"{AGREEMENT}.ensemble_gain", low=-1.0)

@@ -8,7 +8,6 @@ from .run import (
     analyse_folder,
     analyse_seed,
     analysis_path,
-    check_analyses,
     has_own_backbone,
     load_analyses,
     reliability_records,
@@ -16,7 +15,7 @@ from .run import (
 
 __all__ = [
     "ECE_BINS", "ECE_DEFINITION", "PROBE_SETTINGS", "add_analyses", "analyse_folder", "analyse_seed",
-    "analysis_path", "analysis_reading_lines", "calibration_record", "check_analyses", "ensemble_gain",
+    "analysis_path", "analysis_reading_lines", "calibration_record", "ensemble_gain",
     "expected_calibration_error", "has_own_backbone", "linear_probe_logits", "load_analyses", "ncm_probe_logits",
     "pairwise_agreement", "probe_record", "reliability_bins", "reliability_records", "student_cosine",
 ]

@@ -22,14 +22,13 @@ import numpy as np
 from ..errors import CBDError
 from ..io import write_json
 from ..methods import ONE_STAGE_BASELINES, STUDENTS, is_teacher, method_order
-from ..metrics import ACCURACY_KEYS
+from ..metrics import ACCURACY_KEYS, AGREEMENT
 from ..runs.records import checkpoint_path, evaluation_path, load_evaluations
 from .agreement import ensemble_gain, pairwise_agreement, student_cosine
 from .calibration import ECE_DEFINITION, calibration_record
 from .probes import PROBE_SETTINGS, probe_record
 
 log = logging.getLogger("cbdlib")
-AGREEMENT = "teacher_agreement"
 
 
 def analysis_path(out: Path, seed: int, name: str) -> Path:
@@ -224,11 +223,11 @@ def analyse_folder(run_dir: str | Path, device: str = "auto") -> list[str]:
     ``metrics.json`` (notebook 04 and ``aggregate`` call it on runs made before the analyses existed).
 
     The data are rebuilt from ``params.yaml``; a folder without checkpoints keeps what it has."""
+    from ..checkpoint import load_model
     from ..config import make_params, resolve
     from ..data import load_for_settings
     from ..data.device import predict
     from ..devices import resolve_device
-    from ..engine.stages import load_model
     from ..metrics import validate_metrics
     from ..runs import read_params_yaml
 
@@ -273,32 +272,3 @@ def reliability_records(run_dir: str | Path, seed: int, methods) -> dict:
     if not found:
         print("note: no reliability bins recorded in this run, so the reliability diagrams are skipped")
     return found
-
-
-def check_analyses(metrics: dict) -> None:
-    """The analyses' part of ``metrics.json``: fractions in [0, 1] or null under the split keys."""
-    def fractions(record, where: str, low: float = 0.0) -> None:
-        if not isinstance(record, dict):
-            raise CBDError(f"metrics.json: {where} is not a mapping")
-        for key in ACCURACY_KEYS:
-            value = record.get(key, "absent")
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and low <= value <= 1.0):
-                raise CBDError(f"metrics.json: {where}.{key} = {value!r} is not in [{low:g}, 1] (or null)")
-
-    for top, kinds in (("probes", ("linear", "ncm")), ("probes_std", ("linear", "ncm"))):
-        for name, record in (metrics.get(top) or {}).items():
-            for kind in kinds:
-                fractions((record or {}).get(kind), f"{top}.{name}.{kind}")
-    for top in ("ece", "ece_std"):
-        for name, record in (metrics.get(top) or {}).items():
-            if top == "ece" and name not in metrics.get("methods", {}):
-                raise CBDError(f"metrics.json: ece.{name} names no method of this run")
-            fractions(record, f"{top}.{name}")
-    agreement = metrics.get(AGREEMENT) or {}
-    for name, record in agreement.get("student_cosine", {}).items():
-        fractions(record, f"{AGREEMENT}.student_cosine.{name}", low=-1.0)
-    if agreement.get("pairwise_agreement"):
-        fractions(agreement["pairwise_agreement"], f"{AGREEMENT}.pairwise_agreement")
-    if agreement.get("ensemble_gain"):
-        fractions(agreement["ensemble_gain"], f"{AGREEMENT}.ensemble_gain", low=-1.0)

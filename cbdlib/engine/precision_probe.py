@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from ..data.cache import cache_dir
 from ..io import write_json
-from ..models import ModelSpec
-from .precision import autocast
+from ..models import ModelSpec, build_model
 
 log = logging.getLogger("cbdlib")
 
@@ -109,11 +108,11 @@ class _Stepper:
     """One variant's model, optimiser and random batch, stepping in its precision."""
 
     def __init__(self, probe: dict, precision: str, compiled: bool):
-        from .loop import init_model  # the loop imports the policy this module serves
-
         self.batch = int(probe["batch_size"])
         self.precision = precision
-        self.model = init_model(ModelSpec(probe["arch"], int(probe["num_classes"]), "cosine"), 0)
+        with torch.random.fork_rng(devices=[]):  # the same start for every variant; the global RNG untouched
+            torch.manual_seed(0)
+            self.model = build_model(ModelSpec(probe["arch"], int(probe["num_classes"]), "cosine"))
         self.model = self.model.to(memory_format=torch.channels_last)
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(self.batch, *probe["image_shape"], generator=generator)
@@ -125,7 +124,7 @@ class _Stepper:
         self.sound = True
 
     def step(self) -> None:
-        with autocast(torch.device("cpu"), self.precision):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             _, logits = self.step_model(self.x)
         loss = F.cross_entropy(logits.float(), self.y)
         self.optimizer.zero_grad(set_to_none=True)

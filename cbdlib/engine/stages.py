@@ -300,7 +300,7 @@ class Experiment:
         if self.test_images is None:
             return
         for seed in self.settings.seeds:
-            done = analyse_seed(self.out, seed, self.data, lambda path: load_model(path, self.data_identity(),
+            done = analyse_seed(self.out, seed, self.data, lambda path: ckpt.load_model(path, self.data_identity(),
                                                                                    self.device), self.predict)
             if done:
                 report(f"seed {seed} analysed: {', '.join(done)}")
@@ -333,7 +333,7 @@ class Experiment:
         path = runs.checkpoint_path(self.out, seed, method)
         if not path.exists():
             raise CBDError(f"{method} (seed {seed}) has not been trained in {self.out}; run its stage first")
-        return load_model(path, self.data_identity(), self.device)
+        return ckpt.load_model(path, self.data_identity(), self.device)
 
     # --- stage 1 -----------------------------------------------------------------------
     def teacher_names(self) -> list[str]:
@@ -532,27 +532,9 @@ def closest_best(scores, grid, prefer: float, tolerance: float = 1e-9) -> int:
     return int(min(tied, key=lambda i: (abs(grid[i] - prefer), grid[i])))
 
 
-def load_model(path: str | Path, expected: dict | None = None, device: torch.device | str = "cpu") -> Network:
-    """Rebuild a model from its checkpoint (spec + strict weights), refusing a data mismatch."""
-    from ..models import build_model
-
-    state = ckpt.load_checkpoint(path, fallback=True)
-    if expected:
-        ckpt.check_compatible(state["meta"], expected, f"checkpoint {Path(path).name}")
-    if not state["meta"].get("complete", False):
-        raise CBDError(f"checkpoint {path} is from an unfinished run (epoch {state['meta'].get('epoch', 0) + 1}); "
-                       f"finish its stage first")
-    spec = ModelSpec(**state["spec"])
-    model = build_model(spec)
-    ckpt.load_state_strict(model, state["model"], f"checkpoint {path}")
-    model.to(device).eval()
-    model.meta = state["meta"]
-    return model
-
-
 def train_stage(settings: Settings, out_dir: str | Path, stage: str = "all", **kw) -> dict:
     """Run one stage (or all) of an experiment into ``out_dir``; returns the merged metrics."""
     return Experiment(settings, out_dir, **kw).run(stage)
 
 
-__all__ = ["Experiment", "STAGES", "STAGE_GROUPS", "first_best", "load_model", "train_stage"]
+__all__ = ["Experiment", "STAGES", "STAGE_GROUPS", "first_best", "train_stage"]
