@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,21 +36,12 @@ PROBE_VERSION = 1
 
 
 def cpu_model() -> str:
-    """Vendor, family, model and name of the CPU (from /proc/cpuinfo where there is one)."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, sep, value = line.partition(":")
-            if sep and name.strip() in ("vendor_id", "cpu family", "model", "model name"):
-                fields.setdefault(name.strip(), value.strip())
-            if not line.strip() and fields:
-                break
-    except OSError:
-        pass
-    if not fields:
-        return platform.processor() or platform.machine()
-    return (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
-            f" ({fields.get('model name', '?')})")
+    """The CPU as torch and the platform describe it: machine, host, cores and the instruction sets
+    that decide bf16 (the host keeps machines apart when they share one cache folder)."""
+    flags = [name for name, probe in (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+             if getattr(torch.cpu, probe, lambda: False)()]
+    return (f"{platform.processor() or platform.machine()} on {platform.node()}, {os.cpu_count()} cores, "
+            f"{torch.backends.cpu.get_cpu_capability()}{''.join(' +' + f for f in flags)}")
 
 
 def probe_key(probe: dict, compiled: bool) -> dict:
