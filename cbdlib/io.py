@@ -157,3 +157,21 @@ def refuse_links(folder: str | os.PathLike, names=None) -> None:
     if found:
         raise CBDError(f"{found[0]} is a symbolic link; a run folder must hold its own files, not links to "
                        f"others (remove it)")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on ``.<name>.lock`` beside ``path`` while the block rewrites it (two runs
+    finishing together must not lose a line of a shared file); no lock where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a", opener=open_no_follow) as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -42,6 +42,17 @@ LABELS = {
 }
 
 
+# How the baselines were run, as summary.md says it (docs/baselines.md has the references).
+BASELINES_NOTE = (
+    "Decoupled baselines as in Kang et al.'s code, on `ce`'s frozen backbone: cRT and LWS re-train the "
+    "classifier with class-aware sampling (4 images per visited class, an epoch of N images as their loop "
+    "stops it; SGD, cosine decay to 0, BatchNorm statistics per `decoupled_bn`), tau-norm's tau is "
+    "chosen on the balanced validation set, NCM per `ncm_variant`. `ldam_drw` and `ce_drw` as Cao et al.'s "
+    "code (LDAM margins, s = 30, deferred re-weighting from 80% of the epochs); `logit_adjust` is Menon et "
+    "al.'s post-hoc adjustment of `ce`, tau on validation. Final epoch reported, they keep best-val (or best "
+    "test, in LDAM-DRW's code)."
+)
+
 def teacher_name(kind: str, seed: int) -> str:
     """The method name of a teacher: ``("aug", 2)`` -> ``teacher_aug_2`` (``parse_teacher_name`` reads it)."""
     return f"teacher_{kind}_{seed}"

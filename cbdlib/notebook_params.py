@@ -145,8 +145,3 @@ def stage_two_values(values: Mapping[str, Any], run_dir: Path) -> dict:
     own = {k: v for k, v in values.items() if k in STAGE_TWO_KEYS and v is not None}
     return {**stored, **own, "overwrite": False}
 
-
-__all__ = [
-    "INJECTED_HEADER", "NOTEBOOK_FILES", "NOTEBOOK_PATTERN", "STAGE_TWO_KEYS", "check_injected", "collect_params",
-    "declared", "declared_in", "injected_names", "notebook_path", "stage_two_values",
-]

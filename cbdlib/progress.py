@@ -1,22 +1,17 @@
 """Where a long run stands: per-model progress in the engine, and the plan whose cost model weighs
-``cbdlib run``'s ETA (the thread that follows a run is ``pipeline/follow.py``).
+``cbdlib run``'s ETA.
 
-Three places show progress, each in the form its output can take:
+* A terminal (``python -m cbdlib.train``) or a Jupyter kernel opened by a person: one tqdm bar per
+  model with seconds per epoch, loss and validation accuracy, and one line when the model is done.
+* ``python -m cbdlib run``: nobody sees a kernel's output until its notebook ends, so the command
+  follows the run folder's ``plan.json`` and ``history.jsonl`` itself (``pipeline/follow.py``: one
+  bar for the whole run, or one line per finished model when its output is not a terminal); the
+  kernels then print one line per finished model and no bars.
+* Nothing under the smoke profile.
 
-* a terminal (``python -m cbdlib.train``) or a Jupyter kernel opened by a person: one tqdm
-  bar per model (tqdm's notebook bar in Jupyter) with seconds per epoch, loss and
-  validation accuracy, and one line when the model is done;
-* ``python -m cbdlib run``: the notebooks run in kernels whose output nobody sees until the
-  notebook ends, so the command itself follows the run folder's ``plan.json`` and
-  ``history.jsonl`` and draws one bar for the whole run (model, seed, epoch, seconds per
-  epoch, an ETA that weighs each epoch by its cost), or, when its output is not a
-  terminal (CI, ``nohup``), prints one plain line per finished model (``pipeline/follow.py``); the kernels then
-  print one line per finished model and no bars;
-* nothing under the smoke profile.
-
-The ETA weighs epochs by their cost in "plain steps": a step that trains a whole network is
-1; a step that only runs the backbone forward (cRT / LWS on a frozen backbone) costs
-``FORWARD_COST``; a distillation step adds ``FORWARD_COST`` per frozen teacher.
+The ETA weighs epochs by their cost in "plain steps": a step that trains a whole network is 1; a
+backbone forward only (cRT / LWS on a frozen backbone) costs ``FORWARD_COST``; a distillation step
+adds ``FORWARD_COST`` per frozen teacher.
 """
 from __future__ import annotations
 

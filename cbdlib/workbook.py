@@ -1,21 +1,11 @@
-"""The thin glue between the four notebooks and the library.
+"""The notebooks' one entry point into the library.
 
-A notebook's ``parameters`` cell holds literals; the next cell calls
-``setup(globals(), notebook="02")``, which
-
-* refuses a parameter that papermill injected but the notebook does not declare
-  (found in the kernel's input history: papermill's injected cell starts with
-  ``# Parameters``), so ``-p epochz=5`` stops with a clear error instead of being
-  ignored;
-* collects the notebook's declared parameters from the namespace, checks them
-  against the one schema (``cbdlib.config.make_params``) and resolves them
-  (smoke profile, ``lr``) into ``Settings``;
-* finds the run folder ``$CBD_RESULTS_DIR/<run_name>/`` from the package, not the
-  working directory, so papermill, nbval and JupyterLab agree;
-* shows the library's log (one line per epoch) in the notebook and draws figures inline.
-
-The other functions read a run folder back for the analysis notebooks. Everything
-here raises ``CBDError`` with a one-line message for bad input.
+A notebook's ``parameters`` cell holds literals; the next cell calls ``setup(globals(), notebook="02")``
+(``analysis_setup`` in notebook 04), which refuses a parameter papermill injected but the notebook does
+not declare, checks the declared ones against the one schema (``config.make_params``), resolves them
+into ``Settings`` and finds the run folder ``$CBD_RESULTS_DIR/<run_name>/`` from the package, so that
+papermill, nbval and JupyterLab agree. The other functions read a run folder back for the analysis
+notebooks. Everything here raises ``CBDError`` with a one-line message for bad input.
 """
 from __future__ import annotations
 
@@ -382,7 +372,7 @@ def reading(run_dir: Path, metrics: Mapping):
     """The computed reading of ``summary.md`` (headline, comparisons, analyses) as Markdown."""
     from IPython.display import Markdown
 
-    from .pipeline.reading import reading_lines
+    from .analysis.reading import reading_lines
 
     lines = reading_lines(metrics, runs.load_evaluations(Path(run_dir)))
     return Markdown("\n".join(lines) if lines else "Nothing to compare: the run has a single method.")
@@ -395,13 +385,3 @@ def save_table(table, path: Path) -> Path:
     table.to_csv(path)
     return path
 
-
-__all__ = [
-    "NOTEBOOK_FILES", "AnalysisOptions", "analysis_setup", "available", "best_baseline", "check_injected",
-    "check_outputs", "class_names", "collect_params", "configure_logging", "dataset_summary", "declared", "describe",
-    "evaluation", "expected_outputs", "experiment", "has_features", "history", "imbalance_explorer",
-    "injected_names", "key_methods", "load_data", "load_features", "load_metrics", "notebook_environment",
-    "paired_features", "post_hoc_choices", "post_hoc_curves", "reading", "require_stage_one", "restrict",
-    "save_table", "setup", "split_summary",
-    "stage_one_missing", "student_and_baseline", "tau_choices", "tau_curves", "teacher_names", "tsne_teacher",
-]

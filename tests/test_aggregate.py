@@ -8,11 +8,11 @@ from shared_runs import copy_run
 
 from cbdlib import __main__ as cli
 from cbdlib import runs
+from cbdlib.analysis.reading import compare, reading_lines, verdict
 from cbdlib.config import make_params, resolve
 from cbdlib.engine import Experiment
 from cbdlib.evaluate import evaluate_checkpoint
 from cbdlib.pipeline import aggregate_runs
-from cbdlib.pipeline.reading import compare, reading_lines, verdict
 from cbdlib.text import format_seconds
 
 SMALL = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=2, decoupled_epochs=1, lws_epochs=1,

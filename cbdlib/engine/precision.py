@@ -169,3 +169,20 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def choice_lines(choice: dict | None) -> list[str]:
+    """``summary.md``'s lines on a recorded choice: why the run computes in its precision, and the
+    measured step rates behind ``auto``."""
+    if not choice:
+        return []
+    lines = [f"  - why: {choice.get('reason', 'not recorded')}"]
+    measurement = choice.get("measurement")
+    if measurement:
+        rates = ", ".join(f"{variant} {r['img_per_s']:,.0f} img/s{'' if r['finite'] else ' (non-finite gradients)'}"
+                          for variant, r in measurement["rates"].items())
+        key = measurement.get("key", {})
+        lines.append(f"  - measured training steps ({key.get('arch')}, batch {key.get('batch_size')}, "
+                     f"{key.get('threads')} threads, {key.get('cpu')}{'; cached' if measurement.get('cached') else ''})"
+                     f": {rates}")
+    return lines

@@ -1,9 +1,6 @@
 """``python -m cbdlib aggregate``: run folders of different training seeds merged into one."""
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import logging
 import os
@@ -12,18 +9,18 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt
 from .. import config, runs
-from ..analysis import add_analyses, analyse_folder, analysis_path, load_analyses
-from ..errors import CBDError, one_line
+from ..analysis import add_analyses, analyse_folder, analysis_path, load_analyses, reading_lines
+from ..errors import CBDError
 from ..io import refuse_links, write_bytes, write_json, write_text
 from ..methods import is_method_name, method_label, method_order
 from ..metrics import validate_metrics
 from ..notebook_params import NOTEBOOK_FILES
 from ..param_rules import check_rule
+from ..runs.readers import class_names, load_metrics, read_json
 from ..text import format_seconds
 from .parameters import default_notebooks_dir, discover_notebooks
-from .reading import reading_lines
 from .run import execute_notebook, kernel_environment
-from .summary import display_path, read_metrics, summary_markdown
+from .summary import display_path, summary_markdown
 
 log = logging.getLogger("cbdlib.pipeline")
 
@@ -64,11 +61,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
             raise CBDError(f"run folder not found: {run}")
         if out.resolve() == run.resolve():
             raise CBDError(f"--out {out} is one of the run folders; choose a new folder")
-        metrics = read_metrics(run)
-        try:
-            validate_metrics(metrics)
-        except (CBDError, ValueError) as exc:
-            raise CBDError(f"{run}/metrics.json: {one_line(exc)}") from None
+        metrics = load_metrics(run)
         analyse_folder(run)  # a run made before the analyses existed gets them from its checkpoints
         evaluations = runs.load_evaluations(run)
         if not evaluations:
@@ -123,8 +116,9 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
                     "data_fingerprint": entry["metrics"].get("data_fingerprint")} for entry in loaded]
     metrics["merged_from"] = merged_from
     precisions = sorted({entry["precision"] for entry in merged_from})
-    if first["metrics"].get("data_fingerprint"):
-        metrics["data_fingerprint"] = first["metrics"]["data_fingerprint"]
+    for key in ("data_fingerprint", "val_overlap"):  # the same data (checked above), so the same for every run
+        if first["metrics"].get(key):
+            metrics[key] = first["metrics"][key]
     if short:
         metrics["partial"] = {method: seeds for method, seeds in short.items()}
     validate_metrics(metrics)
@@ -213,7 +207,7 @@ def _kept_model_lines(kept: dict | None, out: Path) -> list[str]:
     command = f"python -m cbdlib evaluate --checkpoint {display_path(kept['path'])}"
     data = kept["data"] or os.environ.get(f"CBD_{str(kept['dataset']).upper()}")
     data_note = ("" if data is None else
-                 f" (add `--data PATH` when the dataset is not where the run found it: {_relative(data)})")
+                 f" (add `--data PATH` when the dataset is not where the run found it: {display_path(data)})")
     top1 = "not recorded" if kept["all"] is None else f"{100 * kept['all']:.2f}%"
     return ["## Saved model", "",
             f"`{kept['path'].name}`: {method_label(kept['method'])}, training seed {kept['seed']}, the only checkpoint "
@@ -221,15 +215,6 @@ def _kept_model_lines(kept: dict | None, out: Path) -> list[str]:
             f"([evaluations/seed_{kept['seed']}/{kept['method']}.json](evaluations/seed_{kept['seed']}/"
             f"{kept['method']}.json)); re-evaluate it with", "", f"    {command}", "",
             f"from the project root{data_note}.", ""]
-
-
-def _relative(path: str) -> str:
-    """``path`` relative to the project root when that is shorter (a dataset beside the project), else as given."""
-    try:
-        relative = os.path.relpath(Path(path).resolve(), config.project_root())
-    except ValueError:
-        return str(path)
-    return relative if len(relative) < len(str(path)) else str(path)
 
 
 def _wall_time_lines(loaded: list) -> list[str]:
@@ -337,7 +322,7 @@ def _prepare_aggregate_dir(out: Path) -> None:
     if (out / "params.yaml").exists() or (out / "checkpoints").exists():
         raise CBDError(f"{out} is a run folder; aggregate writes to a new folder")
     if (out / "metrics.json").exists():
-        previous = read_metrics(out, required=False) or {}
+        previous = read_json(out / "metrics.json")
         if "merged_from" not in previous:
             raise CBDError(f"{out} already holds a metrics.json that is not an aggregate; choose a new folder")
         for folder in ("evaluations", "features", "figures"):
@@ -381,23 +366,14 @@ def _refuse_other_data(first: dict, other: dict) -> None:
 
 
 def _class_names(loaded: list, num_classes: int) -> list:
-    """Class names from an evaluation record, else a run's per_class.csv, else the label numbers."""
+    """Class names from an evaluation record, else the first run's per_class.csv, else the label numbers."""
     for entry in loaded:
         for per_seed in entry["evaluations"].values():
             for record in per_seed.values():
                 names = record.get("class_names")
                 if isinstance(names, list) and len(names) == num_classes:
                     return [str(n) for n in names]
-    for entry in loaded:
-        path = entry["path"] / "per_class.csv"
-        if path.exists():
-            names: dict[int, str] = {}
-            with contextlib.suppress(csv.Error, KeyError, ValueError):
-                for row in csv.DictReader(io.StringIO(path.read_text())):
-                    names[int(row["label"])] = row["class_name"]
-            if len(names) == num_classes and set(names) == set(range(num_classes)):
-                return [names[i] for i in range(num_classes)]
-    return [str(i) for i in range(num_classes)]
+    return class_names(loaded[0]["path"], loaded[0]["metrics"])
 
 
 def _joined(values) -> str:

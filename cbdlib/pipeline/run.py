@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 from .. import config, runs
+from ..analysis.reading import reading_lines
 from ..errors import CBDError, one_line
 from ..io import write_text
 from ..plain_values import check_plain
+from ..runs.readers import load_metrics
 from ..text import format_seconds
 from .parameters import (
     Notebook,
@@ -25,8 +27,7 @@ from .parameters import (
     quiet_logger,
     yaml_scalar,
 )
-from .reading import reading_lines
-from .summary import append_index, display_path, index_row, read_metrics, summary_markdown
+from .summary import append_index, display_path, index_row, summary_markdown
 
 log = logging.getLogger("cbdlib.pipeline")
 
@@ -90,7 +91,7 @@ def _run_notebooks(run_dir: Path, settings: config.Settings, params: config.Para
     resumed = {name for name, entry in times.items() if entry["resumed"]}
     wall_s = times["total"]["s"]
 
-    metrics = read_metrics(run_dir, required=False)
+    metrics = load_metrics(run_dir, required=False)
     if metrics is None:
         log.warning("warning: the notebooks wrote no metrics.json in %s; summary.md has no results table", run_dir)
     stored = runs.read_params_yaml(run_dir) or runs.effective_params(settings)

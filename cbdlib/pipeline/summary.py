@@ -2,19 +2,17 @@
 table, the evidence, wall times) and the run's line in ``<results>/index.csv``."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as _dt
 import io
-import json
 import os
 from pathlib import Path
 
 from .. import config, runs
 from ..data.stats import split_size_lines
-from ..errors import CBDError, one_line
-from ..io import open_no_follow, write_text
-from ..methods import DECOUPLED_BASELINES, best_baseline, method_order
+from ..engine.precision import choice_lines
+from ..io import file_lock, write_text
+from ..methods import BASELINES_NOTE, DECOUPLED_BASELINES, best_baseline, method_order
 from ..metrics import ACCURACY_KEYS
 from ..notebook_params import NOTEBOOK_PATTERN
 from ..text import format_seconds
@@ -26,38 +24,18 @@ KEY_PARAMETERS = ("arch", "epochs", "batch_size", "lr", "schedule", "warmup_epoc
                   "weight_decay", "momentum", "alpha", "beta", "cosine_scale", "projection", "teachers",
                   "decoupled_epochs", "lws_epochs", "decoupled_lr", "decoupled_weight_decay", "decoupled_bn",
                   "ncm_variant", "lt_seed", "lt_subset", "val_per_class", "smoke")
-# How the decoupled baselines were run (docs/baselines.md has the references).
-BASELINES_NOTE = (
-    "Decoupled baselines as in Kang et al.'s code, on `ce`'s frozen backbone: cRT and LWS re-train the "
-    "classifier with class-aware sampling (4 images per visited class, an epoch of N images as their loop "
-    "stops it; SGD, cosine decay to 0, BatchNorm statistics per `decoupled_bn`), tau-norm's tau is "
-    "chosen on the balanced validation set, NCM per `ncm_variant`. `ldam_drw` and `ce_drw` as Cao et al.'s "
-    "code (LDAM margins, s = 30, deferred re-weighting from 80% of the epochs); `logit_adjust` is Menon et "
-    "al.'s post-hoc adjustment of `ce`, tau on validation. Final epoch reported, they keep best-val (or best "
-    "test, in LDAM-DRW's code)."
-)
 INDEX_COLUMNS = ("finished_at", "run_name", "dataset", "imbalance_ratio", "seeds", "arch", "epochs", "cbd_ens_all",
                  "best_baseline", "best_baseline_all", "device", "git_commit", "wall_s", "path")
 
 
-def display_path(path: Path) -> str:
-    """A path relative to the project root when it lies inside it, else as given."""
+def display_path(path) -> str:
+    """``path`` relative to the project root where that is shorter (a path inside it, or a dataset
+    beside it), else as given."""
     try:
-        return str(path.resolve().relative_to(config.project_root()))
+        relative = os.path.relpath(Path(path).resolve(), config.project_root())
     except ValueError:
         return str(path)
-
-
-def read_metrics(run_dir: Path, required: bool = True) -> dict | None:
-    path = Path(run_dir) / "metrics.json"
-    if not path.exists():
-        if required:
-            raise CBDError(f"{run_dir} has no metrics.json (has the run finished?)")
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CBDError(f"{path} is not valid JSON: {one_line(exc)}") from None
+    return relative if len(relative) < len(str(path)) else str(path)
 
 
 def _percent(value) -> str:
@@ -179,7 +157,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out.append(f"- device: {metrics.get('device')}")
         out.append(f"- precision of the training steps: {metrics.get('precision', 'not recorded')} "
                    f"(evaluation is float32)")
-        out += precision_lines(metrics.get("precision_choice"))
+        out += choice_lines(metrics.get("precision_choice"))
         out.append(f"- torch: {metrics.get('torch')}")
         out.append(f"- git commit: `{metrics.get('git_commit')}`")
         out.append("")
@@ -247,27 +225,10 @@ def index_row(run_dir: Path, metrics: dict | None, params: dict, wall_s: float) 
     }
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock beside ``path`` so two runs finishing together do not lose a line."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a", opener=open_no_follow) as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def append_index(row: dict, index_path: Path | None = None) -> Path:
     """Add one line to ``<results>/index.csv`` (header created if absent), written atomically."""
     path = index_path or runs.results_root() / "index.csv"
-    with _locked(path):
+    with file_lock(path):
         rows, columns = [], list(INDEX_COLUMNS)
         if path.exists():
             reader = csv.DictReader(io.StringIO(path.read_text()))
@@ -281,18 +242,3 @@ def append_index(row: dict, index_path: Path | None = None) -> Path:
         write_text(path, buffer.getvalue())
     return path
 
-
-def precision_lines(choice: dict | None) -> list[str]:
-    """Why the run computes in its precision, and the measured step rates behind ``auto``."""
-    if not choice:
-        return []
-    lines = [f"  - why: {choice.get('reason', 'not recorded')}"]
-    measurement = choice.get("measurement")
-    if measurement:
-        rates = ", ".join(f"{variant} {r['img_per_s']:,.0f} img/s{'' if r['finite'] else ' (non-finite gradients)'}"
-                          for variant, r in measurement["rates"].items())
-        key = measurement.get("key", {})
-        lines.append(f"  - measured training steps ({key.get('arch')}, batch {key.get('batch_size')}, "
-                     f"{key.get('threads')} threads, {key.get('cpu')}{'; cached' if measurement.get('cached') else ''})"
-                     f": {rates}")
-    return lines

@@ -2,6 +2,7 @@
 names, per-seed evaluations, saved test features, history and tau-norm's validation curve."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from ..errors import CBDError
+from ..errors import CBDError, one_line
 from ..methods import is_teacher, teacher_sort_key
 from ..metrics import validate_metrics
 from .records import evaluation_path, features_path, read_history
@@ -18,27 +19,32 @@ from .records import evaluation_path, features_path, read_history
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise CBDError(f"{path} is not valid JSON ({exc.msg}); rerun the stage that wrote it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CBDError(f"{path} is not valid JSON ({one_line(exc)}); rerun the stage that wrote it") from None
 
 
-def load_metrics(run_dir: Path) -> dict:
-    """``<run>/metrics.json``, checked against the contract's schema."""
+def load_metrics(run_dir: Path, required: bool = True) -> dict | None:
+    """``<run>/metrics.json``, checked against the contract's schema; None when absent and not ``required``."""
     path = Path(run_dir) / "metrics.json"
     if not path.exists():
+        if not required:
+            return None
         raise CBDError(f"{path} not found: run notebooks 02 and 03 with run_name {Path(run_dir).name!r} first, "
                        f"or python -m cbdlib run")
     metrics = read_json(path)
-    validate_metrics(metrics)
+    try:
+        validate_metrics(metrics)
+    except (CBDError, ValueError) as exc:
+        raise CBDError(f"{path}: {one_line(exc)}") from None
     return metrics
 
 
 def class_names(run_dir: Path, metrics: Mapping) -> list[str]:
-    """Class names from ``per_class.csv`` (labels as text when it is absent)."""
+    """Class names from ``per_class.csv`` (labels as text where it is absent or damaged)."""
     names = [str(c) for c in range(len(metrics["class_counts"]))]
     path = Path(run_dir) / "per_class.csv"
     if path.exists():
-        with path.open(newline="") as handle:
+        with path.open(newline="") as handle, contextlib.suppress(csv.Error, KeyError, ValueError):
             for row in csv.DictReader(handle):
                 label = int(row["label"])
                 if 0 <= label < len(names):
