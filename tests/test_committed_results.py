@@ -29,13 +29,37 @@ def test_the_merged_record_holds_three_real_seeds_of_every_method():
     metrics = metrics_of(MERGED)
     validate_metrics(metrics)
     assert metrics["dataset"] == "cifar10" and metrics["class_counts"] == IR100_COUNTS
-    # Every method of the contract at the record's commit: the 14 of December's first record, and
-    # ldam_drw, ce_drw and logit_adjust once it is rerun (issue 24); never fewer than the first 14.
-    contract = set(all_method_names(["vanilla:1", "vanilla:2", "aug:1", "aug:2"]))
-    added_since = {"ldam_drw", "ce_drw", "logit_adjust"}
-    assert set(metrics["methods"]) in (contract, contract - added_since)
+    # Every method of the contract, ldam_drw, ce_drw and logit_adjust included.
+    assert set(metrics["methods"]) == set(all_method_names(["vanilla:1", "vanilla:2", "aug:1", "aug:2"]))
     assert metrics["seeds"] == list(SEEDS)
     assert all(record["seeds"] == list(SEEDS) for record in metrics["methods"].values())
+    assert [source["run"] for source in metrics["merged_from"]] == [f"cifar10_lt_ir100_cpu_seed{s}" for s in SEEDS]
+    assert {source["precision"] for source in metrics["merged_from"]} == {"fp32"}
+
+
+def test_every_crt_and_lws_epoch_of_the_record_is_n_images():
+    """Kang et al.'s loop stops a class-aware epoch after int(N / batch) steps: 12,406 // 128 = 96."""
+    lines = (MERGED / "history.jsonl").read_text().splitlines()
+    decoupled = [json.loads(line) for line in lines if '"stage": "decoupled"' in line]
+    assert {(r["model"], r["seed"]) for r in decoupled} == {(m, s) for m in ("crt", "lws") for s in SEEDS}
+    assert len(decoupled) == 3 * (10 + 5)  # decoupled_epochs 10, lws_epochs 5, per seed
+    assert {r["steps"] for r in decoupled} == {sum(IR100_COUNTS) // 128} == {96}
+
+
+def test_the_record_holds_the_analyses_and_its_summary_reads_them():
+    metrics = metrics_of(MERGED)
+    backbones = {"ce", "ce_cb", "balanced_softmax", "ce_drw", "ldam_drw", "cbd", "cbd_ens",
+                 "teacher_vanilla_1", "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2"}
+    assert set(metrics["probes"]) == backbones
+    for model, record in metrics["probes"].items():
+        for probe in ("linear", "ncm"):
+            assert 0.0 <= record[probe]["all"] <= 1.0 and metrics["probes_std"][model][probe]["all"] is not None
+    assert set(metrics["ece"]) == set(metrics["methods"])
+    assert all(0.0 <= record["all"] <= 1.0 for record in metrics["ece"].values())
+    summary = (MERGED / "summary.md").read_text()
+    assert "under the same linear probe" in summary and "ECE" in summary
+    # airplane keeps its whole pool, so its validation images are training images: the record says so
+    assert metrics["val_overlap"]["classes"] == [0] and "validation images are also training images" in summary
 
 
 def test_the_merged_mean_and_std_are_those_of_the_committed_seed_folders():
@@ -60,7 +84,7 @@ def test_summary_and_readme_show_the_numbers_of_metrics_json():
     readme = (ROOT / "README.md").read_text()
     results = readme[readme.index("## Results: CIFAR-10-LT"):]
     results = results[:results.index("\n## ", 1)]
-    shown_in_readme = 0
+    shown_in_readme = set()
     for method, record in metrics["methods"].items():
         std = metrics["std"][method]
         row = next(line for line in summary.splitlines() if line.startswith(f"| `{method}` |"))
@@ -68,10 +92,11 @@ def test_summary_and_readme_show_the_numbers_of_metrics_json():
             assert percent(record[key], std[key]) in row, (method, key, row)
         readme_row = re.search(rf"^\| \*?\*?`{method}`.*$", results, flags=re.M)
         if readme_row:
-            shown_in_readme += 1
+            shown_in_readme.add(method)
             for key in ("all", "head", "mid", "tail"):
                 assert percent(record[key], std[key]) in readme_row.group(0), (method, key)
-    assert shown_in_readme == 7  # ce, ce_cb, balanced_softmax, crt, teacher_ensemble, cbd, cbd_ens
+    assert shown_in_readme == {"ce", "ce_cb", "balanced_softmax", "ce_drw", "ldam_drw", "logit_adjust", "crt",
+                               "teacher_ensemble", "cbd", "cbd_ens"}
     assert "the only checkpoint kept here" in summary and (MERGED / "cbd_ens_seed1.pt").is_file()
     assert sorted(p.name for p in MERGED.glob("*.pt")) == ["cbd_ens_seed1.pt"]
 
@@ -85,4 +110,5 @@ def test_the_saved_model_reevaluates_to_the_recorded_seed_one_accuracy(cifar10_c
     printed = json.loads(capsys.readouterr().out)
     for key in ("all", "head", "mid", "tail", "many", "medium"):
         assert printed[key] == pytest.approx(recorded[key], abs=1e-6), key
-    assert round(100 * printed["all"], 2) == 67.82  # the number the README and summary.md quote
+    quoted = re.search(r"cbd_ens_seed1\.pt +# ([\d.]+) % \(seed 1\)", (ROOT / "README.md").read_text())
+    assert quoted and f"{100 * printed['all']:.2f}" == quoted.group(1)  # the number the README quotes
