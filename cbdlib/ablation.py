@@ -83,7 +83,7 @@ def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | Non
             names = changes.pop("teachers", exp.teacher_names())
             teachers = exp.frozen_teachers(names, seed)
             slug = _slug(label)
-            job = exp.student_job(f"ablation_{slug}", seed, names, teachers, epochs=epochs, **changes)
+            job = exp.student_job(f"ablation_{slug}", seed, names, epochs=epochs, **changes)
             plans.append((label, names, teachers, changes.get("projection", settings.projection), job, slug))
         for label, names, teachers, projection, job, slug in plans:
             model = init_model(job.spec, derive_seed("cbd_ens", seed))  # the same start for every row

@@ -56,20 +56,17 @@ class FinishedRun:
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, teacher_run, digits) -> FinishedRun:
     """Every method of ``RUN`` (the teachers come from ``teacher_run``)."""
-    from cbdlib.engine import Experiment, stages
+    from cbdlib.engine import Experiment, hooks
 
     out = copy_run(teacher_run, tmp_path_factory.mktemp("shared"))
     starts = {}
-    original = stages.fit
 
-    def record_start(job, model, *args, **kwargs):
+    def record_start(job, model):
         if job.loss == "cbd":
             starts[job.name] = (job.spec, copy.deepcopy(model.state_dict()))
-        return original(job, model, *args, **kwargs)
 
     settings = run_settings()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stages, "fit", record_start)
+    with hooks.on_start(record_start):
         metrics = Experiment(settings, out, data=digits, quiet=True).run("all")
     return FinishedRun(out, metrics, settings, starts)
 

@@ -35,7 +35,7 @@ from cbdlib import train as train_cli
 from cbdlib.config import make_params, resolve
 from cbdlib.data import load_long_tail
 from cbdlib.data.stats import class_splits
-from cbdlib.engine import Experiment
+from cbdlib.engine import Experiment, hooks
 from cbdlib.metrics import split_accuracy, validate_metrics
 from cbdlib.param_rules import ParameterError
 from cbdlib.runs import checkpoint_path, evaluation_path
@@ -338,8 +338,10 @@ def test_a_damaged_evaluation_is_recomputed_from_its_checkpoint(finished, digits
     path = evaluation_path(out, 1, "ce")
     good = json.loads(path.read_text())
     path.write_text(path.read_text()[:40])  # truncated
-    with caplog.at_level(logging.WARNING):
+    started = []
+    with caplog.at_level(logging.WARNING), hooks.on_start(lambda job, model: started.append(job.name)):
         metrics = Experiment(settings, out, data=digits, quiet=True).run("teachers")  # ce is not in this stage
+    assert started == []  # ce's finished checkpoint is evaluated again; nothing trains
     assert f"warning: {path} was damaged (not valid JSON: " in caplog.text
     assert "recomputed it from the run's checkpoints" in caplog.text
     assert json.loads(path.read_text()) == good

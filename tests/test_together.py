@@ -1,13 +1,14 @@
 """Models trained together (grouped convolutions) match the same models trained one at a time."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from cbdlib.engine import DeviceData, Job, hooks, loop
-from cbdlib.engine.together import TeacherFeatures, can_train_together, fit_together
+from cbdlib.engine.together import can_train_together, fit_together
 from cbdlib.models import ModelSpec
-from cbdlib.models.grouped import GroupedCifarResNet
+from cbdlib.models.grouped import GroupedCifarResNet, TeacherFeatures
 from cbdlib.models.resnet_cifar import CifarResNet
 
 CPU = torch.device("cpu")
@@ -76,6 +77,14 @@ def test_training_together_matches_training_alone_in_every_weight_and_buffer(tmp
             if sa[key].is_floating_point() and not key.endswith("scale"):
                 # it trained: the comparison means something
                 assert not torch.equal(sa[key], start[key]), (job.name, key)
+
+
+def test_distilling_students_are_not_grouped():
+    """The grouped step runs no teachers: a CBD student trains alone (``loop.fit``)."""
+    jobs = _jobs()[:2]
+    assert can_train_together(jobs)
+    student = dataclasses.replace(jobs[1], name="cbd", loss="cbd", teachers=["teacher_vanilla_1"])
+    assert not can_train_together([jobs[0], student])
 
 
 def test_resume_together_equals_uninterrupted(tmp_path, data):
@@ -159,11 +168,13 @@ def test_a_group_stopped_at_mixed_epochs_resumes_each_model_from_its_own_checkpo
     with pytest.raises(KeyboardInterrupt), hooks.on_step(crash_in_epoch_three):
         run(tmp_path / "b")
     (tmp_path / "b" / f"{jobs[0].name}.pt").write_bytes(b"damaged")
-    seen = []
-    with hooks.on_step(lambda step, loss: seen.append((step.job.name, step.epoch))):
+    seen, started = [], []
+    with hooks.on_step(lambda step, loss: seen.append((step.job.name, step.epoch))), \
+            hooks.on_start(lambda job, model: started.append(job.name)):
         resumed = run(tmp_path / "b")
-    # the first model replays epochs 2 and 3, the others only epoch 3
+    # the first model replays epochs 2 and 3, the others only epoch 3; each model starts once
     assert {e for name, e in seen if name == jobs[0].name} == {1, 2}
+    assert sorted(started) == sorted(j.name for j in jobs)
     assert {e for name, e in seen if name != jobs[0].name} == {2}
     for job, m1, m2 in zip(jobs, straight, resumed):
         for key, value in m1.state_dict().items():

@@ -51,8 +51,6 @@ MISTAKES = {
          '    return\n    if not isinstance(metrics, dict):\n        raise CBDError(f"metrics.json holds'),
     ], ["tests/test_metrics.py"]),
     "crt-trains-backbone": ("cbdlib/engine/stages.py", [
-        ("            for p in model.backbone.parameters():\n                p.requires_grad_(False)",
-         "            for p in model.backbone.parameters():\n                p.requires_grad_(True)"),
         ("train_backbone=False, decoupled_bn=s.decoupled_bn", "train_backbone=True, decoupled_bn=s.decoupled_bn"),
     ], ["tests/test_methods.py::test_decoupled_models_keep_ce_s_backbone_weights_and_lws_its_linear_layer",
         "tests/test_baselines.py::test_crt_reestimates_batchnorm_statistics_under_train_and_keeps_them_under_frozen"]),
@@ -83,9 +81,12 @@ MISTAKES = {
          '"teacher_ensemble"'),
     ], ["tests/test_methods.py::test_the_teacher_ensemble_is_the_mean_of_the_teachers_logits"]),
     "student-from-teacher": ("cbdlib/engine/stages.py", [
-        ("model = init_model(job.spec, derive_seed(name, seed))  # from scratch, not from a teacher",
-         "model = init_model(job.spec, derive_seed(name, seed))\n"
-         "            model.backbone.load_state_dict(teachers[0].backbone.state_dict())"),
+        ("            return init_model(job.spec, job.seed)\n",
+         "            model = init_model(job.spec, job.seed)\n"
+         "            if job.teachers:\n"
+         "                teacher = self.load_trained(job.teachers[0], job.train_seed)\n"
+         "                model.backbone.load_state_dict(teacher.backbone.state_dict())\n"
+         "            return model\n"),
     ], ["tests/test_methods.py::test_students_start_from_scratch_not_from_a_teacher"]),
     "evaluate-other-normalisation": ("cbdlib/evaluate.py", [
         ("_, logits = predict(model, lt.test_images, lt.mean, lt.std, dev)",

@@ -197,17 +197,16 @@ def balanced_val_accuracy(model: Network, data, device: torch.device) -> float:
     return float((correct[seen] / total[seen]).mean())
 
 
-def model_step(job: Job, model, teachers: list[Network], terms: ClassTerms, precision: str,
-               teacher_forward=None) -> StepLoss:
-    """One model's ``step_loss`` for :func:`run_epoch`. ``model`` may be DDP-wrapped;
-    ``teacher_forward`` (a ``TeacherFeatures``) computes the frozen teachers' features."""
+def model_loss(job: Job, terms: ClassTerms, precision: str, teachers=(), teacher_forward=None):
+    """One model's ``loss_of(epoch, step, x, labels, features, logits)``: from its forward's output,
+    the frozen teachers' forward (a distilling job), the job's loss, the step hooks and the batch's
+    (loss, ce, distill, correct). The one-model step and the grouped step both use it;
+    ``teacher_forward`` (a ``TeacherFeatures``) computes the teachers' features."""
+    teachers = tuple(teachers)
     if job.loss == "cbd" and teacher_forward is None:
-        teacher_forward = TeacherFeatures(teachers, grouped=False)
+        teacher_forward = TeacherFeatures(list(teachers), grouped=False)
 
-    def step_loss(epoch: int, step: int, batch):
-        x, labels = batch
-        with autocast(x.device, precision):
-            features, logits = model(x)
+    def loss_of(epoch: int, step: int, x, labels, features, logits):
         teacher_features = teacher_logits = None
         if job.loss == "cbd":
             with torch.no_grad(), autocast(x.device, precision):
@@ -216,8 +215,24 @@ def model_step(job: Job, model, teachers: list[Network], terms: ClassTerms, prec
                     teacher_logits = teacher_forward.logits(teacher_features)
         loss, ce, distill = job_loss(job, features, logits, labels, terms, teacher_features, teacher_logits, epoch)
         if hooks.active():
-            loss = hooks.after_loss(hooks.Step(job, epoch, step, labels, tuple(teachers)), loss)
-        return loss, step_stats(loss, ce, distill, logits.float(), labels).unsqueeze(0)
+            loss = hooks.after_loss(hooks.Step(job, epoch, step, labels, teachers), loss)
+        return loss, step_stats(loss, ce, distill, logits.float(), labels)
+
+    return loss_of
+
+
+def model_step(job: Job, model, teachers: list[Network], terms: ClassTerms, precision: str,
+               teacher_forward=None) -> StepLoss:
+    """One model's ``step_loss`` for :func:`run_epoch`: its forward, then :func:`model_loss`.
+    ``model`` may be DDP-wrapped."""
+    loss_of = model_loss(job, terms, precision, teachers, teacher_forward)
+
+    def step_loss(epoch: int, step: int, batch):
+        x, labels = batch
+        with autocast(x.device, precision):
+            features, logits = model(x)
+        loss, stats = loss_of(epoch, step, x, labels, features, logits)
+        return loss, stats.unsqueeze(0)
 
     return step_loss
 
@@ -262,6 +277,7 @@ def fit(job: Job, model: Network, data, *, device: torch.device, checkpoint_path
         train_model = compile_for_training(train_model)
         teacher_forward = compile_for_training(teacher_forward) if teacher_forward is not None else None
     step_loss = model_step(job, train_model, teachers, class_terms(data.class_counts), precision, teacher_forward)
+    hooks.starting(job, model)
 
     with ModelProgress(f"{job.name} seed {job.train_seed}", job.epochs, start_epoch, quiet or not main) as progress, \
             tuned_convolutions(device):

@@ -34,12 +34,12 @@ from ..analysis import add_analyses, analyse_seed, calibration_record, load_anal
 from ..config import Settings
 from ..data import LongTailData, check_trainable, data_fingerprint, load_for_settings
 from ..data.device import DeviceData, predict
-from ..devices import resolve_device
+from ..devices import place, resolve_device
 from ..errors import CBDError
 from ..io import write_json
 from ..methods import (
-    DECOUPLED_BASELINES,
     ONE_STAGE_BASELINES,
+    STANDS_ON,
     STUDENTS,
     parse_teacher_name,
     stage_of,
@@ -55,9 +55,9 @@ from ..models import (
     NCMClassifier,
     Network,
     TauNormClassifier,
+    backbone_dim,
 )
 from ..progress import PlannedModel, step_cost, write_plan
-from ..seeding import derive_seed
 from . import distributed
 from .compiled import should_compile
 from .job import Job
@@ -105,12 +105,12 @@ class Experiment:
         self.quiet = settings.smoke if quiet is None else quiet
         self.data = data if data is not None else load_for_settings(settings)
         check_trainable(self.data, settings.batch_size)  # before any model is trained
-        if getattr(self.data, "streaming", False):  # large images: decoded by DataLoader workers
+        self.streaming = getattr(self.data, "streaming", False)  # large images: decoded by DataLoader workers
+        if self.streaming:
             from ..data.streaming import StreamData
 
             self.device_data = StreamData(self.data, self.device, num_workers=settings.num_workers,
                                           eval_batch_size=settings.eval_batch_size)
-            self.test_images = None
         else:  # small images: resident on the device
             self.device_data = DeviceData.from_long_tail(self.data, self.device)
             self.test_images = torch.from_numpy(np.ascontiguousarray(self.data.test_images))
@@ -124,12 +124,12 @@ class Experiment:
         # Stage-1 models share one grouped step on a GPU; on a CPU grouped convolutions are
         # slower than separate ones, and DDP / streaming runs train one model at a time.
         self.together = (self.device.type == "cuda" and not distributed.is_distributed()
-                         and self.test_images is not None)
+                         and not self.streaming)
         self._logits_cache: dict[tuple[int, str], np.ndarray] = {}
-        # What each stage runs for one training seed.
-        self.stage_runners = {"teachers": self._run_teachers, "one_stage": self._run_one_stage,
-                              "decoupled": self._run_decoupled, "students": self._run_students}
-        self._recompute_only = False
+        # What each stage trains for one training seed, and what it derives from that without training.
+        self.stage_jobs = {"teachers": self._teacher_jobs, "one_stage": self._one_stage_jobs,
+                           "decoupled": self._decoupled_jobs, "students": self._student_jobs}
+        self.derived = {"teachers": self._teacher_ensemble, "decoupled": self._post_hoc}
         if self.main:
             write_plan(self.out, self.plan())  # what ``cbdlib run`` weighs its ETA by
 
@@ -194,25 +194,15 @@ class Experiment:
 
     def plan(self) -> list[PlannedModel]:
         """Every model this run trains, with its epochs and the cost of its steps (for the ETA)."""
-        s = self.settings
-        n = len(self.data.train_labels)
-        plain_steps = epoch_steps(n, s.batch_size)[1]
-        entries = []
-        for seed in s.seeds:
-            for job in [*self._teacher_jobs(seed), *self._one_stage_jobs(seed)]:
-                stage = stage_of(job.name)
-                entries.append(PlannedModel(job.name, seed, stage,
-                                            job.epochs, plain_steps, step_cost()))
-            for name, epochs in (("crt", s.decoupled_epochs), ("lws", s.lws_epochs)):
-                if name in self.wanted:  # class-aware epochs of N images (Kang et al.'s loop)
-                    entries.append(PlannedModel(name, seed, "decoupled", epochs, plain_steps,
-                                                step_cost(train_backbone=False)))
-            for name in STUDENTS:
-                if name in self.wanted:
-                    teachers = len(student_teachers(name, s.teacher_names))
-                    entries.append(PlannedModel(name, seed, "students", s.epochs, plain_steps,
-                                                step_cost(teachers=teachers)))
-        return entries
+        # Every epoch is of N images, cRT's and LWS's class-aware ones too (Kang et al.'s loop).
+        steps = epoch_steps(len(self.data.train_labels), self.settings.batch_size)[1]
+        return [PlannedModel(job.name, seed, stage, job.epochs, steps,
+                             step_cost(train_backbone=job.train_backbone, teachers=len(job.teachers)))
+                for seed in self.settings.seeds for stage in STAGES for job in self.jobs(stage, seed)]
+
+    def jobs(self, stage: str, seed: int) -> list[Job]:
+        """What ``stage`` trains for training seed ``seed``: its jobs (nothing is loaded or trained)."""
+        return self.stage_jobs[stage](seed)
 
     # --- running -----------------------------------------------------------------------
     def run(self, stage: str = "all") -> dict:
@@ -224,31 +214,84 @@ class Experiment:
                 t0 = time.perf_counter()
                 # Wall time summed over invocations (a killed or failed one included) for metrics.json.
                 with runs.timed(self.out / runs.STAGE_TIMES, part) if self.main else contextlib.nullcontext():
-                    if not self._train_together(part):
-                        for seed in self.settings.seeds:
-                            self.stage_runners[part](seed)
+                    self.run_stage(part)
                 self.stage_times[part] = self.stage_times.get(part, 0.0) + time.perf_counter() - t0
                 report(f"stage {part} done in {self.stage_times[part]:.1f} s")
             metrics = self.write_metrics() if self.main else {}
         distributed.barrier()
         return metrics
 
+    def run_stage(self, stage: str) -> None:
+        """Train ``stage``'s models of every seed, then evaluate each seed's. Models that can share
+        a step (stage 1 on a GPU, see ``together.py``) train together, every seed at once."""
+        by_seed = {seed: self.jobs(stage, seed) for seed in self.settings.seeds}
+        jobs = [job for seed_jobs in by_seed.values() for job in seed_jobs]
+        grouped = self.together and can_train_together(jobs)
+        if grouped:
+            models = iter(fit_together(  # the trained models, in the order of jobs
+                jobs, [self.start_model(j) for j in jobs], self.device_data, device=self.device,
+                checkpoint_paths=[runs.checkpoint_path(self.out, j.train_seed, j.name) for j in jobs],
+                history_path=self.out / "history.jsonl", metas=[self.meta(j.name, j.train_seed) for j in jobs],
+                stage=stage, quiet=self.quiet, precision=self.precision))
+        for seed, seed_jobs in by_seed.items():
+            trained = [(job, next(models) if grouped else self.train_job(job, stage)) for job in seed_jobs]
+            self.evaluate_stage(stage, seed, trained)
+
+    def start_model(self, job: Job) -> Network:
+        """The weights ``job`` starts from: a new model of its own seed (a student too: from scratch,
+        not from a teacher); for cRT and LWS, ``ce``'s finished model with a new classifier (its
+        backbone stays frozen: ``train_backbone=False``)."""
+        if job.train_backbone:
+            return init_model(job.spec, job.seed)
+        model = self.load_trained(STANDS_ON[job.name][0], job.train_seed)  # ce
+        if job.name == "crt":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(job.seed)
+                model.classifier = LinearClassifier(model.feature_dim, self.data.num_classes).to(self.device)
+        else:
+            model.classifier = LWSClassifier(model.classifier)
+        return model
+
+    def train_job(self, job: Job, stage: str) -> Network:
+        """``job`` trained from its start model (a student against its frozen teachers)."""
+        teachers = self.frozen_teachers(job.teachers, job.train_seed) if job.teachers else None
+        return self.train(job, self.start_model(job), stage, teachers=teachers)
+
     def train(self, job: Job, model: Network, stage: str, teachers=None, checkpoint_path: Path | None = None,
-               history_path: Path | None = None) -> Network:
+              history_path: Path | None = None) -> Network:
         """``fit`` into this run's checkpoints and history (the ablation passes its own files)."""
-        if self._recompute_only:  # recomputing a damaged evaluation: load finished models, train none
-            path = runs.checkpoint_path(self.out, job.train_seed, job.name)
-            if not path.exists() or not ckpt.load_checkpoint(path, fallback=True)["meta"].get("complete"):
-                raise CBDError(f"{job.name} (seed {job.train_seed}) has no finished checkpoint")
         return fit(job, model, self.device_data, device=self.device,
                    checkpoint_path=checkpoint_path or runs.checkpoint_path(self.out, job.train_seed, job.name),
                    history_path=history_path or self.out / "history.jsonl", meta=self.meta(job.name, job.train_seed),
                    stage=stage, teachers=teachers, quiet=self.quiet, sync_bn=self.settings.sync_bn,
                    precision=self.precision, use_compile=self.use_compile)
 
+    # --- evaluation --------------------------------------------------------------------
+    def evaluate_stage(self, stage: str, seed: int, trained: list[tuple[Job, Network]]) -> None:
+        """Test metrics of ``stage``'s trained models of ``seed``, then of the models it derives from
+        them without training (the teacher ensemble; tau-norm, NCM, logit adjustment); rank 0 only."""
+        if not self.main:
+            return
+        for job, model in trained:
+            extra = {"teachers": job.teachers} if job.teachers else None
+            self.evaluate(model, job.name, seed, extra, save_features=job.name in self.feature_methods())
+        if stage in self.derived:
+            self.derived[stage](seed)
+
+    def feature_methods(self) -> tuple:
+        """The models whose test features are kept for t-SNE: the first teacher, ``ce`` and CBD-ENS."""
+        return (*self.settings.teacher_names[:1], "ce", "cbd_ens")
+
+    def finished_model(self, job: Job) -> Network:
+        """``job``'s model from its finished checkpoint, on the device in training's layout (to evaluate again)."""
+        path = runs.checkpoint_path(self.out, job.train_seed, job.name)
+        if not path.exists():
+            raise CBDError(f"{job.name} (seed {job.train_seed}) has no finished checkpoint")
+        return place(ckpt.load_model(path, self.data_identity(), self.device), self.device)
+
     def predict(self, model: Network, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features, logits) of the train, val or test images, without augmentation."""
-        if self.test_images is None:
+        if self.streaming:
             features, logits, _ = self.device_data.predict(model, split, self.device)
             return features, logits
         images = {"train": self.data.train_images, "val": self.data.val_images, "test": self.test_images}[split]
@@ -297,7 +340,7 @@ class Experiment:
     def analyse(self) -> None:
         """Probes and teacher agreement of the finished models (``cbdlib.analysis``), once each.
         Streamed large images are left out: a probe would need every training feature of every model."""
-        if self.test_images is None:
+        if self.streaming:
             return
         for seed in self.settings.seeds:
             done = analyse_seed(self.out, seed, self.data, lambda path: ckpt.load_model(path, self.data_identity(),
@@ -306,7 +349,8 @@ class Experiment:
                 report(f"seed {seed} analysed: {', '.join(done)}")
 
     def _evaluations(self) -> dict:
-        """The run's evaluations; a damaged file is recomputed from the checkpoints (with a warning)."""
+        """The run's evaluations; a damaged file is evaluated again from the finished checkpoints of its
+        stage (with a warning)."""
         damaged: list = []
         evaluations = runs.load_evaluations(self.out, damaged)
         for path, reason in damaged:
@@ -315,11 +359,7 @@ class Experiment:
                 stage = stage_of(method)
                 if stage is None:
                     raise CBDError("no stage of this package makes it")
-                self._recompute_only = True
-                try:
-                    self.stage_runners[stage](seed)
-                finally:
-                    self._recompute_only = False
+                self.evaluate_stage(stage, seed, [(job, self.finished_model(job)) for job in self.jobs(stage, seed)])
                 if not runs.load_evaluations(self.out, []).get(method, {}).get(seed):
                     raise CBDError(f"this run no longer makes {method}")
             except CBDError as error:
@@ -343,12 +383,9 @@ class Experiment:
         return [self.job(name, seed, self.spec("cosine"), sampling="instance", augment=parse_teacher_name(name)[0])
                 for name in self.settings.teacher_names]
 
-    def _run_teachers(self, seed: int, trained: dict | None = None) -> None:
-        names = self.teacher_names()
-        for job in self._teacher_jobs(seed):
-            model = trained[job.name] if trained else self.train(job, init_model(job.spec, job.seed), "teachers")
-            self.evaluate(model, job.name, seed, save_features=(job.name == names[0]))
-        if "teacher_ensemble" in self.wanted and self.main:
+    def _teacher_ensemble(self, seed: int) -> None:
+        if "teacher_ensemble" in self.wanted:
+            names = self.teacher_names()
             logits = [self._teacher_logits(name, seed) for name in names]
             self.record(np.mean(logits, axis=0), "teacher_ensemble", seed, {"members": names})
 
@@ -373,65 +410,25 @@ class Experiment:
         needed += [m for m in ONE_STAGE_BASELINES if m in self.wanted and m not in needed]
         return [self.job(name, seed, recipes[name][0], **recipes[name][1]) for name in needed]
 
-    def _run_one_stage(self, seed: int, trained: dict | None = None) -> None:
-        for job in self._one_stage_jobs(seed):
-            model = trained[job.name] if trained else self.train(job, init_model(job.spec, job.seed), "one_stage")
-            self.evaluate(model, job.name, seed, save_features=(job.name == "ce"))
-
-    def _train_together(self, part: str) -> bool:
-        """Stage-1 models of every seed in one grouped step (see ``together.py``); False if not applicable."""
-        if not self.together or part not in ("teachers", "one_stage"):
-            return False
-        plan = self._teacher_jobs if part == "teachers" else self._one_stage_jobs
-        jobs = [job for seed in self.settings.seeds for job in plan(seed)]
-        if not can_train_together(jobs):
-            return False
-        models = fit_together(
-            jobs, [init_model(j.spec, j.seed) for j in jobs], self.device_data, device=self.device,
-            checkpoint_paths=[runs.checkpoint_path(self.out, j.train_seed, j.name) for j in jobs],
-            history_path=self.out / "history.jsonl", metas=[self.meta(j.name, j.train_seed) for j in jobs],
-            stage=part, quiet=self.quiet, precision=self.precision)
-        runner = self._run_teachers if part == "teachers" else self._run_one_stage
-        for seed in self.settings.seeds:
-            runner(seed, {j.name: m for j, m in zip(jobs, models) if j.train_seed == seed})
-        return True
-
     # --- decoupled baselines (Kang et al. 2020) --------------------------------------
-    def _run_decoupled(self, seed: int) -> None:
-        needed = [m for m in DECOUPLED_BASELINES if m in self.wanted]
-        if not needed:
-            return
-        base = self.load_trained("ce", seed)
+    def _decoupled_jobs(self, seed: int) -> list[Job]:
+        """cRT (a new linear classifier) and LWS (per-class scales of ``ce``'s), re-trained on ``ce``'s frozen
+        backbone as Kang et al.'s code does: class-aware sampling, SGD with cosine decay to 0."""
         s = self.settings
-        epochs = {"crt": s.decoupled_epochs, "lws": s.lws_epochs}
-        for name in ("crt", "lws"):
-            if name not in needed:
-                continue
-            model = copy.deepcopy(base)
-            if name == "crt":
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(derive_seed(name, seed))
-                    model.classifier = LinearClassifier(base.feature_dim, self.data.num_classes).to(self.device)
-                spec = self.spec("linear")
-            else:
-                model.classifier = LWSClassifier(copy.deepcopy(base.classifier))
-                spec = self.spec("lws")
-            for p in model.backbone.parameters():
-                p.requires_grad_(False)
-            # Kang et al.'s classifier re-training: class-aware sampling, SGD with cosine decay to 0.
-            job = self.job(name, seed, spec, sampling="class_aware", epochs=epochs[name], schedule="cosine",
-                           warmup_epochs=0, lr=s.decoupled_lr, weight_decay=s.decoupled_weight_decay,
-                           train_backbone=False, decoupled_bn=s.decoupled_bn)
-            model = self.train(job, model, "decoupled")
-            self.evaluate(model, name, seed)
-        if not self.main:  # tau-norm and NCM train nothing: rank 0 derives and evaluates them
-            return
-        if "tau_norm" in needed:
-            self._tau_norm(base, seed)
-        if "ncm" in needed:
-            self._ncm(base, seed)
-        if "logit_adjust" in needed:
-            self._logit_adjust(base, seed)
+        recipes = {"crt": (self.spec("linear"), s.decoupled_epochs), "lws": (self.spec("lws"), s.lws_epochs)}
+        return [self.job(name, seed, spec, sampling="class_aware", epochs=epochs, schedule="cosine", warmup_epochs=0,
+                         lr=s.decoupled_lr, weight_decay=s.decoupled_weight_decay,
+                         train_backbone=False, decoupled_bn=s.decoupled_bn)
+                for name, (spec, epochs) in recipes.items() if name in self.wanted]
+
+    def _post_hoc(self, seed: int) -> None:
+        """tau-norm, NCM and logit adjustment: derived from ``ce``'s finished model, trained not at all."""
+        derive = {"tau_norm": self._tau_norm, "ncm": self._ncm, "logit_adjust": self._logit_adjust}
+        needed = [name for name in derive if name in self.wanted]
+        if needed:
+            base = self.load_trained("ce", seed)
+            for name in needed:
+                derive[name](base, seed)
 
     def _tau_norm(self, base: Network, seed: int) -> None:
         weight = base.classifier.weight.detach().float().cpu()
@@ -483,16 +480,9 @@ class Experiment:
                              model=model.state_dict())
 
     # --- stage 2: class-balanced distillation ----------------------------------------
-    def _run_students(self, seed: int) -> None:
-        for name in STUDENTS:
-            if name not in self.wanted:
-                continue
-            names = student_teachers(name, self.settings.teacher_names)
-            teachers = self.frozen_teachers(names, seed)
-            job = self.student_job(name, seed, names, teachers)
-            model = init_model(job.spec, derive_seed(name, seed))  # from scratch, not from a teacher
-            model = self.train(job, model, "students", teachers=teachers)
-            self.evaluate(model, name, seed, {"teachers": names}, save_features=(name == "cbd_ens"))
+    def _student_jobs(self, seed: int) -> list[Job]:
+        return [self.student_job(name, seed, student_teachers(name, self.settings.teacher_names))
+                for name in STUDENTS if name in self.wanted]
 
     def frozen_teachers(self, names: list[str], seed: int) -> list[Network]:
         """The trained teachers ``names`` of ``seed``, in eval mode and without gradients."""
@@ -503,14 +493,15 @@ class Experiment:
                 p.requires_grad_(False)
         return teachers
 
-    def student_job(self, name: str, seed: int, teacher_names: list[str], teachers: list[Network],
-                    projection: bool | None = None, **changes) -> Job:
-        """A CBD student's recipe: class-balanced sampling, the CBD loss on ``teachers``' features, a
-        projection to their summed feature size (``projection_dim`` when set); ``changes`` (the
-        ablation's) replace the run's own settings."""
+    def student_job(self, name: str, seed: int, teacher_names: list[str], projection: bool | None = None,
+                    **changes) -> Job:
+        """A CBD student's recipe: class-balanced sampling, the CBD loss on the features of the teachers
+        ``teacher_names``, a projection to their summed feature size (``projection_dim`` when set);
+        ``changes`` (the ablation's) replace the run's own settings."""
         s = self.settings
         projection = s.projection if projection is None else projection
-        projection_dim = (s.projection_dim or sum(t.feature_dim for t in teachers)) if projection else None
+        teacher_dims = len(teacher_names) * backbone_dim(s.arch)  # the run's teachers share its arch
+        projection_dim = (s.projection_dim or teacher_dims) if projection else None
         values = dict(sampling="class_balanced", loss="cbd", teachers=list(teacher_names),
                       logit_distill_weight=s.logit_distill_weight,
                       logit_distill_temperature=s.logit_distill_temperature)

@@ -1,10 +1,11 @@
 """Several models trained in one batched step (grouped convolutions), each as if alone.
 
 Models of one 32x32 architecture that share a schedule (the stage-1 teachers and the
-one-stage baselines of every seed, or the stage-2 students) are packed into one
-``GroupedCifarResNet``. Each keeps its own seed, index sampling, augmentation, head and
-loss; the summed loss gives every model exactly its own gradient, SGD is elementwise, and
-BatchNorm statistics are per channel, hence per model. Checkpoints are written per model
+one-stage baselines of every seed; not distilling students, the grouped step runs no teachers)
+are packed into one ``GroupedCifarResNet``. Each keeps its own seed, index sampling,
+augmentation, head and loss (``loop.model_loss``, as when trained alone); the summed loss
+gives every model exactly its own gradient, SGD is elementwise, and BatchNorm statistics are
+per channel, hence per model. Checkpoints are written per model
 in the same format as ``loop.fit``, so a model can be resumed or evaluated on its own.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..data.samplers import epoch_length
 from ..devices import place, tuned_convolutions
 from ..errors import CBDError
 from ..models import CIFAR_ARCHS, Network
-from ..models.grouped import GroupedCifarResNet, TeacherFeatures, unpack_state_dict
+from ..models.grouped import GroupedCifarResNet, unpack_state_dict
 from ..progress import ModelProgress
 from . import hooks
 from .job import Job
@@ -33,12 +34,12 @@ from .loop import (
     epoch_steps,
     fit,
     make_optimizer,
+    model_loss,
     report,
     resume,
     run_epoch,
-    step_stats,
 )
-from .losses import class_terms, job_loss
+from .losses import class_terms
 from .precision import autocast
 
 # Jobs must agree on these to share one optimiser step.
@@ -50,7 +51,7 @@ def can_train_together(jobs: list[Job]) -> bool:
         return False
     first = jobs[0]
     return (first.spec.arch in CIFAR_ARCHS
-            and all(j.spec.arch == first.spec.arch and j.train_backbone for j in jobs)
+            and all(j.spec.arch == first.spec.arch and j.train_backbone and j.loss != "cbd" for j in jobs)
             and all(getattr(j, f) == getattr(first, f) for j in jobs for f in SHARED_FIELDS))
 
 
@@ -91,12 +92,10 @@ def _buffers_from_state(model: Network, job: Job, state: dict) -> list[torch.Ten
 
 def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, device: torch.device,
                  checkpoint_paths: list[Path], history_path: Path | None, metas: list[dict], stage: str,
-                 teachers: list[list[Network] | None] | None = None, quiet: bool = False, check_every: int = 50,
-                 precision: str = "fp32") -> list[Network]:
+                 quiet: bool = False, check_every: int = 50, precision: str = "fp32") -> list[Network]:
     """Train ``models`` for ``jobs`` in one batched step per iteration; returns the trained models."""
     if not can_train_together(jobs):
-        raise CBDError("these models cannot share a step (different architecture or schedule)")
-    teachers = teachers or [None] * len(jobs)
+        raise CBDError("these models cannot share a step (different architecture or schedule, or a distilling job)")
     states = [resume(job, model, path) for job, model, path in zip(jobs, models, checkpoint_paths)]
     done = [_epochs_done(job, state) for job, state in zip(jobs, states)]
     if len(set(done)) > 1:  # a kill between the models' checkpoint writes, or a fallback to an older .prev.pt
@@ -108,13 +107,13 @@ def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, de
             if len(part) > 1:
                 fit_together(*_pick(part, jobs, models), data, device=device,
                              checkpoint_paths=_pick(part, checkpoint_paths)[0], history_path=history_path,
-                             metas=_pick(part, metas)[0], stage=stage, teachers=_pick(part, teachers)[0],
-                             quiet=quiet, check_every=check_every, precision=precision)
+                             metas=_pick(part, metas)[0], stage=stage, quiet=quiet, check_every=check_every,
+                             precision=precision)
             else:
                 k = part[0]
                 fit(jobs[k], models[k], data, device=device, checkpoint_path=checkpoint_paths[k],
-                    history_path=history_path, meta=metas[k], stage=stage, teachers=teachers[k], quiet=quiet,
-                    check_every=check_every, precision=precision)
+                    history_path=history_path, meta=metas[k], stage=stage, quiet=quiet, check_every=check_every,
+                    precision=precision)
         return models
     start_epoch, resume_buffers = _resume_point(jobs, models, states)
     if start_epoch is None:  # every model already finished
@@ -130,9 +129,9 @@ def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, de
 
     batch_size, steps = epoch_steps(epoch_length(first.sampling, data.class_counts.tolist()), first.batch_size)
     epoch_batches = [data.batches(job, batch_size, steps, device) for job in jobs]
-    teacher_features = [place(TeacherFeatures(t), device) if t else None for t in teachers]
-    step_loss = _group_step(jobs, group, teacher_features, teachers, class_terms(data.class_counts), precision,
-                            device)
+    step_loss = _group_step(jobs, group, class_terms(data.class_counts), precision, device)
+    for job, model in zip(jobs, models):
+        hooks.starting(job, model)
     every = checkpoint_interval(first.epochs)
 
     # One bar for the group (the first model's epochs are everyone's), one closing line per model.
@@ -173,30 +172,21 @@ def fit_together(jobs: list[Job], models: list[Network], data: DeviceData, *, de
     return models
 
 
-def _group_step(jobs, group: _Group, teacher_features, teachers, terms, precision: str, device):
+def _group_step(jobs, group: _Group, terms, precision: str, device):
     """The grouped ``step_loss`` for ``run_epoch``: one forward of every model's batch (each model
-    reads its own images from its own input channels), each model's own loss, summed."""
+    reads its own images from its own input channels), each model's own loss (``loop.model_loss``),
+    summed."""
+    losses = [model_loss(job, terms, precision) for job in jobs]
+
     def step_loss(epoch: int, step: int, batch):
         xs, labels = [x for x, _ in batch], [y for _, y in batch]
         with autocast(device, precision):  # heads inside too, as in Network.forward
             pooled = group.backbone(torch.cat(xs, dim=1))
             feats = [group.projections[k](pooled[:, k]) for k in range(len(jobs))]
             all_logits = [group.heads[k](feats[k]) for k in range(len(jobs))]
-        losses, stats = [], []
-        for k, job in enumerate(jobs):
-            logits = all_logits[k].float()
-            t_feats = t_logits = None
-            if job.loss == "cbd":
-                with autocast(device, precision):
-                    t_feats = teacher_features[k](xs[k])
-                if job.logit_distill_weight > 0:
-                    t_logits = teacher_features[k].logits(t_feats)
-            loss, ce, distill = job_loss(job, feats[k], logits, labels[k], terms, t_feats, t_logits, epoch)
-            if hooks.active():
-                loss = hooks.after_loss(hooks.Step(job, epoch, step, labels[k], tuple(teachers[k] or ())), loss)
-            losses.append(loss)
-            stats.append(step_stats(loss, ce, distill, logits, labels[k]))
-        return torch.stack(losses).sum(), torch.stack(stats)
+        results = [loss_of(epoch, step, x, y, f, z)
+                   for loss_of, x, y, f, z in zip(losses, xs, labels, feats, all_logits)]
+        return torch.stack([loss for loss, _ in results]).sum(), torch.stack([stats for _, stats in results])
 
     return step_loss
 

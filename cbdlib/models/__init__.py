@@ -5,6 +5,7 @@ and checked (architecture, class count, classifier) before its weights are loade
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -92,6 +93,13 @@ def build_backbone(arch: str, zero_init_residual: bool = False) -> tuple[nn.Modu
     raise CBDError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
+@functools.cache
+def backbone_dim(arch: str) -> int:
+    """The pooled feature size of ``arch``'s backbone (a teacher's feature size); the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        return build_backbone(arch)[1]
+
+
 def build_classifier(spec: ModelSpec, in_features: int) -> nn.Module:
     c = spec.num_classes
     if spec.classifier == "cosine":
@@ -115,6 +123,6 @@ def build_model(spec: ModelSpec) -> Network:
 
 
 __all__ = [
-    "ARCHS", "ModelSpec", "Network", "build_model", "build_backbone",
+    "ARCHS", "ModelSpec", "Network", "build_model", "build_backbone", "backbone_dim",
     "CosineClassifier", "LinearClassifier", "LWSClassifier", "NCMClassifier", "TauNormClassifier", "Projection",
 ]
