@@ -77,7 +77,8 @@ def emit(**row) -> None:
 def grid() -> None:
     for arch in ("resnet8", "resnet20", "resnet32"):
         for precision, channels_last, compiled in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
-            rate, warmup_s, finite = step_rate(arch, precision, channels_last, compiled, steps=20 if arch == "resnet8" else 10)
+            steps = 20 if arch == "resnet8" else 10
+            rate, warmup_s, finite = step_rate(arch, precision, channels_last, compiled, steps=steps)
             emit(arch=arch, precision=precision, channels_last=channels_last, compiled=compiled, img_s=round(rate),
                  warmup_s=round(warmup_s, 1), finite_gradients=finite)
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .data import load_long_tail
-from .engine import load_model, predict, resolve_device
+from .data.device import predict
+from .devices import resolve_device
 from .errors import CBDError
 from .metrics import accuracy_record
 
@@ -30,7 +31,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, device: str =
     _check_same_classes(meta, lt, path, data if data is not None else meta.get("data"))
     dev = resolve_device(device)
     expected = {"dataset": meta["dataset"], "num_classes": lt.num_classes, "class_counts": lt.class_counts}
-    model = load_model(path, expected, dev)
+    model = ckpt.load_model(path, expected, dev)
     _, logits = predict(model, lt.test_images, lt.mean, lt.std, dev)
     record = accuracy_record(logits, lt.test_labels, lt.splits)
     record.pop("confusion")

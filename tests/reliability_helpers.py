@@ -1,13 +1,16 @@
 """What the reliability tests (``tests/reliability/``, one file per section of docs/reliability.md)
-and the fault catalogue share: the tiny digits run, the command-line helpers, toy checkpoints.
-Their fixtures are in ``tests/reliability/conftest.py``.
+and the fault tests of the other files share: the tiny digits run, the command-line helpers, toy
+checkpoints, a test's private folders, a fake run folder. The reliability fixtures are in
+``tests/reliability/conftest.py``; no test file imports from another.
 
 Subprocess tests pin OMP_NUM_THREADS=1: CPU results are bit-identical between runs
 only at the same thread count.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,8 +23,11 @@ from PIL import Image
 
 import cbdlib
 from cbdlib import checkpoint as ckpt
+from cbdlib import runs
 from cbdlib.config import make_params, resolve
+from cbdlib.data.stats import class_splits
 from cbdlib.engine import hooks
+from cbdlib.metrics import split_accuracy
 
 ROOT = Path(cbdlib.__file__).resolve().parent.parent
 # Subprocesses and waits are bounded only to stop a hung process, never to require speed: a busy
@@ -125,3 +131,51 @@ def error_line(stderr: str) -> str:
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: "), stderr
     return line
+
+
+def private_folders(tmp_path: Path, monkeypatch) -> None:
+    """A test's own cache and results folders, ``CBD_SMOKE`` unset, and ``cbdlib``'s log seen by caplog
+    (``workbook.configure_logging``, a notebook's setup run in process, stops its propagation)."""
+    monkeypatch.setenv("CBD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CBD_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.delenv("CBD_SMOKE", raising=False)
+    monkeypatch.setattr(logging.getLogger("cbdlib"), "propagate", True)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes: "nothing changed" is ``snapshot(f) == before``.
+
+    The lock file is left out: taking the lock writes the taker's pid into it.
+    """
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def run_main(main, argv, capsys) -> tuple[int, str]:
+    """An entry point in process: (exit status, stderr)."""
+    capsys.readouterr()
+    status = main(argv)
+    return status, capsys.readouterr().err
+
+
+FAKE_RUN_COUNTS = [40, 20, 10]
+
+
+def fake_run(root: Path, name: str, seeds: list, evaluated: list, methods: list) -> Path:
+    """A run folder whose params ask for ``methods`` and whose evaluations hold only ``evaluated``."""
+    run = root / name
+    splits = class_splits(FAKE_RUN_COUNTS)
+    evaluations = {}
+    for method in evaluated:
+        for seed in seeds:
+            per_class = [0.9 - 0.2 * i + 0.01 * seed for i in range(3)]
+            record = {"all": float(np.mean(per_class)), "per_class": per_class, "method": method, "seed": seed}
+            record.update({k: split_accuracy(per_class, c) for k, c in splits.items()})
+            runs.save_evaluation(run, seed, method, record)
+            evaluations.setdefault(method, {})[seed] = record
+    params = dataclasses.asdict(make_params({"run_name": name, "seeds": seeds, "methods": methods}))
+    (run / "params.yaml").write_text(yaml.safe_dump(params))
+    metrics = runs.build_metrics(evaluations, dataset="digits", imbalance_ratio=10.0, class_counts=FAKE_RUN_COUNTS,
+                                 splits=splits, seeds=seeds, prov={"device": "cpu", "torch": "2", "git_commit": "x"})
+    runs.write_metrics(run, metrics, ["a", "b", "c"])
+    return run

@@ -2,17 +2,20 @@
 first seed's features and CBD-ENS model, notebook 04's figures, wall times and a reading that
 agrees with the numbers."""
 import json
+import logging
 
 import pytest
+from reliability_helpers import error_line, fake_run, run_main
 from shared_runs import copy_run
 
+from cbdlib import CBDError, pipeline, runs
 from cbdlib import __main__ as cli
-from cbdlib import runs
 from cbdlib.analysis.reading import compare, reading_lines, verdict
 from cbdlib.config import make_params, resolve
 from cbdlib.engine import Experiment
 from cbdlib.evaluate import evaluate_checkpoint
 from cbdlib.pipeline import aggregate_runs
+from cbdlib.runs import evaluation_path
 from cbdlib.text import format_seconds
 
 SMALL = dict(dataset="digits", imbalance_ratio=10, arch="resnet_tiny", epochs=2, decoupled_epochs=1, lws_epochs=1,
@@ -142,3 +145,35 @@ def test_seeds_that_trained_in_different_precisions_are_merged_and_said_so(seed_
     assert "- `copy_of_run_seed2`: seeds 2, precision bf16" in summary
     assert "the seeds trained in different precisions" in summary
     assert str(a.parent) not in summary  # sources by run name, not by the folders of the machine that ran them
+
+
+# --- refusals ----------------------------------------------------------------------------------
+
+def test_aggregate_refuses_an_unfinished_run_or_says_what_each_mean_covers(tmp_path, monkeypatch, capsys, caplog):
+    # workbook.configure_logging (a notebook's setup run in process) stops propagation; caplog needs it.
+    monkeypatch.setattr(logging.getLogger("cbdlib"), "propagate", True)
+    done = fake_run(tmp_path, "seed1", [1], ["ce", "cbd"], ["ce", "cbd"])
+    killed = fake_run(tmp_path, "seed2", [2], ["ce"], ["ce", "cbd"])  # killed before cbd finished
+    out = tmp_path / "merged"
+    status, err = run_main(cli.main, ["aggregate", str(done), str(killed), "--out", str(out)], capsys)
+    assert status == 2
+    assert error_line(err) == (f"error: cannot merge {killed}: the run is unfinished (no evaluation of cbd (seed 2)); "
+                               f"finish it with the command that made it, or pass --partial to merge what there is "
+                               f"(each mean then says how many seeds it covers)")
+    assert not out.exists()
+
+    with caplog.at_level(logging.INFO, logger="cbdlib.pipeline"):
+        pipeline.aggregate_runs([done, killed], out, partial=True, notebook=False)  # fake records: no figures
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"]["ce"]["seeds"] == [1, 2] and metrics["methods"]["cbd"]["seeds"] == [1]
+    assert metrics["partial"] == {"cbd": [1]}
+    assert "warning: partial merge: cbd is the mean of 1 of 2 seeds (1)" in caplog.text
+    assert "**partial merge** (`--partial`): `cbd` is the mean of 1 of 2 seeds (1)" in (out / "summary.md").read_text()
+
+
+def test_aggregate_names_a_damaged_evaluation(tmp_path):
+    run = fake_run(tmp_path, "r", [1], ["ce"], ["ce"])
+    evaluation_path(run, 1, "ce").write_bytes(b"\x00\xff garbage")
+    with pytest.raises(CBDError, match=r"^.*/evaluations/seed_1/ce.json is damaged \(not valid JSON: .*\); delete it "
+                                       r"and rerun the stage that wrote it"):
+        pipeline.aggregate_runs([run], tmp_path / "out")

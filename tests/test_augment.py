@@ -433,7 +433,8 @@ class PythonDataTensors:
 
 
 def test_no_tensor_is_built_from_python_data_in_the_augmentation_or_the_training_step(monkeypatch, digits):
-    from cbdlib.engine import DeviceData, Job, loop
+    from cbdlib.data.device import DeviceData
+    from cbdlib.engine import Job, loop
     from cbdlib.engine.losses import log_prior
     from cbdlib.models import ModelSpec
 

@@ -11,10 +11,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cbdlib import CBDError, plots, workbook  # noqa: E402
+from cbdlib.checkpoint import load_model  # noqa: E402
 from cbdlib.config import load_params, load_params_file, make_params, params_dir, resolve  # noqa: E402
 from cbdlib.data import long_tail_counts  # noqa: E402
 from cbdlib.data.samplers import CLASS_AWARE_SAMPLES_PER_CLASS, IndexSampler, StrategySampler, epoch_length  # noqa: E402
-from cbdlib.engine import Experiment, load_model  # noqa: E402
+from cbdlib.engine import Experiment  # noqa: E402
 from cbdlib.engine.loop import epoch_steps  # noqa: E402
 from cbdlib.engine.stages import first_best  # noqa: E402
 from cbdlib.evaluate import evaluate_checkpoint  # noqa: E402

@@ -1,7 +1,14 @@
-"""The one parameter schema: YAML files, overrides, types, smoke resolution."""
-import pytest
+"""The one parameter schema: YAML files, overrides, types, smoke resolution; every bad value refused
+before any work."""
+import json
+import re
 
-from cbdlib import CBDError
+import pytest
+import torch
+from reliability_helpers import TINY, error_line, run_main, snapshot, tiny_settings, write_params
+
+from cbdlib import CBDError, workbook
+from cbdlib import train as train_cli
 from cbdlib.config import (
     SMOKE_SETTINGS,
     Params,
@@ -13,6 +20,8 @@ from cbdlib.config import (
     parse_override,
     resolve,
 )
+from cbdlib.engine import Experiment
+from cbdlib.param_rules import ParameterError
 
 
 @pytest.mark.parametrize("name", ["smoke.yaml", "default.yaml"])
@@ -81,3 +90,80 @@ def test_contract_method_names():
     assert set(names) == {"ce", "ce_cb", "crt", "lws", "tau_norm", "ncm", "balanced_softmax", "teacher_vanilla_1",
                           "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2", "teacher_ensemble", "cbd", "cbd_ens",
                           "ldam_drw", "ce_drw", "logit_adjust"}
+
+
+# --- every value checked before any work ------------------------------------------------------
+
+BAD_VALUES = [
+    ("lr", -0.1, "lr must be > 0, got -0.1"),
+    ("lr", 0, "lr must be > 0, got 0.0"),
+    ("lr", float("nan"), "lr must be a finite number, got nan"),
+    ("alpha", float("inf"), "alpha must be a finite number, got inf"),
+    ("weight_decay", -1e-4, "weight_decay must be >= 0, got -0.0001"),
+    ("momentum", 1.5, "momentum must be in [0, 1), got 1.5"),
+    ("epochs", 0, "epochs must be >= 1, got 0"),
+    ("decoupled_epochs", 0, "decoupled_epochs must be >= 1, got 0"),
+    ("warmup_epochs", -1, "warmup_epochs must be >= 0, got -1"),
+    ("val_per_class", 0, "val_per_class must be >= 1, got 0"),
+    ("batch_size", 0, "batch_size must be >= 1, got 0"),
+    ("cosine_scale", 0, "cosine_scale must be > 0, got 0.0"),
+    ("beta", -1, "beta must be > 0, got -1.0"),
+    ("logit_distill_temperature", 0, "logit_distill_temperature must be > 0, got 0.0"),
+    ("projection_dim", 0, "projection_dim must be >= 1, got 0"),
+    ("imbalance_ratio", 0.5, "imbalance_ratio must be >= 1, got 0.5"),
+    ("lt_seed", -1, "lt_seed must be >= 0, got -1"),
+    ("tsne_samples", 0, "tsne_samples must be >= 1, got 0"),
+    ("methods", [], "methods must be null (every method) or a non-empty list of method names, got []"),
+    ("arch", "resnet33", "unknown arch 'resnet33': arch must be one of resnet32, resnet20, resnet8, resnet_tiny"),
+    ("device", "gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("data", "some/folder", "data must be null for dataset digits (it is built in), got 'some/folder'"),
+]
+if not torch.cuda.is_available():
+    BAD_VALUES.append(("device", "cuda", "device 'cuda' asked for, but CUDA is not available here; "
+                                         "use device: auto or cpu"))
+
+
+@pytest.mark.parametrize("key, value, message", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
+def test_every_bad_value_is_refused_before_any_work(tmp_path, capsys, key, value, message):
+    with pytest.raises(ParameterError, match="^" + re.escape(message)) as err:
+        make_params({**TINY, key: value})
+    assert err.value.key == key
+    # cbdlib.train: one line, exit 2, no run folder.
+    params = write_params(tmp_path / "p.yaml", {**TINY, key: value})
+    out = tmp_path / "run"
+    status, stderr = run_main(train_cli.main, ["--params", str(params), "--out", str(out)], capsys)
+    assert status == 2 and message in error_line(stderr) and not out.exists()
+    # A notebook's setup cell (notebook 02 declares every key).
+    with pytest.raises(CBDError, match="^" + re.escape(message)):
+        workbook.setup({**TINY, key: value}, notebook="02")
+
+
+def test_a_gpu_the_machine_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert make_params({"device": "cuda:0"}).device == "cuda:0"
+    with pytest.raises(CBDError, match=r"^device 'cuda:3' asked for, but this machine has 1 GPU\(s\) \(cuda:0..\)$"):
+        make_params({"device": "cuda:3"})
+
+
+def test_a_refused_value_changes_nothing_in_an_existing_run(tmp_path, digits, capsys):
+    out = tmp_path / "run"
+    Experiment(tiny_settings(methods=["ce"], epochs=1), out, data=digits, quiet=True).run("one_stage")
+    before = snapshot(out)
+    params = write_params(tmp_path / "p.yaml", {**TINY, "methods": ["ce"], "epochs": 1})
+    status, err = run_main(train_cli.main, ["--params", str(params), "--out", str(out), "-p", "lr=-1"], capsys)
+    assert status == 2 and "lr must be > 0" in error_line(err)
+    assert snapshot(out) == before
+
+
+def test_smoke_names_the_given_values_it_replaces(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CBD_SMOKE", "1")
+    params = write_params(tmp_path / "p.yaml", {**TINY, "smoke": None, "methods": ["teacher_vanilla_1"]})
+    status, err = run_main(train_cli.main, ["--params", str(params), "--out", str(tmp_path / "run"), "--stage",
+                                            "teachers", "-p", "epochs=5", "-p", "arch=resnet32"], capsys)
+    assert status == 0, err
+    # decoupled_epochs: 1 is the smoke value already, so it is not listed.
+    assert (f"warning: the smoke profile (CBD_SMOKE or smoke: true) replaced given values: arch='resnet32' -> "
+            f"'resnet_tiny' (-p), epochs=5 -> 2 (-p), batch_size=32 -> 64 ({params}), tsne_samples=50 -> 200 "
+            f"({params})") in err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["seeds"] == [1]

@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 
-from cbdlib.data.device import predict
+from cbdlib.data.device import DeviceData, predict
 from cbdlib.devices import exact_float32, tuned_convolutions
-from cbdlib.engine import DeviceData, Job, hooks, loop
+from cbdlib.engine import Job, hooks, loop
 from cbdlib.engine.compiled import compile_for_training
 from cbdlib.models import ModelSpec
 

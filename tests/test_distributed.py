@@ -141,7 +141,8 @@ WORKER = textwrap.dedent('''
     from pathlib import Path
     import torch, torch.nn as nn
     from cbdlib.data import load_long_tail
-    from cbdlib.engine import DeviceData, Job, distributed, hooks, loop
+    from cbdlib.data.device import DeviceData
+    from cbdlib.engine import Job, distributed, hooks, loop
     from cbdlib.models import CosineClassifier, LinearClassifier, ModelSpec, Network, Projection
 
     parser = argparse.ArgumentParser()

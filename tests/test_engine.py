@@ -9,8 +9,10 @@ from shared_runs import RUN, copy_run, run_settings
 
 from cbdlib import CBDError
 from cbdlib import checkpoint as ckpt
+from cbdlib.checkpoint import load_model
 from cbdlib.config import all_method_names
-from cbdlib.engine import Experiment, hooks, load_model, predict
+from cbdlib.data.device import predict
+from cbdlib.engine import Experiment, hooks
 from cbdlib.metrics import validate_metrics
 from cbdlib.runs import checkpoint_path
 

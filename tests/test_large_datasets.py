@@ -138,6 +138,17 @@ def test_stats_command_reads_a_large_benchmark(imagenet_lt, capsys):
     assert stats["class_counts"] == list(TRAIN_COUNTS) and stats["test_images"] == 6
 
 
+def test_a_label_one_past_the_last_class_in_a_large_benchmark_is_named(tmp_path):
+    root = write_split_benchmark(tmp_path / "imagenet")  # three classes, 0..2 in every split
+    train = root / "ImageNet_LT_train.txt"
+    train.write_text(train.read_text() + "train/n000/train_0.JPEG 3\n")
+    entry = len(train.read_text().splitlines())
+    with pytest.raises(CBDError, match="label 3 .* has no image in the test split ImageNet_LT_test.txt") as err:
+        load_long_tail("imagenet_lt", str(root), imbalance_ratio=1)
+    assert str(err.value) == (f"{train}: label 3 (image {entry}) has no image in the test split ImageNet_LT_test.txt, "
+                              f"whose labels run 0..2; labels must run 0..C-1")
+
+
 # ---------------------------------------------------------------- iNaturalist json
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from cbdlib.checkpoint import load_model
 from cbdlib.config import make_params, resolve
 from cbdlib.data.longtail import class_permutations, split_pool
-from cbdlib.engine import Experiment, load_model
+from cbdlib.engine import Experiment
 from cbdlib.engine.job import Job
 from cbdlib.engine.losses import class_terms, drw_start, drw_weights, job_loss, ldam_margins
 from cbdlib.engine.stages import TAU_GRID, closest_best

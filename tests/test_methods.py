@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from cbdlib.engine import load_model, loop, predict
+from cbdlib.checkpoint import load_model
+from cbdlib.data.device import predict
+from cbdlib.engine import loop
 from cbdlib.engine.stages import TAU_GRID, first_best
 from cbdlib.metrics import accuracy_record, balanced_accuracy
 from cbdlib.models import LinearClassifier, LWSClassifier, NCMClassifier, TauNormClassifier

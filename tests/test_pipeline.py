@@ -4,23 +4,32 @@ The ``run`` tests use tiny fixture notebooks built here with nbformat; each one 
 parameters it received into the run folder, so routing is checked from outside. The one
 end-to-end test (marked slow) runs the real notebooks on the smoke settings when they exist.
 """
+import contextlib
 import csv
 import dataclasses
+import errno
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 import yaml
+from reliability_helpers import cli_env, error_line, fake_run, run_main, write_params
 
-from cbdlib import config, pipeline, runs
+from cbdlib import __main__ as cli
+from cbdlib import config, pipeline, runs, workbook
 from cbdlib.data.stats import class_splits
 from cbdlib.errors import CBDError
 from cbdlib.metrics import split_accuracy, validate_metrics
+from cbdlib.text import format_seconds
 
 ROOT = config.project_root()
 COUNTS = [500, 300, 180, 110, 70, 40, 25, 15, 8, 5]  # 10 classes, imbalance ratio 100
@@ -366,3 +375,218 @@ def test_the_real_notebooks_refuse_a_bad_value_or_an_unknown_key_before_running(
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: -p {bad}: ") and message in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+# --- resumed runs: wall times and warnings -------------------------------------------------
+
+def test_summary_marks_resumed_notebooks_and_stages(tmp_path):
+    metrics = json.loads((fake_run(tmp_path, "r", [1], ["ce"], ["ce"]) / "metrics.json").read_text())
+    metrics.update(stage_times_s={"one_stage": 2.0, "decoupled": 3.0}, resumed_stages=["one_stage"])
+    text = pipeline.summary_markdown(tmp_path, metrics, timings={"01_a.ipynb": 5.0, "02_b.ipynb": 75.0},
+                                     wall_s=80.0, resumed={"02_b.ipynb", "total"})
+    assert "| 01_a.ipynb | 5.0 s |" in text and "| 02_b.ipynb | 1 min 15 s (resumed) |" in text
+    assert "| **total** | 1 min 20 s (resumed) |" in text
+    assert ("Training stages (summed over every invocation of the engine): one_stage 2.0 s (resumed), "
+            "decoupled 3.0 s") in text
+
+
+FLAKY = ("import logging\nfrom cbdlib import runs, workbook\nworkbook.configure_logging()\n"
+         "out = runs.run_dir_for(run_name)\n"
+         "logging.getLogger('cbdlib.checkpoint')"
+         ".warning('checkpoint x.pt fails its checksum; falling back to x.prev.pt')\n"
+         "if not (out / 'failed_once').exists():\n"
+         "    (out / 'failed_once').write_text('')\n"
+         "    raise RuntimeError('interrupted')\n")
+
+
+def test_cbdlib_run_sums_wall_times_and_relays_warnings(tmp_path, results, monkeypatch, caplog):
+    """A notebook stopped once and rerun: the summary sums both invocations and says resumed; the
+    recovery warning it printed reaches the command's console; smoke says what it replaced."""
+    monkeypatch.setenv("CBD_SMOKE", "1")
+    # workbook.configure_logging (a notebook's setup run in process) stops propagation; caplog needs it.
+    monkeypatch.setattr(logging.getLogger("cbdlib"), "propagate", True)
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(notebooks / "01_flaky.ipynb", "run_name = 'default'\nsmoke = None\n", FLAKY)
+    params = write_params(tmp_path / "p.yaml", {"run_name": "flaky", "dataset": "digits"})
+    with pytest.raises(CBDError, match=r"01_flaky.ipynb failed in cell \d+: RuntimeError: interrupted"):
+        pipeline.run_pipeline(params, {"epochs": 5}, progress=False, notebooks_dir=notebooks)
+    with caplog.at_level(logging.INFO, logger="cbdlib.pipeline"):
+        run = pipeline.run_pipeline(params, {"epochs": 5}, progress=False, notebooks_dir=notebooks)
+    assert "replaced given values: epochs=5 -> 2 (-p)" in caplog.text
+    assert "warning: checkpoint x.pt fails its checksum; falling back to x.prev.pt (01_flaky.ipynb)" in caplog.text
+    times = runs.wall_times(run / runs.NOTEBOOK_TIMES)
+    assert times["01_flaky.ipynb"]["invocations"] == 2 and times["01_flaky.ipynb"]["resumed"]
+    summary = (run / "summary.md").read_text()
+    shown = format_seconds(times["01_flaky.ipynb"]["s"])
+    assert f"| 01_flaky.ipynb | {shown} (resumed) |" in summary
+
+
+# --- every value checked before notebook 01 ------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=-0.1", "error: -p lr=-0.1: lr must be > 0, got -0.1"),
+    ("arch=resnet33", "error: -p arch=resnet33: unknown arch 'resnet33': arch must be one of resnet32"),
+    ("val_per_class=0", "error: -p val_per_class=0: val_per_class must be >= 1, got 0"),
+    ("methods=[]", "error: -p methods=[]: methods must be null (every method) or a non-empty list"),
+])
+def test_cbdlib_run_refuses_a_bad_value_before_notebook_01(results, capsys, override, message):
+    status, err = run_main(cli.main, ["run", "--params", str(ROOT / "notebooks" / "params" / "smoke.yaml"),
+                                      "-p", override], capsys)
+    assert status == 2 and error_line(err).startswith(message), err
+    assert not results.exists()  # no run folder, no index.csv
+
+
+# --- disk full during cbdlib run -----------------------------------------------------------
+
+def _one_notebook(tmp_path: Path, body: str = "x = 1\n", parameters: str = "run_name = 'default'\n") -> Path:
+    folder = tmp_path / "notebooks"
+    folder.mkdir(exist_ok=True)
+    write_notebook(folder / "01_only.ipynb", parameters, body)
+    return folder
+
+
+def test_a_full_disk_while_the_executed_notebook_is_written_keeps_the_previous_copy(tmp_path, results, monkeypatch):
+    from papermill.iorw import LocalHandler
+
+    notebooks = _one_notebook(tmp_path)
+    params = write_params(tmp_path / "p.yaml", {"run_name": "full"})
+    run = pipeline.run_pipeline(params, {}, progress=False, notebooks_dir=notebooks)
+    before = (run / "01_only.ipynb").read_bytes()
+    real_write = LocalHandler.write
+
+    def full_disk(self, buf, path):
+        real_write(self, buf[: len(buf) // 2], path)  # half of it reaches the disk, then it is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(LocalHandler, "write", full_disk)
+    with pytest.raises(CBDError, match="could not write the executed notebook") as err:
+        pipeline.run_pipeline(params, {}, progress=False, notebooks_dir=notebooks)
+    assert str(err.value) == (f"could not write the executed notebook {run / '01_only.ipynb'}: No space left on "
+                              f"device (the previous copy is kept); free some space and rerun the same command "
+                              f"to resume")
+    assert (run / "01_only.ipynb").read_bytes() == before
+    assert not list(run.glob(".partial_*"))
+    monkeypatch.undo()
+    pipeline.run_pipeline(params, {}, progress=False, notebooks_dir=notebooks)  # with space again
+    json.loads((run / "01_only.ipynb").read_text())
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "3m"):
+    """A real file system of ``size`` at ``path`` (tmpfs; needs root, else the test is skipped)."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+FILL = ("from cbdlib import runs\nout = runs.run_dir_for(run_name)\nif fill:\n"
+        "    try:\n        with open(out / 'filler', 'wb') as handle:\n            while True:\n"
+        "                handle.write(b'0' * 65536)\n                handle.flush()\n"
+        "    except OSError as exc:\n        print('the disk is full:', exc.strerror)\n"
+        "    print('one more epoch line\\n' * 1000)  # the executed notebook grows: its next write fails\n")
+
+
+def test_a_really_full_disk_during_cbdlib_run(tmp_path, monkeypatch):
+    """The notebook fills a small disk; papermill's write of the executed notebook then fails."""
+    with small_disk(tmp_path / "disk") as disk:
+        monkeypatch.setenv("CBD_RESULTS_DIR", str(disk))
+        notebooks = _one_notebook(tmp_path, FILL, "run_name = 'default'\nfill = False\n")
+        params = write_params(tmp_path / "p.yaml", {"run_name": "full"})
+        run = pipeline.run_pipeline(params, {}, progress=False, notebooks_dir=notebooks)
+        before = (run / "01_only.ipynb").read_bytes()
+        with pytest.raises(CBDError, match=r"^could not write the executed notebook .*01_only.ipynb: No space left "
+                                           r"on device \(the previous copy is kept\)"):
+            pipeline.run_pipeline(params, {"fill": True}, progress=False, notebooks_dir=notebooks)
+        assert (run / "01_only.ipynb").read_bytes() == before and not list(run.glob(".partial_*"))
+        (run / "filler").unlink()
+        pipeline.run_pipeline(params, {}, progress=False, notebooks_dir=notebooks)
+        assert (run / "summary.md").exists()
+
+
+# --- one writer for the whole pipeline -----------------------------------------------------
+
+WAIT = ("import time\nfrom cbdlib import runs, workbook\nsettings, run_dir = workbook.setup(globals(), notebook='01')\n"
+        "with runs.run_lock(run_dir):  # as Experiment does: the kernel works under the command's lock\n"
+        "    (run_dir / 'started').write_text('')\n"
+        "    deadline = time.monotonic() + 900\n"
+        "    while not (run_dir / 'go').exists() and time.monotonic() < deadline:\n"
+        "        time.sleep(0.05)\n")
+
+
+@pytest.mark.slow
+def test_one_writer_for_the_whole_pipeline(tmp_path, results):
+    notebooks = _one_notebook(tmp_path, WAIT, "run_name = 'default'\nsmoke = None\n")
+    params = write_params(tmp_path / "p.yaml", {"run_name": "busy", "dataset": "digits"})
+    run = results / "busy"
+    code = ("import sys; from cbdlib import pipeline; "
+            f"pipeline.run_pipeline({str(params)!r}, {{}}, progress=False, notebooks_dir={str(notebooks)!r})")
+    env = {**cli_env(tmp_path), "CBD_RESULTS_DIR": str(results)}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 900  # a hang guard, not a speed requirement
+        while not (run / "started").exists():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.05)
+        busy = (rf"^{re.escape(str(run))} is in use by another process \(pid {first.pid}\); "
+                r"wait for it to finish or stop it$")
+        with pytest.raises(CBDError, match=busy):  # a second identical cbdlib run
+            pipeline.run_pipeline(params, {}, progress=False, notebooks_dir=notebooks)
+        with pytest.raises(CBDError, match=busy):  # the notebook opened by hand
+            workbook.setup({"run_name": "busy"}, notebook="02")
+        with pytest.raises(CBDError, match=busy):
+            workbook.analysis_setup({"run_name": "busy"})
+        (run / "go").write_text("")
+        assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert len((results / "index.csv").read_text().splitlines()) == 2  # header + one run
+
+
+# --- the kernels run the command's cbdlib --------------------------------------------------
+
+def test_the_kernel_environment_names_the_commands_package_and_results(tmp_path, results, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    run = runs.ensure_run_dir(results / "r")
+    with runs.run_lock(run), pipeline.kernel_environment(run):
+        assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(pipeline.package_dir().parent), "/elsewhere"]
+        assert os.environ["CBD_RESULTS_DIR"] == str(results.resolve())
+        assert os.environ[pipeline.PACKAGE_ENV] == str(pipeline.package_dir())
+        assert os.environ[runs.LOCK_TOKEN_ENV] == runs.lock_token(run)
+    assert os.environ["PYTHONPATH"] == "/elsewhere" and runs.LOCK_TOKEN_ENV not in os.environ
+
+
+def _copy_checkout(target: Path) -> Path:
+    """The package and its notebooks, as a second clone of the same commit would hold them."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
+    shutil.copytree(ROOT / "cbdlib", target / "cbdlib", ignore=ignore)
+    shutil.copytree(ROOT / "notebooks", target / "notebooks", ignore=ignore)
+    return target
+
+
+@pytest.mark.slow
+def test_cbdlib_run_from_a_second_checkout_uses_its_own_package(tmp_path):
+    """``installed`` is on the kernels' path (as an editable install of another clone would be);
+    the command runs in ``second``. Before the fix the kernels trained with ``installed``'s code,
+    wrote into ``installed/results`` and the command found no metrics.json in its own folder."""
+    installed = _copy_checkout(tmp_path / "installed")
+    second = _copy_checkout(tmp_path / "second")
+    env = {**cli_env(tmp_path), "PYTHONPATH": str(installed), "CBD_SMOKE": "1", "MPLBACKEND": "Agg"}
+    env.pop("CBD_RESULTS_DIR")  # results/ of the checkout whose package runs
+    proc = subprocess.run([sys.executable, "-m", "cbdlib", "run", "--params", "notebooks/params/smoke.yaml",
+                           "-p", "teachers=[vanilla:1]", "--no-progress"], cwd=second, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote no metrics.json" not in proc.stderr
+    metrics = json.loads((second / "results" / "smoke" / "metrics.json").read_text())
+    assert "cbd_ens" in metrics["methods"]
+    assert not (installed / "results").exists()

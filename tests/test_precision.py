@@ -8,7 +8,8 @@ import torch
 
 from cbdlib import CBDError
 from cbdlib.config import make_params, resolve
-from cbdlib.engine import DeviceData, Experiment, Job, loop
+from cbdlib.data.device import DeviceData
+from cbdlib.engine import Experiment, Job, loop
 from cbdlib.engine import precision as prec
 from cbdlib.engine.losses import class_terms, job_loss
 from cbdlib.evaluate import evaluate_checkpoint

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from cbdlib.data.samplers import STRATEGIES, IndexSampler, StrategySampler, make_sampler
+from cbdlib.data.samplers import STRATEGIES, IndexSampler, StrategySampler
 from cbdlib.errors import CBDError
 
 COUNTS = [1000, 300, 100, 30, 10]
@@ -65,13 +65,13 @@ def test_instance_is_a_permutation_each_epoch():
 def test_determinism_and_resume_independence():
     labels = long_tailed_labels()
     for strategy in STRATEGIES:
-        a = IndexSampler(labels, strategy, generator_seed=7, total_epochs=5)
+        a = IndexSampler(labels, strategy, generator_seed=7)
         for e in range(4):  # draw some epochs first: must not affect later epochs
             a.epoch_indices(e)
-        b = IndexSampler(labels, strategy, generator_seed=7, total_epochs=5)
+        b = IndexSampler(labels, strategy, generator_seed=7)
         assert torch.equal(a.epoch_indices(4), b.epoch_indices(4)), strategy
         assert torch.equal(a.epoch_indices(2), a.epoch_indices(2)), strategy
-        c = IndexSampler(labels, strategy, generator_seed=8, total_epochs=5)
+        c = IndexSampler(labels, strategy, generator_seed=8)
         assert not torch.equal(a.epoch_indices(4), c.epoch_indices(4)), strategy
 
 
@@ -95,7 +95,7 @@ def test_numpy_and_torch_labels_agree():
 def test_class_balanced_frequencies_are_uniform():
     labels = long_tailed_labels()
     s = IndexSampler(labels, "class_balanced", generator_seed=0)
-    assert torch.allclose(s.class_probabilities(0), torch.full((5,), 0.2, dtype=torch.float64))
+    assert torch.allclose(s.class_probabilities(), torch.full((5,), 0.2, dtype=torch.float64))
     hist, total = class_frequencies(s, labels, range(5))
     assert total == 5 * len(labels)
     assert_binomial_close(hist, total, [0.2] * 5)
@@ -125,48 +125,18 @@ def test_class_balanced_uniform_within_class():
     assert abs(covered - (1 - math.exp(-lam))) < 0.06
 
 
-# ---------------------------------------------------------------- sqrt and progressive
-
-def test_sqrt_matches_square_root_proportions():
-    labels = long_tailed_labels()
-    s = IndexSampler(labels, "sqrt", generator_seed=2)
-    p = np.sqrt(COUNTS) / np.sqrt(COUNTS).sum()
-    assert np.allclose(s.class_probabilities(0).numpy(), p)
-    hist, total = class_frequencies(s, labels, range(5))
-    assert_binomial_close(hist, total, p)
-
-
-def test_progressive_schedule():
-    labels = long_tailed_labels()
-    T = 10
-    s = IndexSampler(labels, "progressive", total_epochs=T, generator_seed=4)
-    n = np.asarray(COUNTS, dtype=np.float64)
-    p_inst = n / n.sum()
-    p_bal = np.full(5, 0.2)
-    for t in range(T + 3):
-        w = min(1.0, t / T)
-        expected = (1 - w) * p_inst + w * p_bal
-        got = s.class_probabilities(t)
-        assert got.dtype == torch.float64 and got.device.type == "cpu"
-        assert np.allclose(got.numpy(), expected), t
-        assert math.isclose(float(got.sum()), 1.0)
-
-    # t = 0: instance proportions, empirically (epoch 0 alone: N = 1440 draws).
-    hist, total = class_frequencies(s, labels, [0])
-    assert_binomial_close(hist, total, p_inst)
-
-    # t = T-1: mostly balanced.
-    p_last = s.class_probabilities(T - 1).numpy()
-    assert np.abs(p_last - p_bal).max() <= np.abs(p_inst - p_bal).max() / T + 1e-12
-    hist, total = class_frequencies(s, labels, [T - 1])
-    assert_binomial_close(hist, total, p_last)
-
+# ---------------------------------------------------------------- class probabilities
 
 def test_instance_probabilities_are_counts():
     labels = long_tailed_labels()
     s = IndexSampler(labels, "instance")
     n = np.asarray(COUNTS, dtype=np.float64)
-    assert np.allclose(s.class_probabilities(0).numpy(), n / n.sum())
+    assert np.allclose(s.class_probabilities().numpy(), n / n.sum())
+
+
+def test_class_aware_probabilities_are_uniform_over_non_empty_classes():
+    p = IndexSampler(long_tailed_labels([50, 0, 8]), "class_aware").class_probabilities()
+    assert torch.allclose(p, torch.tensor([0.5, 0, 0.5], dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- edge cases and errors
@@ -175,11 +145,10 @@ def test_instance_probabilities_are_counts():
 def test_empty_classes_get_no_draws(strategy):
     # class 2 missing in the middle, class 5 missing at the end (num_classes=6)
     labels = long_tailed_labels([50, 20, 0, 8, 3])
-    s = IndexSampler(labels, strategy, num_classes=6, total_epochs=4, generator_seed=5)
-    for e in range(4):
-        p = s.class_probabilities(e)
-        assert p.shape == (6,) and p[2] == 0 and p[5] == 0
-        assert math.isclose(float(p.sum()), 1.0)
+    s = IndexSampler(labels, strategy, num_classes=6, generator_seed=5)
+    p = s.class_probabilities()
+    assert p.shape == (6,) and p[2] == 0 and p[5] == 0
+    assert math.isclose(float(p.sum()), 1.0)
     hist, _ = class_frequencies(s, labels, range(4))
     assert hist[2] == 0 and hist[5] == 0
     assert hist[[0, 1, 3, 4]].min() > 0
@@ -187,22 +156,22 @@ def test_empty_classes_get_no_draws(strategy):
 
 def test_class_balanced_ignores_empty_classes_in_uniform():
     labels = long_tailed_labels([50, 20, 0, 8])
-    p = IndexSampler(labels, "class_balanced").class_probabilities(0)
+    p = IndexSampler(labels, "class_balanced").class_probabilities()
     assert torch.allclose(p, torch.tensor([1 / 3, 1 / 3, 0, 1 / 3], dtype=torch.float64))
 
 
 def test_single_class_and_single_image():
     s = IndexSampler(np.zeros(1, dtype=np.int64), "class_balanced")
     assert s.epoch_indices(0).tolist() == [0]
-    s = IndexSampler([0, 0, 0], "sqrt")
+    s = IndexSampler([0, 0, 0], "class_aware")
     assert set(s.epoch_indices(1).tolist()) <= {0, 1, 2}
 
 
 def test_unknown_strategy_raises():
     with pytest.raises(CBDError, match=r"unknown sampling strategy 'balanced-ish'; expected one of instance"):
         IndexSampler(long_tailed_labels(), "balanced-ish")
-    with pytest.raises(CBDError, match=r"unknown sampling strategy 'nope'; expected one of instance"):
-        make_sampler("nope", long_tailed_labels())
+    with pytest.raises(CBDError, match=r"unknown sampling strategy 'sqrt'; expected one of instance"):
+        StrategySampler(long_tailed_labels(), "sqrt")
 
 
 def test_strategy_name_normalisation():
@@ -225,15 +194,11 @@ def test_bad_arguments_raise():
     labels = long_tailed_labels()
     with pytest.raises(CBDError, match=r"num_classes=3 but labels go up to 4"):
         IndexSampler(labels, num_classes=3)  # labels go up to 4
-    with pytest.raises(CBDError, match=r"total_epochs must be a positive integer, got 0"):
-        IndexSampler(labels, "progressive", total_epochs=0)
     s = IndexSampler(labels, "class_balanced")
     with pytest.raises(CBDError, match=r"epoch must be a non-negative integer, got -1"):
         s.epoch_indices(-1)
     with pytest.raises(CBDError, match=r"epoch must be a non-negative integer, got -2"):
-        s.class_probabilities(-2)
-    with pytest.raises(CBDError, match=r"make_sampler: unknown keyword\(s\) seed"):
-        make_sampler("instance", labels, seed=1)  # the keyword is generator_seed
+        StrategySampler(labels, "class_balanced").set_epoch(-2)
 
 
 # ---------------------------------------------------------------- DataLoader wrapper
@@ -261,13 +226,11 @@ def test_strategy_sampler_with_dataloader():
     assert all(isinstance(i, int) for i in sampler)
 
 
-def test_make_sampler_forms_and_balanced_loader():
+def test_balanced_loader_draws_the_index_form():
     labels = long_tailed_labels([200, 20, 4])
     ds = TensorDataset(torch.arange(len(labels)), torch.as_tensor(labels))
-    idx_sampler = make_sampler("class_balanced", labels, generator_seed=2)
-    assert isinstance(idx_sampler, IndexSampler)
-    sampler = make_sampler("class_balanced", labels, dataloader=True, generator_seed=2)
-    assert isinstance(sampler, StrategySampler)
+    idx_sampler = IndexSampler(labels, "class_balanced", generator_seed=2)
+    sampler = StrategySampler(labels, "class_balanced", generator_seed=2)
     loader = DataLoader(ds, batch_size=32, sampler=sampler)
     ys = []
     for e in range(4):
@@ -288,7 +251,7 @@ def test_make_sampler_forms_and_balanced_loader():
 def test_cuda_indices_on_device():
     labels = long_tailed_labels()
     for strategy in STRATEGIES:
-        s = IndexSampler(labels, strategy, device="cuda", generator_seed=1, total_epochs=3)
+        s = IndexSampler(labels, strategy, device="cuda", generator_seed=1)
         idx = s.epoch_indices(1)
         assert idx.device.type == "cuda" and idx.dtype == torch.int64 and idx.numel() == len(s)
         assert torch.equal(idx, s.epoch_indices(1))

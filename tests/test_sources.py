@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbdlib.data import cache, sources
+from cbdlib.data import cache, load_long_tail, sources
 from cbdlib.data.sources import ImageSet, load_source, parse_split_file
 from cbdlib.errors import CBDError
 
@@ -457,6 +457,24 @@ def test_splitfile_missing_image(tmp_path):
     with pytest.raises(CBDError, match="not found") as err:
         load_source("splitfile", root)
     assert "b.jpg" in str(err.value) and "LT_train.txt, line 2" in str(err.value)
+
+
+def test_a_label_one_past_the_last_class_is_named(tmp_path):
+    root = tmp_path / "lt"
+    (root / "img").mkdir(parents=True)
+    lines = []
+    for label in range(10):
+        for i in range(3):
+            rel = f"img/{label}_{i}.png"
+            Image.new("RGB", (8, 8), (label * 20, i * 40, 0)).save(root / rel)
+            lines.append(f"{rel} {label}")
+    (root / "test.txt").write_text("\n".join(lines) + "\n")
+    lines[5] = lines[5].rsplit(" ", 1)[0] + " 10"  # one past the last of 10 classes
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CBDError, match="line 6: label 10 has no image in the test split") as err:
+        load_long_tail("splitfile", str(root), imbalance_ratio=1, val_per_class=1, image_size=8)
+    assert str(err.value) == (f"{root / 'train.txt'}, line 6: label 10 has no image in the test split test.txt, "
+                              f"whose labels run 0..9; labels must run 0..C-1: is that line mistyped?")
 
 
 # --------------------------------------------------------------------------- input errors

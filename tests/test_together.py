@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from cbdlib.engine import DeviceData, Job, hooks, loop
+from cbdlib.data.device import DeviceData
+from cbdlib.engine import Job, hooks, loop
 from cbdlib.engine.together import can_train_together, fit_together
 from cbdlib.models import ModelSpec
 from cbdlib.models.grouped import GroupedCifarResNet, TeacherFeatures

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import nbformat  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from cbdlib import CBDError, runs, workbook  # noqa: E402
+from cbdlib import CBDError, pipeline, runs, workbook  # noqa: E402
 from cbdlib.config import field_names, load_params_file, make_params, params_dir, resolve  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -148,6 +149,15 @@ def test_analysis_setup(tmp_path, monkeypatch):
         workbook.analysis_setup({"methods": ["cdb_ens"]})
     with pytest.raises(CBDError, match="notebook 04 has no parameter 'epochs'"):
         workbook.analysis_setup({"In": ["# Parameters\nepochs = 1"]})
+
+
+def test_a_kernel_with_another_cbdlib_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(pipeline.PACKAGE_ENV, str(tmp_path / "other" / "cbdlib"))
+    here = Path(workbook.__file__).resolve().parent
+    with pytest.raises(CBDError, match=rf"^this kernel imports cbdlib from {re.escape(str(here))}, but python -m "
+                                       rf"cbdlib run runs {re.escape(str(tmp_path))}/other/cbdlib; start the command "
+                                       rf"with the Python whose cbdlib"):
+        workbook.setup({"run_name": "x"}, notebook="01")
 
 
 # --------------------------------------------------------------------------- the notebooks as committed

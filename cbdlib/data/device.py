@@ -56,7 +56,7 @@ class DeviceData:
         augmenter = BatchAugmenter(aug_config(size) if job.augment == "aug" else vanilla_config(size),
                                    self.mean, self.std, channels_last=use_channels_last(device), compile_fn=compile_fn)
         sampler = IndexSampler(self.train_labels, job.sampling, num_classes=self.num_classes,
-                               total_epochs=job.epochs, generator_seed=job.seed, device=device)
+                               generator_seed=job.seed, device=device)
         local = batch_size // world
 
         def epoch_batches(epoch: int):

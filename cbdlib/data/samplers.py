@@ -1,14 +1,12 @@
 """Sampling strategies for long-tailed training (Kang et al., ICLR 2020, "Decoupling").
 
-With class counts ``n_j`` and an exponent ``q`` in [0, 1], class ``j`` is drawn with
-probability ``p_j = n_j**q / sum_k n_k**q`` and then an image uniformly within it:
+The three strategies the training recipes use (``Job.sampling``):
 
-* ``instance``        q = 1, every image equally likely; done as a random permutation
-                      per epoch, so each image appears exactly once.
-* ``class_balanced``  q = 0, every (non-empty) class equally likely.
-* ``sqrt``            q = 1/2.
-* ``progressive``     ``p_j(t) = (1 - t/T) p_j^instance + (t/T) p_j^balanced`` at epoch t
-                      of T total (t/T is clamped to [0, 1] past the end).
+* ``instance``        every image equally likely (class ``j`` drawn with probability
+                      ``n_j / N``); done as a random permutation per epoch, so each image
+                      appears exactly once.
+* ``class_balanced``  every (non-empty) class equally likely, then an image uniformly
+                      within it: ``N`` draws an epoch, with replacement.
 * ``class_aware``     Kang et al.'s ``ClassAwareSampler`` for classifier re-training (cRT,
                       LWS): classes are visited in shuffled rounds (each round a random
                       permutation of the non-empty classes) and each visit takes
@@ -18,7 +16,6 @@ probability ``p_j = n_j**q / sum_k n_k**q`` and then an image uniformly within i
                       yield (largest class count x classes) indices, but their loop stops
                       each epoch after ``int(N / batch_size)`` steps.
 
-Every other non-instance epoch is ``N`` draws (``N`` = training-set size) with replacement.
 :func:`epoch_length` gives the length of an epoch of any strategy (``N`` for all of them).
 
 Two forms share one core: :class:`IndexSampler` returns a whole epoch of indices as one
@@ -51,14 +48,14 @@ from torch.utils.data import Sampler
 
 from ..errors import CBDError
 
-STRATEGIES = ("instance", "class_balanced", "sqrt", "progressive", "class_aware")
+STRATEGIES = ("instance", "class_balanced", "class_aware")
 # Consecutive images taken from a class at each visit (``num_samples_cls`` in Kang et al.'s configs).
 CLASS_AWARE_SAMPLES_PER_CLASS = 4
 
 LabelsLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
 __all__ = ["CLASS_AWARE_SAMPLES_PER_CLASS", "STRATEGIES", "IndexSampler", "StrategySampler",
-           "DistributedStrategySampler", "epoch_length", "make_sampler", "shard_indices"]
+           "DistributedStrategySampler", "epoch_length", "shard_indices"]
 
 
 def _normalise_strategy(strategy: str) -> str:
@@ -118,7 +115,6 @@ class IndexSampler:
         strategy: one of :data:`STRATEGIES`.
         num_classes: number of classes (default ``max(labels) + 1``); classes without
             images get probability 0.
-        total_epochs: ``T`` of the progressive schedule (ignored by other strategies).
         generator_seed: base seed; each epoch's generator is seeded from (seed, epoch).
         device: where the indices are produced and returned. On CUDA the draws happen
             on the GPU with a CUDA generator; on any other device they are drawn on the
@@ -131,7 +127,6 @@ class IndexSampler:
         strategy: str = "instance",
         *,
         num_classes: int | None = None,
-        total_epochs: int = 1,
         generator_seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -145,8 +140,6 @@ class IndexSampler:
         num_classes = int(num_classes)
         if num_classes <= max_label:
             raise CBDError(f"num_classes={num_classes} but labels go up to {max_label}")
-        if isinstance(total_epochs, bool) or not isinstance(total_epochs, (int, np.integer)) or total_epochs < 1:
-            raise CBDError(f"total_epochs must be a positive integer, got {total_epochs!r}")
         if isinstance(generator_seed, bool) or not isinstance(generator_seed, (int, np.integer)):
             raise CBDError(f"generator_seed must be an integer, got {generator_seed!r}")
         try:
@@ -155,14 +148,11 @@ class IndexSampler:
             raise CBDError(f"invalid device {device!r}: {exc}") from None
 
         self.num_classes = num_classes
-        self.total_epochs = int(total_epochs)
         self.generator_seed = int(generator_seed)
         self._n = int(labels_t.numel())
 
         counts = torch.bincount(labels_t, minlength=num_classes)
-        # Kept on the CPU (float64) for the probability formulas.
         self.class_counts = counts.clone()
-        self._counts_f64 = counts.to(torch.float64)
         # Images sorted by class: class c occupies order[start[c] : start[c] + count[c]].
         order = torch.argsort(labels_t, stable=True)
         start = torch.cumsum(counts, 0) - counts
@@ -175,13 +165,10 @@ class IndexSampler:
         self._classes = torch.nonzero(counts).flatten().to(self._draw_device)  # the non-empty classes
         self._epoch_length = epoch_length(self.strategy, counts.tolist())
 
-        # Fixed endpoint distributions, computed once.
-        n = self._counts_f64
-        self._p_instance = n / n.sum()
-        nonempty = (n > 0).to(torch.float64)
-        self._p_balanced = nonempty / nonempty.sum()
-        sq = torch.sqrt(n)
-        self._p_sqrt = sq / sq.sum()
+        # The class distribution of every epoch (float64, on the CPU): instance draws follow the
+        # class counts; class_balanced and class_aware visit every non-empty class equally.
+        weights = counts if self.strategy == "instance" else (counts > 0)
+        self._class_probabilities = weights.to(torch.float64) / weights.sum()
 
     def __len__(self) -> int:
         """Number of indices per epoch (see :func:`epoch_length`)."""
@@ -189,7 +176,7 @@ class IndexSampler:
 
     def __repr__(self) -> str:
         return (f"IndexSampler(strategy={self.strategy!r}, N={self._n}, num_classes={self.num_classes}, "
-                f"total_epochs={self.total_epochs}, generator_seed={self.generator_seed}, device={str(self.device)!r})")
+                f"generator_seed={self.generator_seed}, device={str(self.device)!r})")
 
     @staticmethod
     def _check_epoch(epoch: int) -> int:
@@ -197,24 +184,10 @@ class IndexSampler:
             raise CBDError(f"epoch must be a non-negative integer, got {epoch!r}")
         return int(epoch)
 
-    def progress(self, epoch: int) -> float:
-        """Weight ``t/T`` of the balanced distribution in the progressive schedule, clamped to [0, 1]."""
-        epoch = self._check_epoch(epoch)
-        return min(1.0, epoch / self.total_epochs)
-
-    def class_probabilities(self, epoch: int = 0) -> torch.Tensor:
-        """Target class distribution ``p_j`` for ``epoch`` (float64 CPU tensor of length num_classes)."""
-        epoch = self._check_epoch(epoch)
-        if self.strategy == "instance":
-            p = self._p_instance
-        elif self.strategy == "class_balanced":
-            p = self._p_balanced
-        elif self.strategy == "sqrt":
-            p = self._p_sqrt
-        else:
-            w = self.progress(epoch)
-            p = (1.0 - w) * self._p_instance + w * self._p_balanced
-        return p.clone()
+    def class_probabilities(self) -> torch.Tensor:
+        """Target class distribution ``p_j``, the same every epoch (float64 CPU tensor of length
+        num_classes)."""
+        return self._class_probabilities.clone()
 
     def _generator(self, epoch: int) -> torch.Generator:
         """A fresh generator for this epoch, on the draw device (so resume needs no saved state)."""
@@ -232,7 +205,7 @@ class IndexSampler:
         elif self.strategy == "class_aware":
             idx = self._class_aware_indices(g)
         else:
-            p = self.class_probabilities(epoch).to(dev)
+            p = self._class_probabilities.to(dev)
             cls = torch.multinomial(p, self._n, replacement=True, generator=g)
             cnt = self._count[cls]
             # float64 so that u * count stays exact enough for classes of any realistic size
@@ -292,14 +265,12 @@ class StrategySampler(Sampler[int]):
         strategy: str = "instance",
         *,
         num_classes: int | None = None,
-        total_epochs: int = 1,
         generator_seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
         self.index_sampler = IndexSampler(
-            labels, strategy, num_classes=num_classes, total_epochs=total_epochs,
-            generator_seed=generator_seed, device=device,
+            labels, strategy, num_classes=num_classes, generator_seed=generator_seed, device=device,
         )
         self.epoch = 0
 
@@ -311,9 +282,9 @@ class StrategySampler(Sampler[int]):
         """Select which epoch the next iteration yields."""
         self.epoch = IndexSampler._check_epoch(epoch)
 
-    def class_probabilities(self, epoch: int | None = None) -> torch.Tensor:
-        """Target class distribution for ``epoch`` (default: the current one)."""
-        return self.index_sampler.class_probabilities(self.epoch if epoch is None else epoch)
+    def class_probabilities(self) -> torch.Tensor:
+        """Target class distribution, the same every epoch."""
+        return self.index_sampler.class_probabilities()
 
     def __iter__(self) -> Iterator[int]:
         # One bulk transfer + tolist is far cheaper than per-element .item()
@@ -358,11 +329,9 @@ class DistributedStrategySampler(StrategySampler):
         rank: int | None = None,
         world_size: int | None = None,
         num_classes: int | None = None,
-        total_epochs: int = 1,
         generator_seed: int = 0,
     ) -> None:
-        super().__init__(labels, strategy, num_classes=num_classes, total_epochs=total_epochs,
-                         generator_seed=generator_seed, device="cpu")
+        super().__init__(labels, strategy, num_classes=num_classes, generator_seed=generator_seed, device="cpu")
         grouped = dist.is_available() and dist.is_initialized()
         if rank is None:
             rank = dist.get_rank() if grouped else 0
@@ -383,16 +352,3 @@ class DistributedStrategySampler(StrategySampler):
     def __len__(self) -> int:
         return len(self.index_sampler) // self.world_size
 
-
-def make_sampler(strategy: str, labels: LabelsLike, *, dataloader: bool = False,
-                 **kw) -> IndexSampler | StrategySampler:
-    """Build a sampler for ``strategy``: an :class:`IndexSampler`, or a :class:`StrategySampler`
-    when ``dataloader=True``. Other keywords go to the constructor."""
-    unknown = sorted(set(kw) - _SAMPLER_KEYWORDS)
-    if unknown:
-        raise CBDError(f"make_sampler: unknown keyword(s) {', '.join(unknown)}")
-    cls = StrategySampler if dataloader else IndexSampler
-    return cls(labels, strategy, **kw)
-
-
-_SAMPLER_KEYWORDS = frozenset({"num_classes", "total_epochs", "generator_seed", "device"})

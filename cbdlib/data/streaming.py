@@ -217,8 +217,7 @@ class StreamData:
         local = batch_size // world
         sampler = SeededSampler(
             DistributedStrategySampler(self.train_labels, job.sampling, rank=rank, world_size=world,
-                                       num_classes=self.num_classes, total_epochs=job.epochs,
-                                       generator_seed=job.seed),
+                                       num_classes=self.num_classes, generator_seed=job.seed),
             num_samples=steps * local,
         )
         transform = train_transform(self.image_size, self.mean, self.std, job.augment)

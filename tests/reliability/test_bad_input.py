@@ -26,9 +26,10 @@ from shared_runs import copy_run, run_settings
 
 from cbdlib import CBDError
 from cbdlib import checkpoint as ckpt
+from cbdlib.checkpoint import load_model
 from cbdlib.config import make_params, resolve
 from cbdlib.data import load_long_tail
-from cbdlib.engine import Experiment, load_model
+from cbdlib.engine import Experiment
 from cbdlib.runs import checkpoint_path
 
 FOLDER_RUN = dict(TINY, dataset="folder", imbalance_ratio=2, val_per_class=1, image_size=8, methods=["ce"],

@@ -23,7 +23,8 @@ from reliability_helpers import (
 
 from cbdlib import CBDError
 from cbdlib import checkpoint as ckpt
-from cbdlib.engine import Experiment, load_model
+from cbdlib.checkpoint import load_model
+from cbdlib.engine import Experiment
 from cbdlib.runs import checkpoint_path
 
 

@@ -21,7 +21,8 @@ from reliability_helpers import (
 from cbdlib import CBDError
 from cbdlib import checkpoint as ckpt
 from cbdlib import io as cio
-from cbdlib.engine import Experiment, hooks, load_model
+from cbdlib.checkpoint import load_model
+from cbdlib.engine import Experiment, hooks
 from cbdlib.runs import checkpoint_path
 
 

@@ -15,7 +15,7 @@ from reliability_helpers import ROOT, assert_one_line_error, run_cli
 
 from cbdlib import CBDError
 from cbdlib import checkpoint as ckpt
-from cbdlib.engine import load_model
+from cbdlib.checkpoint import load_model
 
 
 class _Hostile:
