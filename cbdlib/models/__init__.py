@@ -95,8 +95,9 @@ def build_backbone(arch: str, zero_init_residual: bool = False) -> tuple[nn.Modu
 
 @functools.cache
 def backbone_dim(arch: str) -> int:
-    """The pooled feature size of ``arch``'s backbone (a teacher's feature size); the global RNG is untouched."""
-    with torch.random.fork_rng(devices=[]):
+    """The pooled feature size of ``arch``'s backbone (a teacher's feature size). Built on the meta
+    device: no weights are allocated or initialised (a ResNet-152 costs nothing), the RNG is untouched."""
+    with torch.device("meta"):
         return build_backbone(arch)[1]
 
 
