@@ -42,7 +42,7 @@ from .notebook_params import (  # noqa: F401
 )
 from .param_rules import check_rule
 from .plots import imbalance_explorer  # noqa: F401  (notebook 01 calls it from here)
-from .runs.readers import (  # noqa: F401
+from .runs.records import (  # noqa: F401
     class_names,
     evaluation,
     has_features,

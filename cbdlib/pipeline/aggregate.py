@@ -16,7 +16,7 @@ from ..methods import is_method_name, method_label, method_order
 from ..metrics import validate_metrics
 from ..notebook_params import NOTEBOOK_FILES
 from ..param_rules import check_rule
-from ..runs.readers import class_names, load_metrics, read_json
+from ..runs.records import class_names, load_metrics, read_json
 from ..text import format_seconds
 from .parameters import default_notebooks_dir, discover_notebooks
 from .run import execute_notebook, kernel_environment
@@ -54,37 +54,10 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
             check_rule("run_name", out.name)
         except CBDError as error:
             raise CBDError(f"--out {out}: {error} (notebook 04 runs on it by that name)") from None
-    loaded = []
-    for run in run_dirs:
-        run = Path(run)
-        if not run.is_dir():
-            raise CBDError(f"run folder not found: {run}")
-        if out.resolve() == run.resolve():
-            raise CBDError(f"--out {out} is one of the run folders; choose a new folder")
-        metrics = load_metrics(run)
-        analyse_folder(run)  # a run made before the analyses existed gets them from its checkpoints
-        evaluations = runs.load_evaluations(run)
-        if not evaluations:
-            raise CBDError(f"{run} has no evaluations/seed_*/*.json to merge")
-        seeds = sorted({s for per_seed in evaluations.values() for s in per_seed})
-        entry = {"path": run, "metrics": metrics, "evaluations": evaluations, "seeds": seeds,
-                 "params": _input_params(run, metrics)}
-        entry["class_names"] = _class_names([entry], len(metrics["class_counts"]))
-        loaded.append(entry)
-
+    loaded = [_load_run(Path(run), out) for run in run_dirs]
     first = loaded[0]
     for other in loaded[1:]:
-        _refuse_other_data(first, other)
-        for entry in (first, other):
-            if entry["params"] is None:
-                raise CBDError(f"cannot merge {entry['path']}: it records no parameters (no params.yaml, nor an "
-                               f"aggregate's merged_from), so it cannot be checked to be the same experiment")
-        if first["params"] and other["params"]:
-            differ = sorted(k for k in set(first["params"]) | set(other["params"])
-                            if k not in MERGEABLE_KEYS and first["params"].get(k) != other["params"].get(k))
-            if differ:
-                detail = ", ".join(f"{k}: {first['params'].get(k)!r} vs {other['params'].get(k)!r}" for k in differ[:4])
-                raise CBDError(f"cannot merge {first['path']} and {other['path']}: different parameters ({detail})")
+        _refuse_other_experiment(first, other)
     owner: dict[int, Path] = {}
     for entry in loaded:
         for seed in entry["seeds"]:
@@ -93,21 +66,15 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
                                "aggregate merges runs of different training seeds")
             owner[seed] = entry["path"]
 
-    merged: dict[str, dict[int, dict]] = {}
-    for entry in loaded:
-        for method, per_seed in entry["evaluations"].items():
-            merged.setdefault(method, {}).update(per_seed)
+    merged = _by_seed(entry["evaluations"] for entry in loaded)
     short = _short_coverage(loaded, merged, sorted(owner), partial)
-    prov = {key: _joined(entry["metrics"].get(key, "unknown") for entry in loaded)
+    prov = {key: "; ".join(dict.fromkeys(str(entry["metrics"].get(key, "unknown")) for entry in loaded))
             for key in ("device", "torch", "git_commit", "precision")}
     m0 = first["metrics"]
     metrics = runs.build_metrics(merged, dataset=m0["dataset"], imbalance_ratio=m0["imbalance_ratio"],
                                  class_counts=m0["class_counts"], splits=m0["splits"], seeds=sorted(owner),
                                  prov=prov)
-    analyses: dict[str, dict[int, dict]] = {}
-    for entry in loaded:
-        for name, per_seed in load_analyses(entry["path"]).items():
-            analyses.setdefault(name, {}).update(per_seed)
+    analyses = _by_seed(load_analyses(entry["path"]) for entry in loaded)
     add_analyses(metrics, merged, analyses)
     # Sources by run name (the folders themselves existed on the machine that ran them), with each
     # input's precision, parameters and data, so that this folder can itself be checked when merged again.
@@ -115,29 +82,27 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
                     "precision": entry["metrics"].get("precision", "unknown"), "params": entry["params"],
                     "data_fingerprint": entry["metrics"].get("data_fingerprint")} for entry in loaded]
     metrics["merged_from"] = merged_from
-    precisions = sorted({entry["precision"] for entry in merged_from})
     for key in ("data_fingerprint", "val_overlap"):  # the same data (checked above), so the same for every run
         if first["metrics"].get(key):
             metrics[key] = first["metrics"][key]
     if short:
-        metrics["partial"] = {method: seeds for method, seeds in short.items()}
+        metrics["partial"] = short
     validate_metrics(metrics)
 
     _prepare_aggregate_dir(out)
     with runs.run_lock(out):
-        for entry in loaded:
-            for method, per_seed in entry["evaluations"].items():
-                for seed in per_seed:
-                    source = runs.evaluation_path(entry["path"], seed, method)
-                    write_bytes(runs.evaluation_path(out, seed, method), source.read_bytes())
+        for method, per_seed in merged.items():
+            for seed in per_seed:
+                source = runs.evaluation_path(owner[seed], seed, method)
+                write_bytes(runs.evaluation_path(out, seed, method), source.read_bytes())
         for name, per_seed in analyses.items():
             for seed, record in per_seed.items():
                 write_json(analysis_path(out, seed, name), record)
-        runs.write_metrics(out, metrics, _class_names(loaded, len(m0["class_counts"])))
+        runs.write_metrics(out, metrics, first["class_names"])
         _merge_history(loaded, out)
         first_seed = min(owner)
         _copy_features(owner[first_seed], out, first_seed)
-        kept = _keep_model(owner[first_seed], out, first_seed, keep_model, merged) if keep_model else None
+        kept_lines = _keep_model(owner[first_seed], out, first_seed, keep_model, merged) if keep_model else []
         if notebook:
             _analyse(out)
         params = dict(first["params"] or {})
@@ -146,10 +111,10 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
         params["run_name"] = out.name
         text = summary_markdown(out, metrics, params=params, merged_from=merged_from,
                                 after_results=reading_lines(metrics, merged) + _notes(out),
-                                after_evidence=_wall_time_lines(loaded) + _kept_model_lines(kept, out))
+                                after_evidence=_wall_time_lines(loaded) + kept_lines)
         write_text(out / "summary.md", text)
     log.info("merged %d runs (seeds %s) into %s", len(loaded), sorted(owner), out)
-    if len(precisions) > 1:
+    if len({entry["precision"] for entry in merged_from}) > 1:
         log.warning("warning: the merged seeds trained in different precisions (%s)",
                     ", ".join(f"{e['run']}: {e['precision']}" for e in merged_from))
     for method, seeds in short.items():
@@ -166,6 +131,15 @@ ANALYSIS_NOTEBOOK = NOTEBOOK_FILES["04"]
 NOTEBOOKS_MAX_BYTES = 5 * 2**20           # executed notebooks above this are stripped (figures stay in figures/)
 
 
+def _by_seed(per_run) -> dict[str, dict[int, dict]]:
+    """Several runs' ``{name: {seed: record}}`` in one (their seeds are distinct)."""
+    out: dict[str, dict[int, dict]] = {}
+    for records in per_run:
+        for name, per_seed in records.items():
+            out.setdefault(name, {}).update(per_seed)
+    return out
+
+
 def _merge_history(loaded: list, out: Path) -> None:
     """Every run's ``history.jsonl`` in one file (each record names its seed)."""
     records = [record for entry in loaded for record in runs.read_history(entry["path"])]
@@ -180,40 +154,28 @@ def _copy_features(run: Path, out: Path, seed: int) -> None:
         write_bytes(runs.features_path(out, seed, path.stem), path.read_bytes())
 
 
-def kept_model_path(out: Path, method: str, seed: int) -> Path:
-    return Path(out) / f"{method}_seed{seed}.pt"
-
-
-def _keep_model(run: Path, out: Path, seed: int, method: str, merged: dict) -> dict | None:
-    """Copy ``method``'s finished checkpoint of ``seed``; returns what summary.md says of it."""
+def _keep_model(run: Path, out: Path, seed: int, method: str, merged: dict) -> list[str]:
+    """Copy ``method``'s finished checkpoint of ``seed`` into ``out``; returns what summary.md says of it."""
     source = runs.checkpoint_path(run, seed, method)
     if not source.exists():
         log.warning("warning: %s has no checkpoint of %s (seed %d); the merged folder keeps no model", run, method,
                     seed)
-        return None
-    state = ckpt.load_checkpoint(source)
-    if not state["meta"].get("complete"):
-        raise CBDError(f"{source} is not a finished model; finish the run before merging it")
-    target = kept_model_path(out, method, seed)
-    write_bytes(target, source.read_bytes())
-    record = merged.get(method, {}).get(seed, {})
-    return {"path": target, "method": method, "seed": seed, "all": record.get("all"),
-            "data": state["meta"].get("data"), "dataset": state["meta"].get("dataset")}
-
-
-def _kept_model_lines(kept: dict | None, out: Path) -> list[str]:
-    if kept is None:
         return []
-    command = f"python -m cbdlib evaluate --checkpoint {display_path(kept['path'])}"
-    data = kept["data"] or os.environ.get(f"CBD_{str(kept['dataset']).upper()}")
+    meta = ckpt.load_checkpoint(source)["meta"]
+    if not meta.get("complete"):
+        raise CBDError(f"{source} is not a finished model; finish the run before merging it")
+    target = out / f"{method}_seed{seed}.pt"
+    write_bytes(target, source.read_bytes())
+    top1 = merged.get(method, {}).get(seed, {}).get("all")
+    data = meta.get("data") or os.environ.get(f"CBD_{str(meta.get('dataset')).upper()}")
     data_note = ("" if data is None else
                  f" (add `--data PATH` when the dataset is not where the run found it: {display_path(data)})")
-    top1 = "not recorded" if kept["all"] is None else f"{100 * kept['all']:.2f}%"
+    record = f"evaluations/seed_{seed}/{method}.json"
     return ["## Saved model", "",
-            f"`{kept['path'].name}`: {method_label(kept['method'])}, training seed {kept['seed']}, the only checkpoint "
-            f"kept here. Its recorded test top-1 is {top1} "
-            f"([evaluations/seed_{kept['seed']}/{kept['method']}.json](evaluations/seed_{kept['seed']}/"
-            f"{kept['method']}.json)); re-evaluate it with", "", f"    {command}", "",
+            f"`{target.name}`: {method_label(method)}, training seed {seed}, the only checkpoint kept here. Its "
+            f"recorded test top-1 is {'not recorded' if top1 is None else f'{100 * top1:.2f}%'} "
+            f"([{record}]({record})); re-evaluate it with", "",
+            f"    python -m cbdlib evaluate --checkpoint {display_path(target)}", "",
             f"from the project root{data_note}.", ""]
 
 
@@ -335,19 +297,29 @@ def _prepare_aggregate_dir(out: Path) -> None:
         raise CBDError(f"cannot create {out}: {exc.strerror or exc}") from None
 
 
-def _input_params(run: Path, metrics: dict) -> dict | None:
-    """A run's ``params.yaml``; for an aggregate, the parameters it recorded of its first input."""
+def _load_run(run: Path, out: Path) -> dict:
+    """What aggregate needs of one run folder (its analyses computed first where it predates them)."""
+    if not run.is_dir():
+        raise CBDError(f"run folder not found: {run}")
+    if out.resolve() == run.resolve():
+        raise CBDError(f"--out {out} is one of the run folders; choose a new folder")
+    metrics = load_metrics(run)
+    analyse_folder(run)  # a run made before the analyses existed gets them from its checkpoints
+    evaluations = runs.load_evaluations(run)
+    if not evaluations:
+        raise CBDError(f"{run} has no evaluations/seed_*/*.json to merge")
     params = runs.read_params_yaml(run)
-    if params is None:
-        for source in metrics.get("merged_from") or []:
-            if isinstance(source, dict) and isinstance(source.get("params"), dict):
-                return source["params"]
-    return params
+    if params is None:  # an aggregate: the parameters it recorded of its first input
+        params = next((source["params"] for source in metrics.get("merged_from") or []
+                       if isinstance(source, dict) and isinstance(source.get("params"), dict)), None)
+    return {"path": run, "metrics": metrics, "evaluations": evaluations, "params": params,
+            "seeds": sorted({s for per_seed in evaluations.values() for s in per_seed}),
+            "class_names": class_names(run, metrics)}
 
 
-def _refuse_other_data(first: dict, other: dict) -> None:
-    """Runs on different data are never merged: dataset, class counts and ratio, class names, and
-    the fingerprint of the images where both runs recorded one."""
+def _refuse_other_experiment(first: dict, other: dict) -> None:
+    """Runs on different data (dataset, class counts and ratio, class names, and the fingerprint of the
+    images where both runs recorded one) or with different parameters are never merged."""
     why = None
     for key in ("dataset", "class_counts", "imbalance_ratio"):
         a, b = first["metrics"].get(key), other["metrics"].get(key)
@@ -363,22 +335,15 @@ def _refuse_other_data(first: dict, other: dict) -> None:
         why = "different data: the images or labels differ (data fingerprints differ)"
     if why:
         raise CBDError(f"cannot merge {first['path']} and {other['path']}: {why}")
-
-
-def _class_names(loaded: list, num_classes: int) -> list:
-    """Class names from an evaluation record, else the first run's per_class.csv, else the label numbers."""
-    for entry in loaded:
-        for per_seed in entry["evaluations"].values():
-            for record in per_seed.values():
-                names = record.get("class_names")
-                if isinstance(names, list) and len(names) == num_classes:
-                    return [str(n) for n in names]
-    return class_names(loaded[0]["path"], loaded[0]["metrics"])
-
-
-def _joined(values) -> str:
-    distinct = list(dict.fromkeys(str(v) for v in values))
-    return "; ".join(distinct)
+    for entry in (first, other):
+        if entry["params"] is None:
+            raise CBDError(f"cannot merge {entry['path']}: it records no parameters (no params.yaml, nor an "
+                           f"aggregate's merged_from), so it cannot be checked to be the same experiment")
+    differ = sorted(k for k in set(first["params"]) | set(other["params"])
+                    if k not in MERGEABLE_KEYS and first["params"].get(k) != other["params"].get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {first['params'].get(k)!r} vs {other['params'].get(k)!r}" for k in differ[:4])
+        raise CBDError(f"cannot merge {first['path']} and {other['path']}: different parameters ({detail})")
 
 
 def _short(value) -> str:

@@ -3,6 +3,7 @@ under the run's lock, then its ``summary.md`` and a line in ``<results>/index.cs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from ..analysis.reading import reading_lines
 from ..errors import CBDError, one_line
 from ..io import write_text
 from ..plain_values import check_plain
-from ..runs.readers import load_metrics
+from ..runs.records import load_metrics
 from ..text import format_seconds
 from .parameters import (
     Notebook,
@@ -94,7 +95,7 @@ def _run_notebooks(run_dir: Path, settings: config.Settings, params: config.Para
     metrics = load_metrics(run_dir, required=False)
     if metrics is None:
         log.warning("warning: the notebooks wrote no metrics.json in %s; summary.md has no results table", run_dir)
-    stored = runs.read_params_yaml(run_dir) or runs.effective_params(settings)
+    stored = runs.read_params_yaml(run_dir) or dataclasses.asdict(settings.params)
     reading = reading_lines(metrics, runs.load_evaluations(run_dir)) if metrics else []
     text = summary_markdown(run_dir, metrics, params=stored, command=command, params_file=params_file,
                             overrides=overrides, timings=timings, wall_s=wall_s, resumed=resumed,

@@ -18,7 +18,6 @@ from ..notebook_params import NOTEBOOK_PATTERN
 from ..text import format_seconds
 from .parameters import yaml_scalar
 
-SPLIT_COLUMNS = ACCURACY_KEYS   # the results table's columns
 # Parameters a reader needs to judge a number (in this order in summary.md).
 KEY_PARAMETERS = ("arch", "epochs", "batch_size", "lr", "schedule", "warmup_epochs",
                   "weight_decay", "momentum", "alpha", "beta", "cosine_scale", "projection", "teachers",
@@ -46,14 +45,14 @@ def format_split_table(metrics: dict) -> str:
     """Methods x splits (all, many, medium, few, head, mid, tail) in %, mean ± std over seeds."""
     splits = metrics.get("splits", {})
     header = ["method", "seeds"] + [
-        key if key == "all" else f"{key} ({len(splits.get(key, []))})" for key in SPLIT_COLUMNS]
+        key if key == "all" else f"{key} ({len(splits.get(key, []))})" for key in ACCURACY_KEYS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name in method_order(list(metrics.get("methods", {}))):
         record = metrics["methods"][name]
         std = metrics.get("std", {}).get(name, {})
         seeds = record.get("seeds") or metrics.get("seeds", [])
         cells = [f"`{name}`", str(len(seeds))]
-        for key in SPLIT_COLUMNS:
+        for key in ACCURACY_KEYS:
             mean = record.get(key)
             if mean is None:
                 cells.append("n/a")
@@ -63,10 +62,6 @@ def format_split_table(metrics: dict) -> str:
                 cells.append(_percent(mean))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _split_description(metrics: dict) -> list[str]:
-    return ["- " + line for line in split_size_lines(metrics.get("splits", {}))]
 
 
 def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params: dict | None = None,
@@ -123,7 +118,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
                    f"{', profile ' + str(params['profile']) if params.get('profile') else ''}")
         out.append(f"- {len(counts)} classes, {sum(counts)} training images; class counts by label: "
                    f"{' '.join(str(c) for c in counts)}")
-        out += _split_description(metrics)
+        out += ["- " + line for line in split_size_lines(metrics.get("splits", {}))]
         overlap = metrics.get("val_overlap")
         if overlap:
             out.append(f"- **warning: {overlap['images']} validation images are also training images** (class(es) "
@@ -179,8 +174,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
             f"{k} {format_seconds(v)}{' (resumed)' if k in again else ''}" for k, v in stages))
         out.append("")
 
-    figures = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").is_dir() else []
-    tables = sorted((run_dir / "figures").glob("*.csv")) if (run_dir / "figures").is_dir() else []
+    figures, tables = sorted(run_dir.glob("figures/*.png")), sorted(run_dir.glob("figures/*.csv"))
     if figures or tables:
         out += ["## Figures", ""]
         for fig in figures:

@@ -11,7 +11,7 @@ Layout of ``<run_name>/``::
     figures/*.png, *.ipynb, summary.md
 
 ``folder``: where a run lives and whether it starts, resumes or is refused, its lock;
-``timing``: wall time summed over invocations, provenance; ``records``: what it records.
+``timing``: wall time summed over invocations, provenance; ``records``: what it records, written and read back.
 """
 
 from .folder import (
@@ -19,7 +19,6 @@ from .folder import (
     PRECISION_FILE,
     RESUMABLE_KEYS,
     clear_run_dir,
-    effective_params,
     ensure_run_dir,
     has_results,
     lock_token,
@@ -47,7 +46,7 @@ from .records import (
 from .timing import NOTEBOOK_TIMES, STAGE_TIMES, device_description, git_commit, provenance, timed, wall_times
 
 __all__ = [
-    "append_history", "build_metrics", "checkpoint_path", "clear_run_dir", "device_description", "effective_params",
+    "append_history", "build_metrics", "checkpoint_path", "clear_run_dir", "device_description",
     "ensure_run_dir", "evaluation_path", "features_path", "git_commit", "has_results", "load_evaluations",
     "lock_token", "LOCK_TOKEN_ENV", "NOTEBOOK_TIMES", "parse_history_lines", "per_class_csv", "PRECISION_FILE",
     "prepare_run_dir", "provenance", "read_history", "read_params_yaml", "refuse_if_busy", "results_root",

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Params, Settings, project_root
-from ..errors import CBDError
+from ..errors import CBDError, one_line
 from ..io import open_no_follow, refuse_links, write_text
 from ..param_rules import check_rule
 from ..plain_values import load_yaml
@@ -20,9 +20,9 @@ from .timing import NOTEBOOK_TIMES, STAGE_TIMES, close_killed
 
 log = logging.getLogger("cbdlib.runs")
 
-# Keys that may change between invocations of the same run without changing its results.
 # The run's precision decision (engine/precision.py), kept so that a resume computes in what it began with.
 PRECISION_FILE = "precision.json"
+# Keys that may change between invocations of the same run without changing its results.
 RESUMABLE_KEYS = {"overwrite", "device", "num_workers", "eval_batch_size", "methods", "tsne_samples", "torch_compile"}
 
 
@@ -35,17 +35,6 @@ def results_root() -> Path:
 def run_dir_for(run_name: str) -> Path:
     check_rule("run_name", run_name)
     return results_root() / run_name
-
-
-def effective_params(settings: Settings) -> dict:
-    values = dataclasses.asdict(settings.params)
-    values["lr"] = settings.lr  # the learning rate actually used
-    values["decoupled_lr"] = settings.decoupled_lr
-    return values
-
-
-def _identity(values: dict) -> dict:
-    return {k: v for k, v in values.items() if k not in RESUMABLE_KEYS}
 
 
 def has_results(out: Path) -> bool:
@@ -73,11 +62,9 @@ def read_params_yaml(out: str | os.PathLike) -> dict | None:
         return None
     try:
         values = load_yaml(path.read_text(), str(path))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        values, problem = None, f"not valid YAML: {reason}"
-    else:
         problem = None if isinstance(values, dict) else f"not a mapping of key: value ({type(values).__name__})"
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        problem = f"not valid YAML: {one_line(exc)}"
     if problem:
         raise CBDError(f"{path} is damaged ({problem}); restore it, or set overwrite: true to start this run again")
     return values
@@ -86,37 +73,35 @@ def read_params_yaml(out: str | os.PathLike) -> dict | None:
 def prepare_run_dir(out_dir: str | os.PathLike, settings: Settings) -> Path:
     """Apply the run-folder rules: start, resume / add a stage, or refuse different parameters."""
     out = ensure_run_dir(out_dir)
-    wanted = effective_params(settings)
-    params_file = out / "params.yaml"
+    wanted = dataclasses.asdict(settings.params)  # lr and decoupled_lr as used
     with run_lock(out):
-        try:
-            stored_values, problem = read_params_yaml(out), None
-        except CBDError as error:  # damaged: refused below when it guards results
-            stored_values, problem = None, error
-        if has_results(out):
-            if stored_values is None:
-                if not settings.overwrite:
-                    raise problem or CBDError(f"{out} holds results but no params.yaml; "
-                                              f"set overwrite: true to replace them")
-                clear_run_dir(out)
-            else:
-                # Fields added to the schema after the run was made count at their defaults.
-                stored = {**dataclasses.asdict(Params()), **stored_values}
-                differences = sorted(k for k in set(_identity(stored)) | set(_identity(wanted))
-                                     if stored.get(k) != wanted.get(k))
-                if differences:
-                    if not settings.overwrite:
-                        detail = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in differences[:4])
-                        raise CBDError(
-                            f"{out} holds a run with different parameters ({detail}); "
-                            f"use another run_name or set overwrite: true to replace it"
-                        )
-                    clear_run_dir(out)
-        write_text(params_file, yaml.safe_dump(wanted, sort_keys=False))
+        refusal = _refusal(out, wanted) if has_results(out) else None
+        if refusal is not None:
+            if not settings.overwrite:
+                raise refusal
+            clear_run_dir(out)
+        write_text(out / "params.yaml", yaml.safe_dump(wanted, sort_keys=False))
     return out
 
 
-_HELD_LOCKS: dict[Path, list] = {}  # path -> [open lock file, depth, token]: re-entrant within a process
+def _refusal(out: Path, wanted: dict) -> CBDError | None:
+    """Why a folder holding results cannot take the run ``wanted`` (None: the same run, it resumes)."""
+    try:
+        stored = read_params_yaml(out)
+    except CBDError as damaged:
+        return damaged
+    if stored is None:
+        return CBDError(f"{out} holds results but no params.yaml; set overwrite: true to replace them")
+    stored = {**dataclasses.asdict(Params()), **stored}  # fields added to the schema later count at their defaults
+    differences = sorted(k for k in (set(stored) | set(wanted)) - RESUMABLE_KEYS if stored.get(k) != wanted.get(k))
+    if not differences:
+        return None
+    detail = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in differences[:4])
+    return CBDError(f"{out} holds a run with different parameters ({detail}); use another run_name or set "
+                    f"overwrite: true to replace it")
+
+
+_HELD_LOCKS: dict[Path, str] = {}  # lock path -> its token: the lock is re-entrant within a process
 # The holder's token, handed to the notebook kernels that ``cbdlib run`` starts: they work under its lock.
 LOCK_TOKEN_ENV = "CBD_RUN_LOCK_TOKEN"
 
@@ -132,12 +117,8 @@ def run_lock(out: str | os.PathLike):
     import fcntl
 
     key = Path(out).resolve()
-    if key in _HELD_LOCKS:
-        _HELD_LOCKS[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD_LOCKS[key][1] -= 1
+    if key in _HELD_LOCKS:  # held by this process already: the outermost holder releases it
+        yield
         return
     handle = open(key / ".lock", "a+", opener=open_no_follow)
     try:
@@ -160,7 +141,7 @@ def run_lock(out: str | os.PathLike):
     handle.truncate()
     handle.write(f"{os.getpid()} {token}")
     handle.flush()
-    _HELD_LOCKS[key] = [handle, 1, token]
+    _HELD_LOCKS[key] = token
     try:
         yield
     finally:
@@ -174,7 +155,7 @@ def lock_token(out: str | os.PathLike) -> str:
     key = Path(out).resolve()
     if key not in _HELD_LOCKS:
         raise RuntimeError(f"this process holds no lock on {out}")
-    return _HELD_LOCKS[key][2]
+    return _HELD_LOCKS[key]
 
 
 def refuse_if_busy(out: str | os.PathLike) -> None:

@@ -1,20 +1,23 @@
-"""What a run folder records: evaluations per model and seed, ``metrics.json``, ``per_class.csv``,
-``history.jsonl`` and the saved test features."""
+"""What a run folder records, each record written and read back here: evaluations per model and
+seed, ``metrics.json`` and ``per_class.csv``, ``history.jsonl``, the saved test features, and the
+readers the notebooks and the analysis use (class names, tau's validation curves)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
 from pathlib import Path
+from typing import Mapping, Optional
 
 import numpy as np
 
-from ..errors import CBDError
-from ..io import append_line, write_json, write_text
-from ..methods import method_order
-from ..metrics import aggregate_records, check_finite
+from ..errors import CBDError, one_line
+from ..io import append_line, write_bytes, write_json, write_text
+from ..methods import is_teacher, method_order, teacher_sort_key
+from ..metrics import aggregate_records, check_finite, validate_metrics
 
 log = logging.getLogger("cbdlib.runs")
 
@@ -123,11 +126,6 @@ def _well_typed(record: dict) -> bool:
     return True
 
 
-def _history_records(path: Path) -> tuple[list[dict], list[int]]:
-    """The records of a history file and the numbers of its unreadable lines."""
-    return parse_history_lines(path.read_bytes().split(b"\n"))
-
-
 def parse_history_lines(lines: list[bytes]) -> tuple[list[dict], list[int]]:
     """The one parser of ``history.jsonl``: the well-typed records of ``lines`` and the (1-based)
     numbers of the damaged ones; a line torn by a kill is skipped without being named."""
@@ -154,15 +152,12 @@ def read_history(out: Path) -> list[dict]:
     path = Path(out) / "history.jsonl"
     if not path.exists():
         return []
-    records, bad = _history_records(path)
+    records, bad = parse_history_lines(path.read_bytes().split(b"\n"))
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         log.warning("warning: %s: skipped %d unreadable line%s (%s)", path, len(bad), "" if len(bad) == 1 else "s",
                     shown)
-    latest: dict = {}
-    for rec in records:
-        latest[_history_key(rec)] = rec
-    return list(latest.values())
+    return list({_history_key(rec): rec for rec in records}.values())  # the last record of each key
 
 
 # history file -> (its size when last seen here, the (model, seed, stage, epoch) keys in it)
@@ -185,7 +180,8 @@ def append_history(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     size, keys = _HISTORY_KEYS.get(str(path), (None, None))
     if size != _size(path):  # first use, or the file changed behind this process: read it again
-        keys = {_history_key(r) for r in _history_records(path)[0]} if path.exists() else set()
+        lines = path.read_bytes().split(b"\n") if path.exists() else []
+        keys = {_history_key(r) for r in parse_history_lines(lines)[0]}
     key = _history_key(record)
     if key not in keys:
         append_line(path, json.dumps(record))
@@ -195,13 +191,145 @@ def append_history(path: str | os.PathLike, record: dict) -> None:
 
 def save_features(out: Path, seed: int, method: str, features: np.ndarray, labels: np.ndarray, max_points: int,
                   sample_seed: int = 0) -> None:
-    """A fixed, class-stratified sample of test features for t-SNE."""
+    """A fixed random sample of ``max_points`` test features (with their labels and indices) for t-SNE."""
     rng = np.random.default_rng(sample_seed)
     keep = np.sort(rng.permutation(len(labels))[:max_points])
-    path = features_path(out, seed, method)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, features=features[keep].astype(np.float32), labels=labels[keep], indices=keep)
-    from ..io import write_bytes
+    write_bytes(features_path(out, seed, method), buffer.getvalue())
 
-    write_bytes(path, buffer.getvalue())
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CBDError(f"{path} is not valid JSON ({one_line(exc)}); rerun the stage that wrote it") from None
+
+
+def load_metrics(run_dir: Path, required: bool = True) -> dict | None:
+    """``<run>/metrics.json``, checked against the contract's schema; None when absent and not ``required``."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.exists():
+        if not required:
+            return None
+        raise CBDError(f"{path} not found: run notebooks 02 and 03 with run_name {Path(run_dir).name!r} first, "
+                       f"or python -m cbdlib run")
+    metrics = read_json(path)
+    try:
+        validate_metrics(metrics)
+    except (CBDError, ValueError) as exc:
+        raise CBDError(f"{path}: {one_line(exc)}") from None
+    return metrics
+
+
+def class_names(run_dir: Path, metrics: Mapping) -> list[str]:
+    """Class names from ``per_class.csv`` (labels as text where it is absent or damaged)."""
+    names = [str(c) for c in range(len(metrics["class_counts"]))]
+    path = Path(run_dir) / "per_class.csv"
+    if path.exists():
+        with path.open(newline="") as handle, contextlib.suppress(csv.Error, KeyError, ValueError):
+            for row in csv.DictReader(handle):
+                label = int(row["label"])
+                if 0 <= label < len(names):
+                    names[label] = row["class_name"]
+    return names
+
+
+def evaluation(run_dir: Path, seed: int, method: str) -> dict:
+    """The evaluation record of one model and seed (test metrics and ``confusion``)."""
+    path = evaluation_path(Path(run_dir), seed, method)
+    if not path.exists():
+        raise CBDError(f"no evaluation of {method} (seed {seed}) in {run_dir}; run its stage first")
+    return read_json(path)
+
+
+def load_features(run_dir: Path, seed: int, method: str) -> dict:
+    """Saved test features of one model and seed: ``features``, ``labels``, ``indices`` arrays."""
+    path = features_path(Path(run_dir), seed, method)
+    if not path.exists():
+        raise CBDError(f"no saved features of {method} (seed {seed}) in {run_dir}; features are saved for the "
+                       f"first listed teacher, ce and cbd_ens")
+    with np.load(path) as data:
+        return {key: data[key] for key in ("features", "labels", "indices")}
+
+
+def has_features(run_dir: Path, seed: int, method: str) -> bool:
+    """Whether test features of ``method`` were saved; prints a note when they were not."""
+    if features_path(Path(run_dir), seed, method).exists():
+        return True
+    print(f"note: no saved features of {method} (seed {seed}) in this run, so its t-SNE is skipped")
+    return False
+
+
+def paired_features(run_dir: Path, seed: int, method_a: str, method_b: str):
+    """Features of two models on the same test images: ``(features_a, features_b, labels)``."""
+    a, b = load_features(run_dir, seed, method_a), load_features(run_dir, seed, method_b)
+    common, ia, ib = np.intersect1d(a["indices"], b["indices"], return_indices=True)
+    if len(common) == 0:
+        raise CBDError(f"{method_a} and {method_b} have no test image in common in their saved features")
+    return a["features"][ia], b["features"][ib], a["labels"][ia]
+
+
+def tsne_teacher(run_dir: Path, seed: int, requested: Optional[str] = None) -> Optional[str]:
+    """The model whose features notebook 04 embeds next to CBD-ENS's.
+
+    ``requested`` when its features were saved; else the vanilla teacher with the lowest seed
+    among the saved ones, else any saved teacher (with a note); None (with a note) when none is saved.
+    """
+    folder = features_path(Path(run_dir), seed, "x").parent
+    saved = sorted((p.stem for p in folder.glob("teacher_*.npz") if is_teacher(p.stem)), key=teacher_sort_key)
+    if requested is not None:
+        if features_path(Path(run_dir), seed, requested).exists():
+            return requested
+        if saved:
+            print(f"note: no saved features of {requested}; using {saved[0]}")
+    if saved:
+        return saved[0]
+    print("note: no teacher features saved in this run, so the t-SNE is skipped")
+    return None
+
+
+def history(run_dir: Path, stages=None, models=None) -> list[dict]:
+    """Per-epoch records of ``history.jsonl``, optionally only some stages / models."""
+    return [r for r in read_history(Path(run_dir))
+            if (stages is None or r.get("stage") in stages) and (models is None or r.get("model") in models)]
+
+
+POST_HOC = ("tau_norm", "logit_adjust")  # the methods whose tau is chosen on validation
+
+
+def _post_hoc_records(run_dir: Path, seeds, method: str) -> dict[int, dict]:
+    """``{seed: evaluation record}`` of ``method`` for the seeds that have one."""
+    paths = {seed: evaluation_path(Path(run_dir), seed, method) for seed in seeds}
+    return {seed: read_json(path) for seed, path in paths.items() if path.exists()}
+
+
+def tau_choices(run_dir: Path, seeds, method: str = "tau_norm"):
+    """Per seed, the tau of ``tau_norm`` or ``logit_adjust`` chosen on the balanced validation set (a DataFrame)."""
+    import pandas as pd
+
+    rows = [{"method": method, "seed": seed, "tau": record.get("tau"),
+             "validation balanced accuracy (%)": round(100 * record.get("tau_val_balanced_acc", float("nan")), 1),
+             "test top-1 (%)": round(100 * record["all"], 1)}
+            for seed, record in _post_hoc_records(run_dir, seeds, method).items()]
+    return pd.DataFrame(rows, columns=["method", "seed", "tau", "validation balanced accuracy (%)", "test top-1 (%)"])
+
+
+def tau_curves(run_dir: Path, seeds, method: str = "tau_norm") -> dict:
+    """Per seed, the validation curve of ``tau_norm`` or ``logit_adjust`` over its tau grid:
+    ``{seed: {"tau": [...], "val_acc": [...], "chosen": tau}}``; seeds whose evaluation predates the
+    recorded curve are left out."""
+    return {seed: {"tau": record["tau_grid"], "val_acc": record["tau_val_curve"], "chosen": record["tau"]}
+            for seed, record in _post_hoc_records(run_dir, seeds, method).items() if "tau_val_curve" in record}
+
+
+def post_hoc_choices(run_dir: Path, seeds):
+    """``tau_choices`` of tau-norm and logit adjustment, one table."""
+    import pandas as pd
+
+    return pd.concat([tau_choices(run_dir, seeds, method) for method in POST_HOC], ignore_index=True)
+
+
+def post_hoc_curves(run_dir: Path, seeds) -> dict:
+    """``{method: tau_curves(...)}`` of tau-norm and logit adjustment (for ``plots.tau_curve``)."""
+    return {method: tau_curves(run_dir, seeds, method) for method in POST_HOC}
