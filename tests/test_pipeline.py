@@ -256,8 +256,8 @@ def test_summary_markdown_states_the_evidence(tmp_path):
     (tmp_path / "figures" / "split_table.csv").write_text("method,all\n")
     (tmp_path / "03_class_balanced_distillation.ipynb").write_text("{}")
     params = dataclasses.asdict(config.Params(run_name="r1", lr=0.1))
-    text = pipeline.summary_markdown(tmp_path, metrics, params=params, command="python -m cbdlib run -p x=1",
-                                     timings={"01_a.ipynb": 3.0, "02_b.ipynb": 125.0}, wall_s=130.0)
+    write_ledger(tmp_path / runs.NOTEBOOK_TIMES, {"01_a.ipynb": 3.0, "02_b.ipynb": 125.0, "total": 130.0})
+    text = pipeline.summary_markdown(tmp_path, metrics, params=params, command="python -m cbdlib run -p x=1")
     assert text.startswith("# r1\n")
     assert "imbalance ratio 100.0 (measured max/min 100.0)" in text
     assert "many-shot (> 100 training images): 4 classes; medium (20-100): 3; few (< 20): 3" in text
@@ -379,15 +379,22 @@ def test_the_real_notebooks_refuse_a_bad_value_or_an_unknown_key_before_running(
 
 # --- resumed runs: wall times and warnings -------------------------------------------------
 
+def write_ledger(path, seconds: dict, resumed=()):
+    path.write_text(json.dumps({name: {"s": s, "invocations": 1 + (name in resumed), "resumed": name in resumed,
+                                       "open": None} for name, s in seconds.items()}))
+
+
 def test_summary_marks_resumed_notebooks_and_stages(tmp_path):
     metrics = json.loads((fake_run(tmp_path, "r", [1], ["ce"], ["ce"]) / "metrics.json").read_text())
-    metrics.update(stage_times_s={"one_stage": 2.0, "decoupled": 3.0}, resumed_stages=["one_stage"])
-    text = pipeline.summary_markdown(tmp_path, metrics, timings={"01_a.ipynb": 5.0, "02_b.ipynb": 75.0},
-                                     wall_s=80.0, resumed={"02_b.ipynb", "total"})
+    write_ledger(tmp_path / runs.STAGE_TIMES, {"one_stage": 2.0, "decoupled": 3.0}, resumed={"one_stage"})
+    write_ledger(tmp_path / runs.NOTEBOOK_TIMES, {"01_a.ipynb": 5.0, "02_b.ipynb": 75.0, "total": 80.0},
+                 resumed={"02_b.ipynb", "total"})
+    text = pipeline.summary_markdown(tmp_path, metrics)
     assert "| 01_a.ipynb | 5.0 s |" in text and "| 02_b.ipynb | 1 min 15 s (resumed) |" in text
     assert "| **total** | 1 min 20 s (resumed) |" in text
-    assert ("Training stages (summed over every invocation of the engine): one_stage 2.0 s (resumed), "
-            "decoupled 3.0 s") in text
+    rows = [line for line in text.splitlines() if line.startswith("| stage ") and not line.startswith("| stage |")]
+    assert rows == ["| stage one_stage | 2.0 s (resumed) |", "| stage decoupled | 3.0 s |"]  # stages first, in order
+    assert text.index("| stage decoupled |") < text.index("| 01_a.ipynb |") < text.index("| **total** |")
 
 
 FLAKY = ("import logging\nfrom cbdlib import runs, workbook\nworkbook.configure_logging()\n"

@@ -109,9 +109,10 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
         if params:
             params["seeds"] = sorted(owner)
         params["run_name"] = out.name
+        seed_columns = [(f"seed {', '.join(map(str, entry['seeds']))}", entry["path"]) for entry in loaded]
         text = summary_markdown(out, metrics, params=params, merged_from=merged_from,
                                 after_results=reading_lines(metrics, merged) + _notes(out),
-                                after_evidence=_wall_time_lines(loaded) + kept_lines)
+                                after_evidence=kept_lines, wall_time_columns=seed_columns)
         write_text(out / "summary.md", text)
     log.info("merged %d runs (seeds %s) into %s", len(loaded), sorted(owner), out)
     if len({entry["precision"] for entry in merged_from}) > 1:
@@ -179,36 +180,6 @@ def _keep_model(run: Path, out: Path, seed: int, method: str, merged: dict) -> l
             f"from the project root{data_note}.", ""]
 
 
-def _wall_time_lines(loaded: list) -> list[str]:
-    """Wall time of every engine stage and notebook per seed run, summed over each run's resumes."""
-    columns = [(entry["path"], ", ".join(map(str, entry["seeds"]))) for entry in loaded]
-    table: dict[str, list] = {}
-    resumed: set = set()
-    for k, (run, _) in enumerate(columns):
-        for ledger, prefix in ((runs.STAGE_TIMES, "stage "), (runs.NOTEBOOK_TIMES, "")):
-            for name, entry in runs.wall_times(run / ledger).items():
-                row = table.setdefault(prefix + name, [None] * len(columns))
-                row[k] = entry["s"]
-                if entry.get("resumed"):
-                    resumed.add((prefix + name, k))
-    if not table:
-        return []
-    # Stages, then notebooks, each in the order the ledgers wrote them; the total last.
-    order = sorted(table, key=lambda name: (name == "total", not name.startswith("stage ")))
-    lines = ["## Wall time per seed", "",
-             "Each run's own ledgers, summed over every invocation of it; *r*: that run was interrupted and "
-             "resumed. Engine stages are inside notebooks 02 and 03.", "",
-             "| stage | " + " | ".join(f"seed {seeds}" for _, seeds in columns) + " | sum |",
-             "|---|" + "---:|" * (len(columns) + 1)]
-    for name in order:
-        cells = ["n/a" if v is None else format_seconds(v) + (" *r*" if (name, k) in resumed else "")
-                 for k, v in enumerate(table[name])]
-        total = sum(v for v in table[name] if v is not None)
-        label = f"**{name}**" if name == "total" else name
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {format_seconds(total)} |")
-    return lines + [""]
-
-
 def _notes(out: Path) -> list[str]:
     path = out / NOTES
     if not path.exists():
@@ -259,17 +230,15 @@ def _short_coverage(loaded: list, merged: dict, seeds: list, partial: bool) -> d
     """{method: seeds it covers} for every method that misses a seed; refused unless ``partial``."""
     how = ("finish it with the command that made it, or pass --partial to merge what there is "
            "(each mean then says how many seeds it covers)")
+    short = {m: sorted(per_seed) for m, per_seed in merged.items() if sorted(per_seed) != seeds}
     for entry in loaded:
-        missing = [f"{m} (seed {s})" for s in entry["seeds"] for m in _expected_methods(entry["params"])
+        expected = _expected_methods(entry["params"])
+        missing = [f"{m} (seed {s})" for s in entry["seeds"] for m in expected
                    if s not in entry["evaluations"].get(m, {})]
         if missing and not partial:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise CBDError(f"cannot merge {entry['path']}: the run is unfinished (no evaluation of {shown}); {how}")
-    short = {m: sorted(per_seed) for m, per_seed in merged.items() if sorted(per_seed) != seeds}
-    for entry in loaded:  # a method that must be there but is in no run at all
-        for m in _expected_methods(entry["params"]):
-            if m not in merged:
-                short[m] = []
+        short.update({m: [] for m in expected if m not in merged})  # a method that must be there but is in no run
     if short and not partial:
         method, covered = next(iter(short.items()))
         lacking = [str(e["path"]) for e in loaded if not set(e["seeds"]) <= set(covered)]

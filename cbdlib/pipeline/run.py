@@ -87,22 +87,16 @@ def _run_notebooks(run_dir: Path, settings: config.Settings, params: config.Para
             with runs.timed(ledger, nb.name):
                 seconds = execute_notebook(nb, run_dir, notebook_parameters(nb, params, extra))
             log.info("%s done in %s", nb.name, format_seconds(seconds))
-    times = runs.wall_times(ledger)
-    timings = {nb.name: times[nb.name]["s"] for nb in notebooks}
-    resumed = {name for name, entry in times.items() if entry["resumed"]}
-    wall_s = times["total"]["s"]
-
     metrics = load_metrics(run_dir, required=False)
     if metrics is None:
         log.warning("warning: the notebooks wrote no metrics.json in %s; summary.md has no results table", run_dir)
     stored = runs.read_params_yaml(run_dir) or dataclasses.asdict(settings.params)
     reading = reading_lines(metrics, runs.load_evaluations(run_dir)) if metrics else []
     text = summary_markdown(run_dir, metrics, params=stored, command=command, params_file=params_file,
-                            overrides=overrides, timings=timings, wall_s=wall_s, resumed=resumed,
-                            after_results=reading)
+                            overrides=overrides, after_results=reading)
     summary = run_dir / "summary.md"
     write_text(summary, text)
-    append_index(index_row(run_dir, metrics, stored, wall_s))
+    append_index(index_row(run_dir, metrics, stored, runs.wall_times(ledger)["total"]["s"]))
     print(summary)
 
 

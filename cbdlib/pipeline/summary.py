@@ -66,15 +66,14 @@ def format_split_table(metrics: dict) -> str:
 
 def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params: dict | None = None,
                      command: str | None = None, params_file: str | os.PathLike | None = None,
-                     overrides: dict | None = None, timings: dict | None = None, wall_s: float | None = None,
-                     merged_from: list | None = None, resumed: set | None = None,
-                     after_results: list[str] | None = None, after_evidence: list[str] | None = None) -> str:
+                     overrides: dict | None = None, merged_from: list | None = None,
+                     wall_time_columns: list | None = None, after_results: list[str] | None = None,
+                     after_evidence: list[str] | None = None) -> str:
     """The run folder's ``summary.md``: how it was produced, the data, the results, the evidence.
 
-    ``timings`` and ``wall_s`` are summed over invocations; ``resumed`` names the notebooks (and
-    ``"total"``) that an earlier, interrupted invocation had started. ``after_results`` and
-    ``after_evidence`` are markdown lines of sections placed there (aggregate's reading, its
-    wall times per seed and its saved model).
+    ``wall_time_columns`` (default: the folder itself) are the run folders whose ledgers give the
+    wall-time table (``wall_time_lines``). ``after_results`` and ``after_evidence`` are markdown
+    lines of sections placed there (aggregate's reading and its saved model).
     """
     run_dir = Path(run_dir)
     params = params or {}
@@ -158,22 +157,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out.append("")
     out += after_evidence or []
 
-    resumed = resumed or set()
-    if timings:
-        out += ["## Wall time", "", "Summed over every invocation of the command; *resumed*: an earlier "
-                "invocation was interrupted and this one went on from its checkpoints.", "",
-                "| stage | wall time |", "|---|---:|"]
-        out += [f"| {name} | {format_seconds(seconds)}{' (resumed)' if name in resumed else ''} |"
-                for name, seconds in timings.items()]
-        total = wall_s if wall_s is not None else sum(timings.values())
-        out += [f"| **total** | {format_seconds(total)}{' (resumed)' if 'total' in resumed else ''} |", ""]
-    if metrics is not None and metrics.get("stage_times_s"):
-        again = set(metrics.get("resumed_stages", []))
-        stages = metrics["stage_times_s"].items()
-        out.append("Training stages (summed over every invocation of the engine): " + ", ".join(
-            f"{k} {format_seconds(v)}{' (resumed)' if k in again else ''}" for k, v in stages))
-        out.append("")
-
+    out += wall_time_lines(wall_time_columns or [("wall time", run_dir)])
     figures, tables = sorted(run_dir.glob("figures/*.png")), sorted(run_dir.glob("figures/*.csv"))
     if figures or tables:
         out += ["## Figures", ""]
@@ -187,6 +171,31 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out += [f"- [{p.name}]({p.name})" for p in notebooks]
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def wall_time_lines(columns: list[tuple[str, Path]]) -> list[str]:
+    """The wall time of every engine stage and notebook, one column per run folder (``(header, folder)``),
+    each read from the folder's ledgers (summed over its invocations); several folders get a sum column."""
+    table: dict[str, list] = {}
+    for k, (_, folder) in enumerate(columns):
+        for ledger, prefix in ((runs.STAGE_TIMES, "stage "), (runs.NOTEBOOK_TIMES, "")):
+            for name, entry in runs.wall_times(Path(folder) / ledger).items():
+                table.setdefault(prefix + name, [None] * len(columns))[k] = entry
+    if not table:
+        return []
+    several = len(columns) > 1
+    lines = ["## Wall time", "", "Summed over every invocation of each run; *resumed*: an invocation was interrupted "
+             "and a later one went on from its checkpoints. Engine stages run inside notebooks 02 and 03.", "",
+             "| stage | " + " | ".join(header for header, _ in columns) + " |" + (" sum |" if several else ""),
+             "|---|" + "---:|" * (len(columns) + several)]
+    # Stages, then notebooks, each in the order their ledger wrote them; the total last.
+    for name in sorted(table, key=lambda name: (name == "total", not name.startswith("stage "))):
+        cells = ["n/a" if e is None else format_seconds(e["s"]) + (" (resumed)" if e["resumed"] else "")
+                 for e in table[name]]
+        if several:
+            cells.append(format_seconds(sum(e["s"] for e in table[name] if e is not None)))
+        lines.append(f"| {'**total**' if name == 'total' else name} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _now_iso() -> str:
