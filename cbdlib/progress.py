@@ -14,6 +14,7 @@ adds ``FORWARD_COST`` per frozen teacher.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -79,7 +80,7 @@ def kernel_mode() -> str:
     return "lines"  # also under cbdlib run, which follows the run folder and shows the bar itself
 
 
-class ModelProgress:
+class ModelProgress(contextlib.AbstractContextManager):
     """Progress of one model's training: a bar (terminal / Jupyter) or nothing until it ends.
 
     Every epoch's full line goes to the log at DEBUG level (history.jsonl keeps the same
@@ -104,9 +105,6 @@ class ModelProgress:
         if self.bar is not None:
             self.bar.set_postfix({"s/epoch": f"{seconds:.1f}", **postfix}, refresh=False)
             self.bar.update(1)
-
-    def __enter__(self) -> "ModelProgress":
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(finished=exc_type is None)

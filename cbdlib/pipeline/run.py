@@ -118,14 +118,11 @@ def package_dir() -> Path:
 @contextlib.contextmanager
 def kernel_environment(run_dir: Path, results_root: Path | None = None):
     """The environment the notebook kernels start with: this process's package first on their
-    ``PYTHONPATH``, its resolved results folder (or ``results_root``), and the token of its lock
-    on ``run_dir``.
-
-    Without it a kernel imports whichever ``cbdlib`` its own ``sys.path`` finds (an editable
-    install of another clone) and writes into that clone's ``results/``.
-    """
-    path = [str(package_dir().parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                          if p and p != str(package_dir().parent)]
+    ``PYTHONPATH`` (else a kernel imports whichever ``cbdlib`` its own ``sys.path`` finds, an editable
+    install of another clone, and writes into that clone's ``results/``), its resolved results folder
+    (or ``results_root``), and the token of its lock on ``run_dir``."""
+    here = str(package_dir().parent)
+    path = [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
     results = Path(results_root) if results_root is not None else runs.results_root()
     values = {"PYTHONPATH": os.pathsep.join(path), "CBD_RESULTS_DIR": str(results.resolve()),
               PACKAGE_ENV: str(package_dir()), runs.LOCK_TOKEN_ENV: runs.lock_token(run_dir)}
@@ -226,6 +223,6 @@ def format_command(params_path, overrides: dict) -> str:
         parts += ["--params", display_path(Path(params_path))]
     for key, value in overrides.items():
         parts += ["-p", f"{key}={yaml_scalar(value)}"]
-    return " ".join(shlex.quote(p) for p in parts)
+    return shlex.join(parts)
 
 

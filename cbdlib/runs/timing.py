@@ -99,9 +99,8 @@ def wall_times(ledger: str | os.PathLike) -> dict[str, dict]:
 
 def git_commit() -> str:
     """``CBD_GIT_COMMIT`` when set (copies without .git), else the checkout's HEAD, else 'unknown'."""
-    env = os.environ.get("CBD_GIT_COMMIT")
-    if env:
-        return env
+    if os.environ.get("CBD_GIT_COMMIT"):
+        return os.environ["CBD_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True,
                              timeout=10)
