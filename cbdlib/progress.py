@@ -2,12 +2,11 @@
 ``cbdlib run``'s ETA.
 
 * A terminal (``python -m cbdlib.train``) or a Jupyter kernel opened by a person: one tqdm bar per
-  model with seconds per epoch, loss and validation accuracy, and one line when the model is done.
+  model (seconds per epoch, loss, validation accuracy), and one line when the model is done.
 * ``python -m cbdlib run``: nobody sees a kernel's output until its notebook ends, so the command
-  follows the run folder's ``plan.json`` and ``history.jsonl`` itself (``pipeline/follow.py``: one
-  bar for the whole run, or one line per finished model when its output is not a terminal); the
-  kernels then print one line per finished model and no bars.
-* Nothing under the smoke profile.
+  follows ``plan.json`` and ``history.jsonl`` itself (``pipeline/follow.py``); the kernels then
+  print one line per finished model and no bars.
+* No bars under the smoke profile.
 
 The ETA weighs epochs by their cost in "plain steps": a step that trains a whole network is 1; a
 backbone forward only (cRT / LWS on a frozen backbone) costs ``FORWARD_COST``; a distillation step
@@ -15,12 +14,15 @@ adds ``FORWARD_COST`` per frozen teacher.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .io import write_json
 
 log = logging.getLogger("cbdlib")
 
@@ -48,6 +50,10 @@ class PlannedModel:
     def epoch_cost(self) -> float:
         return self.steps_per_epoch * self.cost_per_step
 
+    @property
+    def key(self) -> tuple:
+        return self.model, self.seed, self.stage
+
 
 def step_cost(train_backbone: bool = True, teachers: int = 0) -> float:
     """Cost of one optimiser step in plain training steps (see the module docstring)."""
@@ -55,15 +61,12 @@ def step_cost(train_backbone: bool = True, teachers: int = 0) -> float:
 
 
 def write_plan(run_dir: Path, plan: list[PlannedModel]) -> None:
-    from .io import write_json
-
     write_json(Path(run_dir) / PLAN_FILE, {"models": [asdict(p) for p in plan]})
 
 
 def read_plan(run_dir: Path) -> list[PlannedModel] | None:
-    path = Path(run_dir) / PLAN_FILE
     try:
-        return [PlannedModel(**entry) for entry in json.loads(path.read_text())["models"]]
+        return [PlannedModel(**entry) for entry in json.loads((Path(run_dir) / PLAN_FILE).read_text())["models"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -71,15 +74,13 @@ def read_plan(run_dir: Path) -> list[PlannedModel] | None:
 # --- the engine's side: one model -------------------------------------------------------------
 
 def kernel_mode() -> str:
-    """``bar``, ``lines`` or ``quiet``: how the engine reports epochs in this process."""
-    if os.environ.get(PROGRESS_ENV) == "parent":
-        return "lines"  # cbdlib run follows the run folder and shows the bar itself
-    if "ipykernel" in sys.modules or sys.stderr.isatty():
+    """``bar`` or ``lines``: how the engine reports epochs in this process."""
+    if os.environ.get(PROGRESS_ENV) != "parent" and ("ipykernel" in sys.modules or sys.stderr.isatty()):
         return "bar"
-    return "lines"
+    return "lines"  # also under cbdlib run, which follows the run folder and shows the bar itself
 
 
-class ModelProgress:
+class ModelProgress(contextlib.AbstractContextManager):
     """Progress of one model's training: a bar (terminal / Jupyter) or nothing until it ends.
 
     Every epoch's full line goes to the log at DEBUG level (history.jsonl keeps the same
@@ -87,8 +88,7 @@ class ModelProgress:
     """
 
     def __init__(self, label: str, epochs: int, start_epoch: int, quiet: bool, bar: bool = True):
-        self.label, self.epochs, self.start_epoch = label, epochs, start_epoch
-        self.quiet = quiet
+        self.epochs, self.start_epoch = epochs, start_epoch
         self.seconds = 0.0
         self.last_line = ""
         self.bar = None
@@ -105,9 +105,6 @@ class ModelProgress:
         if self.bar is not None:
             self.bar.set_postfix({"s/epoch": f"{seconds:.1f}", **postfix}, refresh=False)
             self.bar.update(1)
-
-    def __enter__(self) -> "ModelProgress":
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(finished=exc_type is None)

@@ -56,7 +56,7 @@ def test_a_killed_invocation_counts_up_to_its_last_write(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
     os.utime(tmp_path / "checkpoint.pt", (started + 30, started + 30))  # its last write: 30 s in
     os.utime(ledger, (started + 90, started + 90))  # the ledger itself does not count
-    with runs.timed(ledger, "02_x.ipynb"):
+    with runs.run_lock(tmp_path), runs.timed(ledger, "02_x.ipynb"):  # the next start, as cbdlib run does it
         pass
     entry = runs.wall_times(ledger)["02_x.ipynb"]
     assert entry["invocations"] == 3 and entry["resumed"]

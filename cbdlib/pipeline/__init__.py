@@ -7,12 +7,12 @@
 - ``aggregate``: run folders of different training seeds merged into one (``aggregate_runs``).
 """
 from .aggregate import aggregate_runs
-from .parameters import Notebook, checked_values, discover_notebooks
-from .run import PACKAGE_ENV, execute_notebook, format_command, kernel_environment, package_dir, run_pipeline
+from .parameters import checked_values, discover_notebooks
+from .run import PACKAGE_ENV, format_command, kernel_environment, package_dir, run_pipeline
 from .summary import INDEX_COLUMNS, append_index, format_split_table, index_row, summary_markdown
 
 __all__ = [
-    "INDEX_COLUMNS", "Notebook", "PACKAGE_ENV", "aggregate_runs", "append_index",
-    "checked_values", "discover_notebooks", "execute_notebook", "format_command",
-    "format_split_table", "index_row", "kernel_environment", "package_dir", "run_pipeline", "summary_markdown",
+    "INDEX_COLUMNS", "PACKAGE_ENV", "aggregate_runs", "append_index", "checked_values", "discover_notebooks",
+    "format_command", "format_split_table", "index_row", "kernel_environment", "package_dir", "run_pipeline",
+    "summary_markdown",
 ]

@@ -3,6 +3,7 @@
 per finished model (CI, ``nohup``). The cost model of the ETA is ``cbdlib/progress.py``'s."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -14,10 +15,6 @@ from ..runs import parse_history_lines
 from ..text import format_seconds
 
 log = logging.getLogger("cbdlib")
-
-
-def _history_key(record: dict) -> tuple:
-    return record.get("model"), record.get("seed"), record.get("stage")
 
 
 class RunFollower:
@@ -33,24 +30,21 @@ class RunFollower:
         self.interval = interval
         self.stream = stream or sys.stderr
         self.plan: list[PlannedModel] | None = None
-        self.epochs_done: dict[tuple, int] = {}
+        self.epochs_done: dict[tuple, int] = {}  # (model, seed, stage) -> its last epoch in the history
         self.model_seconds: dict[tuple, float] = {}
-        self.reported: set[tuple] = set()
-        self._offset = 0
-        self._partial = b""
-        self._units_at_start: float | None = None
-        self._t_start = time.monotonic()
+        self.reported: set[tuple] = set()  # the finished models already printed (or before this invocation)
+        self._offset = 0  # of history.jsonl, read up to its last whole line
+        self._start: tuple[float, float] | None = None  # units done and the clock at the first look at the plan
+        self._current: dict | None = None  # the newest epoch, for the bar
         self.bar = None
-        self._current: dict | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     # bookkeeping, separate from the thread so that tests can drive it step by step
     def poll(self) -> None:
-        if self.plan is None:
-            self.plan = read_plan(self.run_dir)
+        self.plan = self.plan or read_plan(self.run_dir)
         for record in self._new_records():
-            key = _history_key(record)
+            key = (record.get("model"), record.get("seed"), record.get("stage"))
             epoch = int(record.get("epoch") or 0)
             if epoch > self.epochs_done.get(key, 0):
                 self.epochs_done[key] = epoch
@@ -60,77 +54,62 @@ class RunFollower:
             self._show()
 
     def _new_records(self) -> list[dict]:
-        path = self.run_dir / "history.jsonl"
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(self._offset)
-                chunk = handle.read()
-        except OSError:
-            return []
-        if len(chunk) == 0:
-            return []
-        self._offset += len(chunk)
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()  # an unfinished line waits for the next poll
-        return parse_history_lines(lines)[0]
+        with contextlib.suppress(OSError), open(self.run_dir / "history.jsonl", "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+            whole = chunk[:chunk.rfind(b"\n") + 1]  # an unfinished last line waits for the next poll
+            self._offset += len(whole)
+            return parse_history_lines(whole.split(b"\n"))[0]
+        return []
 
     def total_units(self) -> float:
         return sum(p.epochs * p.epoch_cost for p in self.plan or [])
 
     def done_units(self) -> float:
-        done = 0.0
-        for p in self.plan or []:
-            epochs = min(p.epochs, self.epochs_done.get((p.model, p.seed, p.stage), 0))
-            done += epochs * p.epoch_cost
-        return done
+        return sum(min(p.epochs, self.epochs_done.get(p.key, 0)) * p.epoch_cost for p in self.plan or [])
 
     def eta_seconds(self) -> float | None:
         """Seconds left at the rate this invocation has measured (None before the first epoch)."""
-        if self._units_at_start is None:
+        if self._start is None:
             return None
-        done_now = self.done_units() - self._units_at_start
-        elapsed = time.monotonic() - self._t_start
+        units, t0 = self._start
+        done_now, elapsed = self.done_units() - units, time.monotonic() - t0
         if done_now <= 0 or elapsed <= 0:
             return None
         return (self.total_units() - self.done_units()) * elapsed / done_now
 
-    def finished_models(self) -> list[PlannedModel]:
-        return [p for p in self.plan or [] if self.epochs_done.get((p.model, p.seed, p.stage), 0) >= p.epochs]
-
     def _show(self) -> None:
-        if self._units_at_start is None:
-            self._units_at_start = self.done_units()
-            self._t_start = time.monotonic()
-            for p in self.finished_models():  # finished before this invocation: not reported again
-                self.reported.add((p.model, p.seed, p.stage))
         total, done = self.total_units(), self.done_units()
+        finished = [p for p in self.plan if self.epochs_done.get(p.key, 0) >= p.epochs]
+        if self._start is None:  # models finished before this invocation are not reported again
+            self._start = (done, time.monotonic())
+            self.reported.update(p.key for p in finished)
         if self.mode == "bar":
-            if self.bar is None:
-                from tqdm import tqdm
+            self._draw(total, done)
+        for p in finished:
+            if p.key not in self.reported:
+                self.reported.add(p.key)
+                if self.mode == "lines":
+                    self.stream.write(self._finished_line(p, done, total) + "\n")
+                    self.stream.flush()
 
-                self.bar = tqdm(total=round(total), initial=round(done), unit="step", file=self.stream,
-                                dynamic_ncols=True,
-                                bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}]")
-            current = self._current
-            if current is not None:
-                key = _history_key(current)
-                planned = next((p for p in self.plan if (p.model, p.seed, p.stage) == key), None)
-                epochs = planned.epochs if planned else "?"
-                self.bar.set_description_str(
-                    f"{current.get('model')} seed {current.get('seed')} epoch {current.get('epoch')}/{epochs} "
-                    f"({float(current.get('time_s') or 0):.1f} s/epoch)", refresh=False)
-            self.bar.update(round(done) - self.bar.n)
-        for p in self.finished_models():
-            key = (p.model, p.seed, p.stage)
-            if key in self.reported:
-                continue
-            self.reported.add(key)
-            if self.mode == "lines":
-                self.stream.write(self._finished_line(p, done, total) + "\n")
-                self.stream.flush()
+    def _draw(self, total: float, done: float) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(total), initial=round(done), unit="step", file=self.stream,
+                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}]")
+        current = self._current
+        if current is not None:
+            key = (current.get("model"), current.get("seed"), current.get("stage"))
+            epochs = next((p.epochs for p in self.plan if p.key == key), "?")
+            self.bar.set_description_str(
+                f"{current.get('model')} seed {current.get('seed')} epoch {current.get('epoch')}/{epochs} "
+                f"({float(current.get('time_s') or 0):.1f} s/epoch)", refresh=False)
+        self.bar.update(round(done) - self.bar.n)
 
     def _finished_line(self, p: PlannedModel, done: float, total: float) -> str:
-        seconds = self.model_seconds.get((p.model, p.seed, p.stage), 0.0)
+        seconds = self.model_seconds.get(p.key, 0.0)
         eta = self.eta_seconds()
         left = f", about {format_seconds(eta)} left" if eta is not None and done < total else ""
         return (f"{p.model} seed {p.seed} done: {p.epochs} epoch{'' if p.epochs == 1 else 's'}, "
@@ -152,9 +131,7 @@ class RunFollower:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        try:
+        with contextlib.suppress(Exception):  # the last look, as quiet as the thread's
             self.poll()
-        except Exception:  # noqa: BLE001
-            pass
         if self.bar is not None:
             self.bar.close()

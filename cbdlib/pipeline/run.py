@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 from .. import config, runs
 from ..analysis.reading import reading_lines
@@ -81,7 +82,7 @@ def _run_notebooks(run_dir: Path, settings: config.Settings, params: config.Para
 
     log.info("run %s -> %s (%d notebooks)", params.run_name, run_dir, len(notebooks))
     ledger = run_dir / runs.NOTEBOOK_TIMES  # wall times summed over invocations (resumed runs)
-    with _followed(run_dir, progress_mode(progress, settings.smoke)), runs.timed(ledger, "total"):
+    with _followed(run_dir, progress and not settings.smoke), runs.timed(ledger, "total"):
         for nb in notebooks:
             log.info("running %s ...", nb.name)
             with runs.timed(ledger, nb.name):
@@ -112,35 +113,26 @@ def package_dir() -> Path:
 @contextlib.contextmanager
 def kernel_environment(run_dir: Path, results_root: Path | None = None):
     """The environment the notebook kernels start with: this process's package first on their
-    ``PYTHONPATH``, its resolved results folder (or ``results_root``), and the token of its lock
-    on ``run_dir``.
-
-    Without it a kernel imports whichever ``cbdlib`` its own ``sys.path`` finds (an editable
-    install of another clone) and writes into that clone's ``results/``.
-    """
-    path = [str(package_dir().parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                          if p and p != str(package_dir().parent)]
+    ``PYTHONPATH`` (else a kernel imports whichever ``cbdlib`` its own ``sys.path`` finds, an editable
+    install of another clone, and writes into that clone's ``results/``), its resolved results folder
+    (or ``results_root``), and the token of its lock on ``run_dir``."""
+    here = str(package_dir().parent)
+    path = [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
     results = Path(results_root) if results_root is not None else runs.results_root()
     values = {"PYTHONPATH": os.pathsep.join(path), "CBD_RESULTS_DIR": str(results.resolve()),
               PACKAGE_ENV: str(package_dir()), runs.LOCK_TOKEN_ENV: runs.lock_token(run_dir)}
     for name in ("CBD_CIFAR10", "CBD_CIFAR100", "CBD_CACHE_DIR"):  # the kernels run in notebooks/
         if os.environ.get(name):
             values[name] = str(Path(os.environ[name]).expanduser().resolve())
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
+    with mock.patch.dict(os.environ, values):
         yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict) -> float:
     """Run one notebook with papermill into the run folder; returns its wall time in seconds."""
     import papermill
+    from jupyter_client.kernelspec import NoSuchKernel
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     output = run_dir / nb.name
@@ -154,15 +146,14 @@ def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict) -> float:
             papermill.execute_notebook(str(nb.path), str(partial), parameters=parameters, kernel_name="python3",
                                        cwd=str(nb.path.parent), progress_bar=False, log_output=False,
                                        config=kernel_config())
-    except PapermillExecutionError as exc:
+    except (PapermillExecutionError, DeadKernelError, CellTimeoutError, NoSuchKernel) as exc:
         _keep_executed(partial, output)
-        raise CBDError(f"{nb.name} failed in cell {exc.exec_count}: {_error_line(exc.ename, exc.evalue)}; "
-                       f"the partly executed notebook is {output}") from None
-    except _kernel_errors() as exc:
-        # The kernel died (out of memory), is missing, or a cell timed out: not a bug of the notebook.
-        _keep_executed(partial, output)
-        raise CBDError(f"{nb.name} stopped: {type(exc).__name__}: {one_line(exc)}; "
-                       f"the partly executed notebook is {output}") from None
+        if isinstance(exc, PapermillExecutionError):
+            evalue = str(exc.evalue or "").strip()  # its first line, when it has one
+            what = f"failed in cell {exc.exec_count}: {exc.ename}" + (f": {evalue.splitlines()[0]}" if evalue else "")
+        else:  # the kernel died (out of memory), is missing, or a cell timed out: not a bug of the notebook
+            what = f"stopped: {type(exc).__name__}: {one_line(exc)}"
+        raise CBDError(f"{nb.name} {what}; the partly executed notebook is {output}") from None
     except OSError as exc:  # the disk is full (or the folder went away) while papermill writes
         partial.unlink(missing_ok=True)
         kept = "the previous copy is kept" if output.exists() else "nothing was kept"
@@ -173,92 +164,51 @@ def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict) -> float:
 
 
 def _keep_executed(partial: Path, output: Path) -> None:
-    """Rename papermill's copy over the executed notebook, if it is whole; relay its warnings."""
+    """Rename papermill's copy over the executed notebook, if it is whole; relay the ``warning:``
+    lines its cells printed (recovery notes, skipped damage, ...), each once."""
     try:
         executed = json.loads(partial.read_text())
     except (OSError, ValueError):
         partial.unlink(missing_ok=True)
         return
     os.replace(partial, output)
-    for line in notebook_warnings(executed):
+    texts = ["".join(out.get("text", "")) for cell in executed.get("cells", []) for out in cell.get("outputs", [])]
+    lines = [line.strip() for text in texts for line in text.splitlines() if line.strip().startswith("warning:")]
+    for line in dict.fromkeys(lines):
         log.warning("%s (%s)", line, output.name)
-
-
-def notebook_warnings(executed: dict) -> list[str]:
-    """The ``warning:`` lines a notebook's cells printed (recovery notes, skipped damage, ...)."""
-    lines = []
-    for cell in executed.get("cells", []):
-        for output in cell.get("outputs", []):
-            text = output.get("text", "")
-            text = "".join(text) if isinstance(text, list) else str(text)
-            lines += [line.strip() for line in text.splitlines() if line.strip().startswith("warning:")]
-    return list(dict.fromkeys(lines))
-
-
-def _kernel_errors() -> tuple:
-    from jupyter_client.kernelspec import NoSuchKernel
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
-
-    return (DeadKernelError, CellTimeoutError, NoSuchKernel)
-
-
-def _error_line(ename: str, evalue: str) -> str:
-    lines = [line.strip() for line in str(evalue or "").splitlines() if line.strip()]
-    return f"{ename}: {lines[0]}" if lines else str(ename)
 
 
 def kernel_config():
     """The kernels' configuration: CurveZMQ keys provisioned by the kernel manager where
     jupyter_client and the kernel support them, so the kernels' local sockets are encrypted
     (and ipykernel does not warn that they are not)."""
+    import zmq
     from jupyter_client.manager import KernelManager
     from traitlets.config import Config
 
     config = Config()
-    if KernelManager.class_traits().get("transport_encryption") is not None:
-        import zmq
-
-        if zmq.has("curve"):
-            config.KernelManager.transport_encryption = "auto"
+    if "transport_encryption" in KernelManager.class_traits() and zmq.has("curve"):
+        config.KernelManager.transport_encryption = "auto"
     return config
 
 
-def _is_tty() -> bool:
-    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-
-
-def progress_mode(progress: bool, smoke: bool) -> str | None:
-    """``bar`` in a terminal, ``lines`` otherwise (CI, nohup), None when asked for none or smoke."""
-    if not progress or smoke:
-        return None
-    return "bar" if _is_tty() else "lines"
-
-
 @contextlib.contextmanager
-def _followed(run_dir: Path, mode: str | None):
-    """Follow the run folder's history while the notebooks run (see ``cbdlib.progress``); the
+def _followed(run_dir: Path, show: bool):
+    """Follow the run folder's history while the notebooks run (see ``cbdlib.progress``): a bar in
+    a terminal, one line per finished model otherwise (CI, nohup), nothing unless ``show``. The
     kernels, told so by ``CBD_PROGRESS``, then print one line per model and no bars."""
     from ..progress import PROGRESS_ENV
     from .follow import RunFollower
 
-    previous = os.environ.get(PROGRESS_ENV)
-    os.environ[PROGRESS_ENV] = "parent"
-    follower = RunFollower(run_dir, mode).start() if mode is not None else None
-    try:
-        if mode == "bar":
+    mode = "bar" if sys.stderr.isatty() else "lines"
+    with mock.patch.dict(os.environ, {PROGRESS_ENV: "parent"}), contextlib.ExitStack() as stack:
+        if show:
+            stack.callback(RunFollower(run_dir, mode).start().stop)
+        if show and mode == "bar":
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            with logging_redirect_tqdm():  # log lines print above the bar
-                yield
-        else:
-            yield
-    finally:
-        if follower is not None:
-            follower.stop()
-        if previous is None:
-            os.environ.pop(PROGRESS_ENV, None)
-        else:
-            os.environ[PROGRESS_ENV] = previous
+            stack.enter_context(logging_redirect_tqdm())  # log lines print above the bar
+        yield
 
 
 def format_command(params_path, overrides: dict) -> str:
@@ -268,6 +218,6 @@ def format_command(params_path, overrides: dict) -> str:
         parts += ["--params", display_path(Path(params_path))]
     for key, value in overrides.items():
         parts += ["-p", f"{key}={yaml_scalar(value)}"]
-    return " ".join(shlex.quote(p) for p in parts)
+    return shlex.join(parts)
 
 

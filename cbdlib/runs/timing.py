@@ -33,15 +33,14 @@ def _read_ledger(path: Path) -> dict:
     return values if isinstance(values, dict) else {}
 
 
-def _last_write(folder: Path, after: float, ledger: Path) -> float:
-    """When a killed invocation last wrote into ``folder`` (its newest file), at least ``after``."""
-    newest = after
+def _last_write(folder: Path) -> float:
+    """When a killed invocation last wrote into ``folder``: its newest file but the ledgers and the lock."""
+    newest = 0.0
     for root, _, files in os.walk(folder):
         for name in files:
-            path = Path(root) / name
-            if path != ledger and name not in (STAGE_TIMES, NOTEBOOK_TIMES, ".lock"):
+            if name not in (STAGE_TIMES, NOTEBOOK_TIMES, ".lock"):
                 with contextlib.suppress(OSError):
-                    newest = max(newest, path.stat().st_mtime)
+                    newest = max(newest, (Path(root) / name).stat().st_mtime)
     return newest
 
 
@@ -58,7 +57,7 @@ def close_killed(folder: str | os.PathLike) -> None:
         if not killed:
             continue
         if newest is None:
-            newest = _last_write(folder, 0.0, ledger)
+            newest = _last_write(folder)
         for entry in killed.values():
             entry["s"] = round(entry["s"] + max(0.0, newest - entry["open"]), 3)
             entry.update(invocations=entry["invocations"] + 1, resumed=True, open=None)
@@ -70,17 +69,13 @@ def close_killed(folder: str | os.PathLike) -> None:
 def timed(ledger: str | os.PathLike, name: str):
     """Add the block's wall time to ``ledger[name]``: summed over every invocation of a run.
 
-    The entry is marked open while the block runs. An entry still open at the next start was
-    left by a killed invocation: it counts up to the newest file written in the run folder.
-    An invocation that ends with an error (or a kill) marks the entry ``resumed``.
+    The entry is marked open while the block runs: one still open when a process next takes the
+    run's lock was left by a killed invocation, and ``close_killed`` closes it (the callers time
+    under ``run_lock``). An invocation that ends with an error (or a kill) marks the entry ``resumed``.
     """
     ledger = Path(ledger)
     entries = _read_ledger(ledger)
     entry = entries.setdefault(name, {"s": 0.0, "invocations": 0, "resumed": False, "open": None})
-    if entry.get("open") is not None:
-        entry["s"] += max(0.0, _last_write(ledger.parent, entry["open"], ledger) - entry["open"])
-        entry["invocations"] += 1
-        entry["resumed"] = True
     entry["open"] = time.time()
     write_json(ledger, entries)
     t0, finished = time.perf_counter(), False
@@ -104,9 +99,8 @@ def wall_times(ledger: str | os.PathLike) -> dict[str, dict]:
 
 def git_commit() -> str:
     """``CBD_GIT_COMMIT`` when set (copies without .git), else the checkout's HEAD, else 'unknown'."""
-    env = os.environ.get("CBD_GIT_COMMIT")
-    if env:
-        return env
+    if os.environ.get("CBD_GIT_COMMIT"):
+        return os.environ["CBD_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True,
                              timeout=10)
