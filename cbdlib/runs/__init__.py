@@ -10,24 +10,31 @@ Layout of ``<run_name>/``::
     metrics.json, per_class.csv       merged over seeds (mean and std)
     figures/*.png, *.ipynb, summary.md
 
-``folder``: where a run lives and whether it starts, resumes or is refused, its lock;
-``timing``: wall time summed over invocations, provenance; ``records``: what it records, written and read back.
+``folder``: where a run lives and whether it starts, resumes or is refused, its lock, its wall time
+summed over invocations and its provenance; ``records``: what it records, written and read back.
 """
 
 from .folder import (
     LOCK_TOKEN_ENV,
+    NOTEBOOK_TIMES,
     PRECISION_FILE,
     RESUMABLE_KEYS,
+    STAGE_TIMES,
     clear_run_dir,
+    device_description,
     ensure_run_dir,
+    git_commit,
     has_results,
     lock_token,
     prepare_run_dir,
+    provenance,
     read_params_yaml,
     refuse_if_busy,
     results_root,
     run_dir_for,
     run_lock,
+    timed,
+    wall_times,
 )
 from .records import (
     append_history,
@@ -43,7 +50,6 @@ from .records import (
     save_features,
     write_metrics,
 )
-from .timing import NOTEBOOK_TIMES, STAGE_TIMES, device_description, git_commit, provenance, timed, wall_times
 
 __all__ = [
     "append_history", "build_metrics", "checkpoint_path", "clear_run_dir", "device_description",
