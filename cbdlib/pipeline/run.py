@@ -69,12 +69,12 @@ def run_pipeline(params_path: str | os.PathLike | None = None, overrides: dict |
     # refused at once, while the kernels started here work under this lock with its token.
     with runs.run_lock(run_dir), kernel_environment(run_dir):
         _run_notebooks(run_dir, settings, params, extra, notebooks,
-                       format_command(params_path, overrides), params_file, overrides, progress)
+                       format_command(params_path, overrides), params_file, progress)
     return run_dir
 
 
 def _run_notebooks(run_dir: Path, settings: config.Settings, params: config.Params, extra: dict, notebooks: list,
-                   command: str, params_file: Path, overrides: dict, progress: bool) -> None:
+                   command: str, params_file: Path, progress: bool) -> None:
     """The notebooks in order, then ``summary.md`` and the ``index.csv`` line (under the run's lock)."""
     # The run-folder rules before any notebook runs: refuse other parameters (unless overwrite),
     # else start or resume. The notebooks apply the same rules again with the same settings.
@@ -91,12 +91,11 @@ def _run_notebooks(run_dir: Path, settings: config.Settings, params: config.Para
     metrics = load_metrics(run_dir, required=False)
     if metrics is None:
         log.warning("warning: the notebooks wrote no metrics.json in %s; summary.md has no results table", run_dir)
-    stored = runs.read_params_yaml(run_dir) or dataclasses.asdict(settings.params)
+    stored = dataclasses.asdict(settings.params)  # as prepare_run_dir wrote params.yaml
     reading = reading_lines(metrics, runs.load_evaluations(run_dir)) if metrics else []
-    text = summary_markdown(run_dir, metrics, params=stored, command=command, params_file=params_file,
-                            overrides=overrides, after_results=reading)
     summary = run_dir / "summary.md"
-    write_text(summary, text)
+    write_text(summary, summary_markdown(run_dir, metrics, params=stored, command=command, params_file=params_file,
+                                         after_results=reading))
     append_index(index_row(run_dir, metrics, stored, runs.wall_times(ledger)["total"]["s"]))
     print(summary)
 

@@ -66,7 +66,7 @@ def format_split_table(metrics: dict) -> str:
 
 def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params: dict | None = None,
                      command: str | None = None, params_file: str | os.PathLike | None = None,
-                     overrides: dict | None = None, merged_from: list | None = None,
+                     merged_from: list | None = None,
                      wall_time_columns: list | None = None, after_results: list[str] | None = None,
                      after_evidence: list[str] | None = None) -> str:
     """The run folder's ``summary.md``: how it was produced, the data, the results, the evidence.
@@ -98,13 +98,10 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
             out.append("- **partial merge** (`--partial`): " + "; ".join(
                 f"`{m}` is the mean of {len(s)} of {every} seeds ({', '.join(map(str, s)) or 'none'})"
                 for m, s in short.items()))
-    if command:
+    if command:  # its -p values are the overrides of the parameter file
         out.append(f"- command: `{command}`")
     if params_file is not None:
         out.append(f"- parameter file: `{display_path(Path(params_file))}`")
-    if command is not None or overrides:
-        shown = ", ".join(f"`{k}={yaml_scalar(v)}`" for k, v in (overrides or {}).items()) or "none"
-        out.append(f"- overrides: {shown}")
     out.append(f"- written: {_now_iso()}")
     out.append("")
 
