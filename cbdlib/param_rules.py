@@ -86,8 +86,10 @@ def plain_run_name(name: str) -> bool:
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def _device_usable(name: str) -> bool:
-    return bool(_DEVICE.fullmatch(name))
+def distinct_seeds(seeds: list) -> bool:
+    """Training seeds: a non-empty list of distinct integers >= 0."""
+    ints = all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    return bool(seeds) and ints and len(set(seeds)) == len(seeds)
 
 
 # The allowed values of each key, checked for every run before anything is written.
@@ -117,6 +119,7 @@ RULES: dict[str, Rule] = {
     "momentum": between(0, 1, high_open=True),
     "schedule": one_of(*SCHEDULES),
     "warmup_epochs": at_least(0),
+    "seeds": Rule(distinct_seeds, "a non-empty list of distinct integers >= 0"),
     "alpha": between(0, 1),
     "beta": above(0),
     "cosine_scale": above(0),
@@ -127,7 +130,7 @@ RULES: dict[str, Rule] = {
     "eval_batch_size": at_least(1),
     "num_workers": at_least(0),
     "tsne_samples": at_least(1),
-    "device": Rule(_device_usable, "auto, cpu, cuda or cuda:N"),
+    "device": Rule(_DEVICE.fullmatch, "auto, cpu, cuda or cuda:N"),
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from . import runs
-from .config import SMOKE_MAX_PER_CLASS, Settings, check_value, fits_type, make_params, resolve, smoke_enabled
+from .config import SMOKE_MAX_PER_CLASS, Settings, check_value, field_names, make_params, resolve, smoke_enabled
 from .data.stats import split_size_lines
 from .errors import CBDError
 from .io import refuse_links
@@ -34,10 +34,13 @@ from .methods import (
 from .notebook_outputs import check_outputs, expected_outputs, mark_started  # noqa: F401
 from .notebook_params import (  # noqa: F401
     NOTEBOOK_FILES,
+    Notebook,
     check_injected,
+    check_own_type,
     collect_params,
     declared,
     injected_names,
+    notebook_path,
     stage_two_values,
 )
 from .param_rules import check_rule
@@ -52,7 +55,6 @@ from .runs.readers import (  # noqa: F401
     paired_features,
     post_hoc_choices,
     post_hoc_curves,
-    read_json,
     tau_choices,
     tau_curves,
     tsne_teacher,
@@ -116,22 +118,24 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
     """
     check_same_package()
     check_injected(namespace, "04")
-    values = collect_params(namespace, declared("04"))
-    for key in ("run_name", "methods", "smoke"):
-        if key in values:
-            check_rule(key, check_value(key, values[key]))
+    nb = Notebook.read(notebook_path("04"))
+    values = collect_params(namespace, nb.declared)
+    for key, value in values.items():  # schema keys as the schema checks them, its own as cbdlib run does
+        if key in field_names():
+            check_rule(key, check_value(key, value))
+        else:
+            check_own_type(nb, key, value)
     teacher = values.get("tsne_method_teacher")
     if teacher is not None and not is_teacher(teacher):
         # it becomes part of a file name: a teacher's name only (teacher_<vanilla|aug>_<seed>)
         raise CBDError(f"parameter 'tsne_method_teacher' must be a teacher's name (teacher_<vanilla|aug>_<seed>) "
                        f"or None, got {teacher!r}")
     points = values.get("tsne_points", 1000)
-    if not fits_type(points, int) or points < 10:
+    if points < 10:
         raise CBDError(f"parameter 'tsne_points' must be an integer >= 10, got {points!r}")
     methods = values.get("methods")
-    if methods is not None:
-        for name in methods:
-            _check_method_name(name)
+    for name in methods or ():
+        _check_method_name(name)
     smoke = smoke_enabled(values.get("smoke"))
     options = AnalysisOptions(
         run_name=values.get("run_name", "default"), methods=methods, tsne_method_teacher=teacher,
