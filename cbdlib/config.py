@@ -19,7 +19,7 @@ import yaml
 
 from .errors import CBDError
 from .methods import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, TEACHER_KINDS, teacher_name
-from .param_rules import ParameterError, check_device_available, check_rule, default_lt_subset
+from .param_rules import ParameterError, check_rule, default_lt_subset
 from .plain_values import check_plain, load_yaml
 from .text import did_you_mean
 
@@ -159,7 +159,13 @@ def make_params(values: dict) -> Params:
     p = Params(**{k: check_value(k, v) for k, v in values.items()})
     for f in dataclasses.fields(p):
         check_rule(f.name, getattr(p, f.name))
-    check_device_available(p.device)
+    if p.device.startswith("cuda"):  # only where such a GPU exists, before any work (torch imported only here)
+        from .devices import resolve_device
+
+        try:
+            resolve_device(p.device)
+        except CBDError as error:
+            raise ParameterError("device", str(error)) from None
     if p.dataset == "digits" and p.data is not None:
         raise ParameterError("data", f"data must be null for dataset digits (it is built in), got {p.data!r}")
     known = all_method_names(p.teachers)  # checks the teachers

@@ -55,10 +55,6 @@ class Notebook:
     path: Path
     declared: dict
 
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> Notebook:
-        return cls(Path(path), declared_in(path))
-
     @property
     def name(self) -> str:
         return self.path.name
@@ -72,7 +68,7 @@ def discover_notebooks(notebooks_dir: str | os.PathLike) -> list[Notebook]:
     paths = sorted(p for p in folder.iterdir() if p.is_file() and NOTEBOOK_PATTERN.match(p.name))
     if not paths:
         raise CBDError(f"no numbered notebooks (NN_*.ipynb) in {folder}")
-    return [Notebook.read(p) for p in paths]
+    return [Notebook(p, declared_in(p)) for p in paths]
 
 
 def notebook_path(notebook: str) -> Path:

@@ -142,18 +142,3 @@ def check_rule(key: str, value: Any) -> None:
         raise ParameterError(key, f"{key} must be a finite number, got {value!r}")
     if key in RULES:
         RULES[key].check(key, value)
-
-
-def check_device_available(name: str) -> None:
-    """``cuda`` / ``cuda:N`` only where such a GPU exists (checked before any work, not at the first model)."""
-    if not name.startswith("cuda"):
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ParameterError("device", f"device {name!r} asked for, but CUDA is not available here; "
-                                       "use device: auto or cpu")
-    index = int(name.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise ParameterError("device", f"device {name!r} asked for, but this machine has "
-                                       f"{torch.cuda.device_count()} GPU(s) (cuda:0..)")

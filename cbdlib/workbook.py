@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -32,14 +32,13 @@ from .methods import (
     teacher_sort_key,
 )
 from .notebook_outputs import check_outputs, expected_outputs, mark_started  # noqa: F401
-from .notebook_params import (  # noqa: F401
-    NOTEBOOK_FILES,
+from .notebook_params import (
     Notebook,
     check_injected,
     check_own_type,
     collect_params,
     declared,
-    injected_names,
+    declared_in,
     notebook_path,
     stage_two_values,
 )
@@ -50,13 +49,10 @@ from .runs.readers import (  # noqa: F401
     evaluation,
     has_features,
     history,
-    load_features,
     load_metrics,
     paired_features,
     post_hoc_choices,
     post_hoc_curves,
-    tau_choices,
-    tau_curves,
     tsne_teacher,
 )
 from .text import did_you_mean
@@ -118,7 +114,8 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
     """
     check_same_package()
     check_injected(namespace, "04")
-    nb = Notebook.read(notebook_path("04"))
+    path = notebook_path("04")
+    nb = Notebook(path, declared_in(path))
     values = collect_params(namespace, nb.declared)
     for key, value in values.items():  # schema keys as the schema checks them, its own as cbdlib run does
         if key in field_names():
@@ -241,11 +238,9 @@ def load_data(settings: Settings):
 
     Notebook 01 describes the dataset itself; smoke only shortens training.
     """
-    from .data import load_long_tail
+    from .data import load_for_settings
 
-    return load_long_tail(settings.dataset, settings.data, imbalance_ratio=settings.imbalance_ratio,
-                          profile=settings.profile, lt_seed=settings.lt_seed, lt_subset=settings.lt_subset,
-                          val_per_class=settings.val_per_class, image_size=settings.image_size)
+    return load_for_settings(replace(settings, max_train_per_class=None, max_test_per_class=None))
 
 
 def dataset_summary(settings: Settings, data) -> str:
@@ -269,11 +264,11 @@ def dataset_summary(settings: Settings, data) -> str:
 # --------------------------------------------------------------------------- training notebooks
 
 
-def experiment(settings: Settings, run_dir: Path | None = None):
+def experiment(settings: Settings, run_dir: Path):
     """``cbdlib.engine.Experiment`` on the run folder (same parameters resume, others are refused)."""
     from .engine.stages import Experiment
 
-    return Experiment(settings, run_dir if run_dir is not None else runs.run_dir_for(settings.run_name))
+    return Experiment(settings, run_dir)
 
 
 def stage_one_missing(settings: Settings, run_dir: Path) -> list[str]:
