@@ -83,9 +83,6 @@ def plain_run_name(name: str) -> bool:
             and name.lower() not in {n.lower() for n in RESERVED_RUN_NAMES})
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
 def distinct_seeds(seeds: list) -> bool:
     """Training seeds: a non-empty list of distinct integers >= 0."""
     ints = all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
@@ -130,7 +127,7 @@ RULES: dict[str, Rule] = {
     "eval_batch_size": at_least(1),
     "num_workers": at_least(0),
     "tsne_samples": at_least(1),
-    "device": Rule(_DEVICE.fullmatch, "auto, cpu, cuda or cuda:N"),
+    "device": Rule(re.compile(r"auto|cpu|cuda(:\d+)?").fullmatch, "auto, cpu, cuda or cuda:N"),
 }
 
 

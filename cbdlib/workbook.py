@@ -22,8 +22,8 @@ from .data.stats import split_size_lines
 from .errors import CBDError
 from .io import refuse_links
 from .methods import (
+    BASELINES,
     DECOUPLED_BASELINES,
-    ONE_STAGE_BASELINES,
     STUDENTS,
     best_baseline,
     is_method_name,
@@ -161,16 +161,13 @@ class _StdoutHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure_logging() -> logging.Logger:
-    """The ``cbdlib`` logger at INFO, one line per record to stdout (idempotent)."""
+def configure_logging() -> None:
+    """The ``cbdlib`` logger at INFO, one line per record (the message alone) to stdout (idempotent)."""
     logger = logging.getLogger("cbdlib")
     logger.setLevel(logging.INFO)
     if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
-        handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(_StdoutHandler())  # logging's default format: the message alone
     logger.propagate = False
-    return logger
 
 
 def notebook_environment() -> None:
@@ -301,7 +298,7 @@ def teacher_names(metrics: Mapping) -> list[str]:
 
 
 def _check_method_name(name: Any) -> None:
-    known = (*ONE_STAGE_BASELINES, *DECOUPLED_BASELINES, "teacher_ensemble", *STUDENTS)
+    known = (*BASELINES, "teacher_ensemble", *STUDENTS)
     if not is_method_name(name):
         raise CBDError(f"unknown method {name!r}{did_you_mean(name, known)}; methods: {', '.join(known)}, "
                        f"teacher_<vanilla|aug>_<seed>")
@@ -313,16 +310,14 @@ def restrict(metrics: Mapping, methods=None) -> dict:
     A known method absent from the run is left out with a printed note; an unknown name
     is an error.
     """
-    present = list(metrics.get("methods", {}))
-    if methods is None:
-        keep = present
-    else:
+    keep = list(metrics.get("methods", {}))
+    if methods is not None:
         for name in methods:
             _check_method_name(name)
-        keep = [m for m in dict.fromkeys(methods) if m in metrics["methods"]]
-        absent = [m for m in methods if m not in metrics["methods"]]
+        absent = [m for m in methods if m not in keep]
         if absent:
             print(f"note: not in this run, left out: {', '.join(absent)}")
+        keep = [m for m in dict.fromkeys(methods) if m in keep]
     out = dict(metrics)
     out["methods"] = {m: metrics["methods"][m] for m in keep}
     out["std"] = {m: metrics.get("std", {}).get(m, {}) for m in keep}
