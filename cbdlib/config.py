@@ -19,7 +19,7 @@ import yaml
 
 from .errors import CBDError
 from .methods import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, TEACHER_KINDS, teacher_name
-from .param_rules import ParameterError, check_device_available, check_rule, default_lt_subset
+from .param_rules import ParameterError, check_rule, default_lt_subset
 from .plain_values import check_plain, load_yaml
 from .text import did_you_mean
 
@@ -106,93 +106,73 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Params)]
 
 
-def fits_type(value: Any, hint: Any) -> bool:
-    """Whether a YAML-parsed value fits a type or annotation: a bool is no int, an int is a float,
-    a list is a list (YAML has no tuples). The one type rule of the schema and of the notebooks'
-    own parameters."""
-    if typing.get_origin(hint) is typing.Union:
-        return any(fits_type(value, a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (list, tuple):
-        return isinstance(value, list)
-    if hint in (str, dict):
-        return isinstance(value, hint)
-    return True
-
-
 TYPE_WORDS = {bool: "a boolean (true/false)", int: "an integer", float: "a number", list: "a list",
               tuple: "a list", dict: "a mapping", str: "a string"}
 
 
-def type_word(hint: Any) -> str:
-    """``hint`` in words, for error messages ("an integer", "a number or null")."""
+def fits_type(value: Any, kind: type) -> bool:
+    """Whether a YAML-parsed value fits a type: a bool is no int, an int is a float, a list is a list
+    (YAML has no tuples); a type without a word here takes anything. The one type rule of the schema
+    and of the notebooks' own parameters."""
+    if kind not in TYPE_WORDS:
+        return True
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    return isinstance(value, {float: (int, float), tuple: list}.get(kind, kind))
+
+
+def _kind(hint: Any) -> tuple[type, bool]:
+    """``Optional[float]`` -> ``(float, True)``; ``int`` -> ``(int, False)``."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args:
-        return " or ".join(type_word(a) for a in args) + " or null"
-    return TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+    return (args[0], True) if args else (hint, False)
 
 
-_HINTS = typing.get_type_hints(Params)
+# Each key's type and whether it may be null.
+_KINDS = {name: _kind(hint) for name, hint in typing.get_type_hints(Params).items()}
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def check_value(key: str, value: Any) -> Any:
     """Validate one key/value pair against the schema; returns the value (ints widened to float)."""
-    if key not in _HINTS:
-        raise ParameterError(key, f"unknown parameter {key!r}{did_you_mean(key, _HINTS)}; known parameters: "
-                       f"{', '.join(field_names())}")
+    if key not in _KINDS:
+        raise ParameterError(key, f"unknown parameter {key!r}{did_you_mean(key, _KINDS)}; known parameters: "
+                                  f"{', '.join(_KINDS)}")
     try:
         check_plain(value, f"parameter {key!r}")
     except CBDError as error:
         raise ParameterError(key, str(error)) from None
-    hint = _HINTS[key]
-    accepts_float = hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
-    if accepts_float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+    kind, nullable = _KINDS[key]
+    if value is None and nullable:
+        return None
+    if kind is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-    if not fits_type(value, hint):
-        raise ParameterError(key, f"parameter {key!r} must be {type_word(hint)}, got {value!r} "
-                                  f"({type(value).__name__})")
-    if hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint)):
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-    return value
+    if not fits_type(value, kind):
+        raise ParameterError(key, f"parameter {key!r} must be {TYPE_WORDS[kind]}{' or null' if nullable else ''}, "
+                                  f"got {value!r} ({type(value).__name__})")
+    return float(value) if kind is float else value
 
 
 def make_params(values: dict) -> Params:
-    """Build ``Params`` from a mapping, checking every key and type, then the values' meaning: the
-    one check of a run's parameters (``resolve`` and everything after it trust the result)."""
-    checked = {k: check_value(k, v) for k, v in values.items()}
-    params = Params(**checked)
-    validate(params)
-    return params
-
-
-def validate(p: Params) -> None:
-    """Every value of ``p`` in its allowed range (``RULES``), then the checks that involve several keys."""
+    """Build ``Params`` from a mapping, checking every key and type, then every value in its allowed
+    range (``RULES``), then the checks that involve several keys: the one check of a run's parameters
+    (``resolve`` and everything after it trust the result)."""
+    p = Params(**{k: check_value(k, v) for k, v in values.items()})
     for f in dataclasses.fields(p):
         check_rule(f.name, getattr(p, f.name))
-    check_device_available(p.device)
+    if p.device.startswith("cuda"):  # only where such a GPU exists, before any work (torch imported only here)
+        from .devices import resolve_device
+
+        try:
+            resolve_device(p.device)
+        except CBDError as error:
+            raise ParameterError("device", str(error)) from None
     if p.dataset == "digits" and p.data is not None:
         raise ParameterError("data", f"data must be null for dataset digits (it is built in), got {p.data!r}")
-    parse_teachers(p.teachers)
-    if not p.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in p.seeds):
-        raise ParameterError("seeds", f"seeds must be a non-empty list of integers, got {p.seeds!r}")
-    if len(set(p.seeds)) != len(p.seeds):
-        raise ParameterError("seeds", f"seeds must be distinct, got {p.seeds!r}")
-    if any(s < 0 for s in p.seeds):
-        raise ParameterError("seeds", f"seeds must be >= 0, got {p.seeds!r}")
-    if p.methods is not None:
-        unknown = [m for m in p.methods if m not in all_method_names(p.teachers)]
-        if unknown:
-            raise ParameterError("methods", f"unknown method(s) {unknown}; known: "
-                                            f"{', '.join(all_method_names(p.teachers))}")
+    known = all_method_names(p.teachers)  # checks the teachers
+    unknown = [m for m in p.methods or () if m not in known]
+    if unknown:
+        raise ParameterError("methods", f"unknown method(s) {unknown}; known: {', '.join(known)}")
+    return p
 
 
 def parse_teachers(teachers: list) -> list[tuple[str, int]]:
@@ -236,14 +216,8 @@ def load_params_file(path: str | os.PathLike) -> dict:
     return values
 
 
-def load_params(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Params:
-    values = load_params_file(path) if path else {}
-    values.update(overrides or {})
-    return make_params(values)
-
-
 def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value parsed as YAML (``-p seeds=[1,2]``)."""
+    """``key=value`` with the value parsed as YAML (``-p seeds=[1,2]``); ``yaml_scalar`` writes it."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise CBDError(f"-p expects key=value, got {text!r}")
@@ -252,6 +226,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def yaml_scalar(value: Any) -> str:
+    """``value`` as ``-p key=value`` writes it (one line of YAML, no document end marker)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 def smoke_enabled(smoke: Optional[bool]) -> bool:
@@ -301,24 +280,16 @@ def resolve(params: Params) -> Settings:
                     max_test_per_class=SMOKE_TEST_PER_CLASS if smoke else None)
 
 
-def smoke_replacements(given: dict) -> dict[str, tuple[Any, Any]]:
-    """Values stated in ``given`` that the smoke profile replaces: ``{key: (given, used)}``.
-
-    Smoke keeps winning (tests and CI rely on it); the commands print this so a user knows.
-    """
+def format_smoke_replacements(given: dict, origins: dict) -> str | None:
+    """One console line naming the values stated in ``given`` that the smoke profile replaces
+    (``origins``: ``-p`` or a file, per key), or None. Smoke keeps winning (tests and CI rely on
+    it); the commands print this so a user knows."""
     replaced = {k: (given[k], used) for k, used in SMOKE_SETTINGS.items() if k in given and given[k] != used}
     seeds = given.get("seeds")
     if isinstance(seeds, list) and len(seeds) > 1:
         replaced["seeds"] = (seeds, seeds[:1])
-    return replaced
-
-
-def format_smoke_replacements(given: dict, origins: dict | None = None) -> str | None:
-    """One console line naming what smoke replaced (``origins``: ``-p`` or a file, per key), or None."""
-    replaced = smoke_replacements(given)
     if not replaced:
         return None
-    origins = origins or {}
     shown = ", ".join(f"{k}={v!r} -> {used!r}" + (f" ({origins[k]})" if k in origins else "")
                       for k, (v, used) in replaced.items())
     return f"warning: the smoke profile (CBD_SMOKE or smoke: true) replaced given values: {shown}"

@@ -9,15 +9,19 @@ from .errors import CBDError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when available, else the CPU; ``cuda`` without CUDA is a clear error."""
+    """``auto``: CUDA when available, else the CPU; ``cuda`` without CUDA, or a GPU this machine
+    lacks, is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CBDError(f"device {name!r} asked for, but CUDA is not available here; use device: auto or cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise CBDError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CBDError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..)")
+    return device
 
 
 def use_channels_last(device: torch.device) -> bool:

@@ -1,4 +1,5 @@
-"""The parameters of the four notebooks: what each declares, what papermill injected, and
+"""The numbered notebooks and their parameters: which notebooks, what each declares, what papermill
+injected, the checks that stop ``cbdlib run`` with a one-line error before any notebook starts, and
 where notebook 03 finds the experiment it continues.
 
 What a notebook declares is read from its own ``parameters`` cell (``declared_in``, the one reader
@@ -11,15 +12,20 @@ and takes everything else from the folder's ``params.yaml``.
 from __future__ import annotations
 
 import ast
+import contextlib
+import dataclasses
 import json
+import logging
 import os
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import field_names, project_root
+from . import config
 from .errors import CBDError, one_line
+from .param_rules import ParameterError
+from .plain_values import check_plain
 from .runs import RESUMABLE_KEYS, read_params_yaml
 from .text import did_you_mean
 
@@ -38,16 +44,43 @@ STAGE_TWO_KEYS = ("run_name", *sorted(RESUMABLE_KEYS - {"overwrite"}))
 INJECTED_HEADER = "# Parameters"
 
 
+def default_notebooks_dir() -> Path:
+    return config.project_root() / "notebooks"
+
+
+@dataclasses.dataclass
+class Notebook:
+    """A numbered notebook and the parameters its ``parameters`` cell declares ({name: default literal})."""
+
+    path: Path
+    declared: dict
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def discover_notebooks(notebooks_dir: str | os.PathLike) -> list[Notebook]:
+    """The ``NN_*.ipynb`` notebooks of a folder in reading order, with their declared parameters."""
+    folder = Path(notebooks_dir)
+    if not folder.is_dir():
+        raise CBDError(f"notebook folder not found: {folder}")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and NOTEBOOK_PATTERN.match(p.name))
+    if not paths:
+        raise CBDError(f"no numbered notebooks (NN_*.ipynb) in {folder}")
+    return [Notebook(p, declared_in(p)) for p in paths]
+
+
 def notebook_path(notebook: str) -> Path:
     """The notebook's file: in the working directory (where papermill, nbval and JupyterLab start
     its kernel) when it is there, else in the project's ``notebooks/``."""
     if notebook not in NOTEBOOK_FILES:
         raise CBDError(f"unknown notebook {notebook!r}; choose one of {', '.join(NOTEBOOK_FILES)}")
     name = NOTEBOOK_FILES[notebook]
-    for folder in (Path.cwd(), project_root() / "notebooks"):
+    for folder in (Path.cwd(), default_notebooks_dir()):
         if (folder / name).is_file():
             return folder / name
-    raise CBDError(f"cannot find {name} (looked in {Path.cwd()} and {project_root() / 'notebooks'}), "
+    raise CBDError(f"cannot find {name} (looked in {Path.cwd()} and {default_notebooks_dir()}), "
                    f"so its parameters are unknown")
 
 
@@ -94,17 +127,12 @@ def assignments(tree: ast.Module) -> list[tuple[str, ast.expr]]:
     return list(found.items())
 
 
-def assigned_names(tree: ast.Module) -> list[str]:
-    """The names a cell assigns at top level, in order, once each."""
-    return [name for name, _ in assignments(tree)]
-
-
 def collect_params(namespace: Mapping[str, Any], names=None) -> dict:
     """The values of ``names`` (default: every schema key) that ``namespace`` defines.
 
     A variable whose name is not one of ``names`` (a misspelt key, an import) is not collected.
     """
-    names = field_names() if names is None else names
+    names = config.field_names() if names is None else names
     return {name: namespace[name] for name in names if name in namespace}
 
 
@@ -119,7 +147,7 @@ def injected_names(namespace: Mapping[str, Any]) -> list[str]:
     for source in reversed(history):
         if isinstance(source, str) and source.lstrip().startswith(INJECTED_HEADER):
             try:
-                return assigned_names(ast.parse(source))
+                return [name for name, _ in assignments(ast.parse(source))]
             except SyntaxError:
                 return []
     return []
@@ -145,3 +173,60 @@ def stage_two_values(values: Mapping[str, Any], run_dir: Path) -> dict:
     own = {k: v for k, v in values.items() if k in STAGE_TWO_KEYS and v is not None}
     return {**stored, **own, "overwrite": False}
 
+
+def check_own_type(nb: Notebook, key: str, value: Any) -> None:
+    """A notebook's own parameter (no schema key) takes the type of its default literal (any type
+    where the default is None or no literal): the rule of ``cbdlib run`` and of notebook 04's setup."""
+    try:
+        default = ast.literal_eval(nb.declared.get(key, "None"))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return
+    if default is not None and not config.fits_type(value, type(default)):
+        raise ParameterError(key, f"parameter {key!r} must be {config.TYPE_WORDS[type(default)]} (its default in "
+                                  f"{nb.name} is {nb.declared[key]}), got {value!r} ({type(value).__name__})")
+
+
+def checked_values(values: dict, notebooks: list[Notebook], sources: dict) -> config.Params:
+    """The one check of ``cbdlib run``'s values: every key plain, known to the schema or to a notebook,
+    and of the right type and range (``config.make_params`` for the schema's keys, ``check_own_type``
+    for a notebook's own). Returns the schema's ``Params``; ``sources`` says where each key came from
+    (``-p`` or the parameter file) for the messages."""
+    fields = config.field_names()
+    known = fields + sorted({k for nb in notebooks for k in nb.declared} - set(fields))
+    try:
+        for key, value in values.items():
+            check_plain(value, f"{sources.get(key, key)}: parameter {key!r}")  # before it is printed or injected
+            if key not in known:
+                hint = did_you_mean(key, known, n=3) or f"; known parameters: {', '.join(known)}"
+                raise ParameterError(key, f"unknown parameter {key!r}: no notebook or schema field declares it{hint}")
+            for nb in notebooks if key not in fields else ():
+                check_own_type(nb, key, value)
+        return config.make_params({k: v for k, v in values.items() if k in fields})
+    except ParameterError as error:
+        raise CBDError(f"{sources.get(error.key, error.key)}: {error}") from None
+
+
+def notebook_parameters(nb: Notebook, params: config.Params, extra: dict) -> dict:
+    """What papermill injects into one notebook: the keys it declares, nothing else.
+
+    Schema fields come from the complete ``Params`` (file + overrides + schema defaults), so
+    every notebook sees the same experiment whatever its own defaults; notebook-only keys are
+    passed only when given (else the notebook keeps its default).
+    """
+    given = {**extra, **dataclasses.asdict(params)}
+    out = {key: given[key] for key in nb.declared if key in given}
+    for key, value in out.items():  # papermill writes these as source code: plain literals only
+        check_plain(value, f"{nb.name}: parameter {key!r}")
+    return out
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """The logger ``name`` at WARNING for a while (papermill's INFO lines while ``cbdlib run`` executes)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -83,11 +83,10 @@ def plain_run_name(name: str) -> bool:
             and name.lower() not in {n.lower() for n in RESERVED_RUN_NAMES})
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def _device_usable(name: str) -> bool:
-    return bool(_DEVICE.fullmatch(name))
+def distinct_seeds(seeds: list) -> bool:
+    """Training seeds: a non-empty list of distinct integers >= 0."""
+    ints = all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    return bool(seeds) and ints and len(set(seeds)) == len(seeds)
 
 
 # The allowed values of each key, checked for every run before anything is written.
@@ -117,6 +116,7 @@ RULES: dict[str, Rule] = {
     "momentum": between(0, 1, high_open=True),
     "schedule": one_of(*SCHEDULES),
     "warmup_epochs": at_least(0),
+    "seeds": Rule(distinct_seeds, "a non-empty list of distinct integers >= 0"),
     "alpha": between(0, 1),
     "beta": above(0),
     "cosine_scale": above(0),
@@ -127,7 +127,7 @@ RULES: dict[str, Rule] = {
     "eval_batch_size": at_least(1),
     "num_workers": at_least(0),
     "tsne_samples": at_least(1),
-    "device": Rule(_device_usable, "auto, cpu, cuda or cuda:N"),
+    "device": Rule(re.compile(r"auto|cpu|cuda(:\d+)?").fullmatch, "auto, cpu, cuda or cuda:N"),
 }
 
 
@@ -139,18 +139,3 @@ def check_rule(key: str, value: Any) -> None:
         raise ParameterError(key, f"{key} must be a finite number, got {value!r}")
     if key in RULES:
         RULES[key].check(key, value)
-
-
-def check_device_available(name: str) -> None:
-    """``cuda`` / ``cuda:N`` only where such a GPU exists (checked before any work, not at the first model)."""
-    if not name.startswith("cuda"):
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ParameterError("device", f"device {name!r} asked for, but CUDA is not available here; "
-                                       "use device: auto or cpu")
-    index = int(name.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise ParameterError("device", f"device {name!r} asked for, but this machine has "
-                                       f"{torch.cuda.device_count()} GPU(s) (cuda:0..)")

@@ -12,18 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from . import runs
-from .config import SMOKE_MAX_PER_CLASS, Settings, check_value, fits_type, make_params, resolve, smoke_enabled
+from .config import SMOKE_MAX_PER_CLASS, Settings, check_value, field_names, make_params, resolve, smoke_enabled
 from .data.stats import split_size_lines
 from .errors import CBDError
 from .io import refuse_links
 from .methods import (
+    BASELINES,
     DECOUPLED_BASELINES,
-    ONE_STAGE_BASELINES,
     STUDENTS,
     best_baseline,
     is_method_name,
@@ -32,12 +32,14 @@ from .methods import (
     teacher_sort_key,
 )
 from .notebook_outputs import check_outputs, expected_outputs, mark_started  # noqa: F401
-from .notebook_params import (  # noqa: F401
-    NOTEBOOK_FILES,
+from .notebook_params import (
+    Notebook,
     check_injected,
+    check_own_type,
     collect_params,
     declared,
-    injected_names,
+    declared_in,
+    notebook_path,
     stage_two_values,
 )
 from .param_rules import check_rule
@@ -47,14 +49,10 @@ from .runs.records import (  # noqa: F401
     evaluation,
     has_features,
     history,
-    load_features,
     load_metrics,
     paired_features,
     post_hoc_choices,
     post_hoc_curves,
-    read_json,
-    tau_choices,
-    tau_curves,
     tsne_teacher,
 )
 from .text import did_you_mean
@@ -116,22 +114,25 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
     """
     check_same_package()
     check_injected(namespace, "04")
-    values = collect_params(namespace, declared("04"))
-    for key in ("run_name", "methods", "smoke"):
-        if key in values:
-            check_rule(key, check_value(key, values[key]))
+    path = notebook_path("04")
+    nb = Notebook(path, declared_in(path))
+    values = collect_params(namespace, nb.declared)
+    for key, value in values.items():  # schema keys as the schema checks them, its own as cbdlib run does
+        if key in field_names():
+            check_rule(key, check_value(key, value))
+        else:
+            check_own_type(nb, key, value)
     teacher = values.get("tsne_method_teacher")
     if teacher is not None and not is_teacher(teacher):
         # it becomes part of a file name: a teacher's name only (teacher_<vanilla|aug>_<seed>)
         raise CBDError(f"parameter 'tsne_method_teacher' must be a teacher's name (teacher_<vanilla|aug>_<seed>) "
                        f"or None, got {teacher!r}")
     points = values.get("tsne_points", 1000)
-    if not fits_type(points, int) or points < 10:
+    if points < 10:
         raise CBDError(f"parameter 'tsne_points' must be an integer >= 10, got {points!r}")
     methods = values.get("methods")
-    if methods is not None:
-        for name in methods:
-            _check_method_name(name)
+    for name in methods or ():
+        _check_method_name(name)
     smoke = smoke_enabled(values.get("smoke"))
     options = AnalysisOptions(
         run_name=values.get("run_name", "default"), methods=methods, tsne_method_teacher=teacher,
@@ -160,16 +161,13 @@ class _StdoutHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure_logging() -> logging.Logger:
-    """The ``cbdlib`` logger at INFO, one line per record to stdout (idempotent)."""
+def configure_logging() -> None:
+    """The ``cbdlib`` logger at INFO, one line per record (the message alone) to stdout (idempotent)."""
     logger = logging.getLogger("cbdlib")
     logger.setLevel(logging.INFO)
     if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
-        handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(_StdoutHandler())  # logging's default format: the message alone
     logger.propagate = False
-    return logger
 
 
 def notebook_environment() -> None:
@@ -237,11 +235,9 @@ def load_data(settings: Settings):
 
     Notebook 01 describes the dataset itself; smoke only shortens training.
     """
-    from .data import load_long_tail
+    from .data import load_for_settings
 
-    return load_long_tail(settings.dataset, settings.data, imbalance_ratio=settings.imbalance_ratio,
-                          profile=settings.profile, lt_seed=settings.lt_seed, lt_subset=settings.lt_subset,
-                          val_per_class=settings.val_per_class, image_size=settings.image_size)
+    return load_for_settings(replace(settings, max_train_per_class=None, max_test_per_class=None))
 
 
 def dataset_summary(settings: Settings, data) -> str:
@@ -265,11 +261,11 @@ def dataset_summary(settings: Settings, data) -> str:
 # --------------------------------------------------------------------------- training notebooks
 
 
-def experiment(settings: Settings, run_dir: Path | None = None):
+def experiment(settings: Settings, run_dir: Path):
     """``cbdlib.engine.Experiment`` on the run folder (same parameters resume, others are refused)."""
     from .engine.stages import Experiment
 
-    return Experiment(settings, run_dir if run_dir is not None else runs.run_dir_for(settings.run_name))
+    return Experiment(settings, run_dir)
 
 
 def stage_one_missing(settings: Settings, run_dir: Path) -> list[str]:
@@ -302,7 +298,7 @@ def teacher_names(metrics: Mapping) -> list[str]:
 
 
 def _check_method_name(name: Any) -> None:
-    known = (*ONE_STAGE_BASELINES, *DECOUPLED_BASELINES, "teacher_ensemble", *STUDENTS)
+    known = (*BASELINES, "teacher_ensemble", *STUDENTS)
     if not is_method_name(name):
         raise CBDError(f"unknown method {name!r}{did_you_mean(name, known)}; methods: {', '.join(known)}, "
                        f"teacher_<vanilla|aug>_<seed>")
@@ -314,16 +310,14 @@ def restrict(metrics: Mapping, methods=None) -> dict:
     A known method absent from the run is left out with a printed note; an unknown name
     is an error.
     """
-    present = list(metrics.get("methods", {}))
-    if methods is None:
-        keep = present
-    else:
+    keep = list(metrics.get("methods", {}))
+    if methods is not None:
         for name in methods:
             _check_method_name(name)
-        keep = [m for m in dict.fromkeys(methods) if m in metrics["methods"]]
-        absent = [m for m in methods if m not in metrics["methods"]]
+        absent = [m for m in methods if m not in keep]
         if absent:
             print(f"note: not in this run, left out: {', '.join(absent)}")
+        keep = [m for m in dict.fromkeys(methods) if m in keep]
     out = dict(metrics)
     out["methods"] = {m: metrics["methods"][m] for m in keep}
     out["std"] = {m: metrics.get("std", {}).get(m, {}) for m in keep}

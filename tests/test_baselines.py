@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 from cbdlib import CBDError, plots, workbook  # noqa: E402
 from cbdlib.checkpoint import load_model  # noqa: E402
-from cbdlib.config import load_params, load_params_file, make_params, params_dir, resolve  # noqa: E402
+from cbdlib.config import load_params_file, make_params, params_dir, resolve  # noqa: E402
 from cbdlib.data import long_tail_counts  # noqa: E402
 from cbdlib.data.samplers import CLASS_AWARE_SAMPLES_PER_CLASS, IndexSampler, StrategySampler, epoch_length  # noqa: E402
 from cbdlib.engine import Experiment  # noqa: E402
@@ -21,6 +21,7 @@ from cbdlib.engine.stages import first_best  # noqa: E402
 from cbdlib.evaluate import evaluate_checkpoint  # noqa: E402
 from cbdlib.models import ModelSpec, NCMClassifier, build_model  # noqa: E402
 from cbdlib.runs import checkpoint_path, evaluation_path  # noqa: E402
+from cbdlib.runs.records import tau_curves  # noqa: E402
 
 
 def labels_with_counts(counts, seed=0):
@@ -194,7 +195,7 @@ def test_ncm_and_tau_norm_checkpoints_reevaluate_identically(train_bn_run):
 
 def test_the_whole_tau_curve_is_recorded_and_plotted(train_bn_run, tmp_path):
     out, _ = train_bn_run
-    curves = workbook.tau_curves(out, [1, 2])
+    curves = tau_curves(out, [1, 2])
     assert list(curves) == [1]  # seed 2 was not run
     curve = curves[1]
     assert curve["tau"] == [round(0.1 * i, 1) for i in range(21)] and len(curve["val_acc"]) == 21
@@ -242,7 +243,7 @@ def test_decoupled_parameters_defaults_and_choices():
 def test_large_image_recipes_carry_the_official_cbd_values(name):
     raw = load_params_file(params_dir() / name)
     assert "sync_bn" in raw and "zero_init_residual" in raw  # stated, not left to defaults
-    p = load_params(params_dir() / name)
+    p = make_params(load_params_file(params_dir() / name))
     assert (p.batch_size, p.lr, p.schedule, p.warmup_epochs, p.momentum) == (128, 0.05, "cosine", 0, 0.9)
     assert p.lr == pytest.approx(0.1 * p.batch_size / 256)
     assert p.zero_init_residual is True and p.sync_bn is True
@@ -252,7 +253,7 @@ def test_large_image_recipes_carry_the_official_cbd_values(name):
 
 @pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "cifar10_lt_ir100.yaml", "cifar100_lt_ir100.yaml"])
 def test_parameter_files_state_kang_et_al_decoupled_settings(name):
-    p = load_params(params_dir() / name)
+    p = make_params(load_params_file(params_dir() / name))
     assert p.decoupled_lr == pytest.approx(0.2 * p.batch_size / 512)
     assert (p.decoupled_weight_decay, p.decoupled_bn, p.ncm_variant) == (5e-4, "train", "cl2n")
     assert p.lws_epochs == (1 if name == "smoke.yaml" else 5)

@@ -14,7 +14,7 @@ from cbdlib.config import (
     Params,
     all_method_names,
     check_value,
-    load_params,
+    load_params_file,
     make_params,
     params_dir,
     parse_override,
@@ -26,7 +26,7 @@ from cbdlib.param_rules import ParameterError
 
 @pytest.mark.parametrize("name", ["smoke.yaml", "default.yaml"])
 def test_shipped_parameter_files_load(name):
-    params = load_params(params_dir() / name)
+    params = make_params(load_params_file(params_dir() / name))
     assert isinstance(params, Params)
 
 

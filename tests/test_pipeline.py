@@ -25,7 +25,7 @@ import yaml
 from reliability_helpers import cli_env, error_line, fake_run, run_main, write_params
 
 from cbdlib import __main__ as cli
-from cbdlib import config, pipeline, runs, workbook
+from cbdlib import config, notebook_params, pipeline, runs, workbook
 from cbdlib.data.stats import class_splits
 from cbdlib.errors import CBDError
 from cbdlib.metrics import split_accuracy, validate_metrics
@@ -206,9 +206,9 @@ def test_wrong_type_or_value_is_refused(tmp_path, results, notebooks, key, value
 
 
 def test_notebook_only_key_with_none_default_takes_any_type(notebooks):
-    nbs = pipeline.discover_notebooks(notebooks)
+    nbs = notebook_params.discover_notebooks(notebooks)
     assert [nb.name for nb in nbs] == ["01_stats.ipynb", "02_train.ipynb"]
-    pipeline.checked_values({"anything": [1, "x"], "tsne_points": 7, "alpha": 1}, nbs, {})
+    notebook_params.checked_values({"anything": [1, "x"], "tsne_points": 7, "alpha": 1}, nbs, {})
 
 
 def test_failing_notebook_names_it(tmp_path, results, notebooks):

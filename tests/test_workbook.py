@@ -22,6 +22,8 @@ import pytest  # noqa: E402
 
 from cbdlib import CBDError, pipeline, runs, workbook  # noqa: E402
 from cbdlib.config import field_names, load_params_file, make_params, params_dir, resolve  # noqa: E402
+from cbdlib.notebook_params import NOTEBOOK_FILES, injected_names  # noqa: E402
+from cbdlib.runs.records import load_features, tau_choices  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -36,7 +38,7 @@ def restore_cbdlib_logger():
 
 
 def notebook(key):
-    return nbformat.read(NOTEBOOKS / workbook.NOTEBOOK_FILES[key], as_version=4)
+    return nbformat.read(NOTEBOOKS / NOTEBOOK_FILES[key], as_version=4)
 
 
 def parameters_cell(nb):
@@ -65,9 +67,9 @@ def test_collect_params_keeps_schema_keys_only():
 
 def test_injected_parameters_are_read_from_the_input_history():
     history = ["", 'run_name = "default"  # x', '# Parameters\nrun_name = "t"\nepochs = 2\n', "workbook.setup(...)"]
-    assert workbook.injected_names({"In": history}) == ["run_name", "epochs"]
-    assert workbook.injected_names({}) == []
-    assert workbook.injected_names({"In": ["", "a = 1"]}) == []
+    assert injected_names({"In": history}) == ["run_name", "epochs"]
+    assert injected_names({}) == []
+    assert injected_names({"In": ["", "a = 1"]}) == []
 
 
 def test_setup_refuses_a_parameter_the_notebook_does_not_declare(tmp_path, monkeypatch):
@@ -163,7 +165,7 @@ def test_a_kernel_with_another_cbdlib_is_refused(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- the notebooks as committed
 
 
-@pytest.mark.parametrize("key", sorted(workbook.NOTEBOOK_FILES))
+@pytest.mark.parametrize("key", sorted(NOTEBOOK_FILES))
 def test_notebook_layout(key):
     nb = notebook(key)
     assert nb.cells[0].cell_type == "markdown"
@@ -202,7 +204,7 @@ def test_papermill_sees_the_declared_parameters():
 
     from cbdlib.notebook_params import declared_in
 
-    for key, name in workbook.NOTEBOOK_FILES.items():
+    for key, name in NOTEBOOK_FILES.items():
         cell = literal_assignments(parameters_cell(notebook(key))[0].source)
         inspected = papermill.inspect_notebook(str(NOTEBOOKS / name))
         assert tuple(inspected) == tuple(cell)
@@ -271,7 +273,7 @@ def test_readers_give_clear_errors_for_a_missing_run(tmp_path):
     with pytest.raises(CBDError, match="no evaluation of cbd_ens"):
         workbook.evaluation(tmp_path, 1, "cbd_ens")
     with pytest.raises(CBDError, match="no saved features of ce"):
-        workbook.load_features(tmp_path, 1, "ce")
+        load_features(tmp_path, 1, "ce")
 
 
 def test_class_names_come_from_per_class_csv(tmp_path):
@@ -328,8 +330,8 @@ def test_imbalance_explorer_builds_and_redraws_without_a_frontend():
 def execute(key, out_dir, **parameters):
     import papermill
 
-    out = out_dir / workbook.NOTEBOOK_FILES[key]
-    return papermill.execute_notebook(str(NOTEBOOKS / workbook.NOTEBOOK_FILES[key]), str(out), kernel_name="python3",
+    out = out_dir / NOTEBOOK_FILES[key]
+    return papermill.execute_notebook(str(NOTEBOOKS / NOTEBOOK_FILES[key]), str(out), kernel_name="python3",
                                       parameters=parameters, progress_bar=False, cwd=str(out_dir))
 
 
@@ -343,7 +345,7 @@ def images(nb):
 
 def executed(run_dir, key):
     """The copy of notebook ``key`` that ``cbdlib run`` executed into the run folder."""
-    return nbformat.read(run_dir / workbook.NOTEBOOK_FILES[key], as_version=4)
+    return nbformat.read(run_dir / NOTEBOOK_FILES[key], as_version=4)
 
 
 SMOKE_METHODS = {"teacher_vanilla_1", "teacher_vanilla_2", "teacher_aug_1", "teacher_aug_2", "teacher_ensemble",
@@ -365,7 +367,7 @@ def test_the_smoke_run_fills_the_run_folder(smoke_run):
         assert name in figures, name
     assert len([n for n in figures if n.startswith("04_confusion_")]) == 2  # CBD-ENS and the best baseline
     # Figures are drawn into the executed notebooks too (inline, even with MPLBACKEND=Agg).
-    nbs = {key: executed(run_dir, key) for key in workbook.NOTEBOOK_FILES}
+    nbs = {key: executed(run_dir, key) for key in NOTEBOOK_FILES}
     assert images(nbs["01"]) >= 3 and images(nbs["02"]) >= 3 and images(nbs["03"]) >= 3 and images(nbs["04"]) >= 5
     for key, nb in nbs.items():  # each notebook's final check ran and passed
         assert "figures and tables written to" in outputs_text(nb), key
@@ -380,7 +382,7 @@ def test_the_smoke_run_shows_the_library_log_and_the_settings_used(smoke_run):
     assert "test top-1" in outputs_text(executed(run_dir, "03"))
     params = (run_dir / "params.yaml").read_text()
     assert "run_name: default" in params and "arch: resnet_tiny" in params
-    taus = workbook.tau_choices(run_dir, [1])
+    taus = tau_choices(run_dir, [1])
     assert len(taus) == 1 and 0.0 <= taus["tau"][0] <= 2.0
 
 

@@ -14,11 +14,10 @@ from ..errors import CBDError
 from ..io import refuse_links, write_bytes, write_json, write_text
 from ..methods import is_method_name, method_label, method_order
 from ..metrics import validate_metrics
-from ..notebook_params import NOTEBOOK_FILES
+from ..notebook_params import NOTEBOOK_FILES, default_notebooks_dir, discover_notebooks
 from ..param_rules import check_rule
 from ..runs.records import class_names, load_metrics, read_json
 from ..text import format_seconds
-from .parameters import default_notebooks_dir, discover_notebooks
 from .run import execute_notebook, kernel_environment
 from .summary import display_path, summary_markdown
 

@@ -15,20 +15,20 @@ from unittest import mock
 
 from .. import config, runs
 from ..analysis.reading import reading_lines
+from ..config import yaml_scalar
 from ..errors import CBDError, one_line
 from ..io import write_text
-from ..plain_values import check_plain
-from ..runs.records import load_metrics
-from ..text import format_seconds
-from .parameters import (
+from ..notebook_params import (
     Notebook,
     checked_values,
     default_notebooks_dir,
     discover_notebooks,
     notebook_parameters,
     quiet_logger,
-    yaml_scalar,
 )
+from ..plain_values import check_plain
+from ..runs.records import load_metrics
+from ..text import format_seconds
 from .summary import append_index, display_path, index_row, summary_markdown
 
 log = logging.getLogger("cbdlib.pipeline")

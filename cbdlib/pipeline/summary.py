@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .. import config, runs
+from ..config import yaml_scalar
 from ..data.stats import split_size_lines
 from ..engine.precision import choice_lines
 from ..io import file_lock, write_text
@@ -16,7 +17,6 @@ from ..methods import BASELINES_NOTE, DECOUPLED_BASELINES, best_baseline, method
 from ..metrics import ACCURACY_KEYS
 from ..notebook_params import NOTEBOOK_PATTERN
 from ..text import format_seconds
-from .parameters import yaml_scalar
 
 # Parameters a reader needs to judge a number (in this order in summary.md).
 KEY_PARAMETERS = ("arch", "epochs", "batch_size", "lr", "schedule", "warmup_epochs",

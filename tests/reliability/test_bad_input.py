@@ -139,9 +139,9 @@ def test_a_parameter_of_the_wrong_type_is_one_line(tmp_path):
 
 
 def test_an_exponent_without_a_dot_is_a_float():
-    from cbdlib.config import load_params, parse_override
+    from cbdlib.config import make_params, parse_override
 
-    assert load_params(None, dict([parse_override("lr=1e-3")])).lr == 1e-3
+    assert make_params(dict([parse_override("lr=1e-3")])).lr == 1e-3
 
 
 def test_an_output_folder_under_a_file_is_one_line(tmp_path):

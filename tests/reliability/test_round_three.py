@@ -25,12 +25,11 @@ from test_pipeline import (
 )
 
 from cbdlib import __main__ as cli
-from cbdlib import config, pipeline, plots, runs, workbook
+from cbdlib import config, notebook_params, pipeline, plots, runs, workbook
 from cbdlib import train as train_cli
 from cbdlib.data import load_long_tail
 from cbdlib.engine import Experiment
 from cbdlib.errors import CBDError
-from cbdlib.pipeline import parameters
 
 SMOKE_PARAMS = config.params_dir() / "smoke.yaml"
 
@@ -94,8 +93,8 @@ def test_a_non_plain_value_never_reaches_papermill_whatever_the_default(tmp_path
     with pytest.raises(CBDError, match=r"-p anything: a value of type bytes is not a plain literal"):
         pipeline.run_pipeline(params, {"anything": hostile_bytes(target)}, progress=False, notebooks_dir=notebooks)
     with pytest.raises(CBDError, match=r"label.*type bytes is not a plain literal"):
-        parameters.notebook_parameters(pipeline.discover_notebooks(notebooks)[1], config.Params(),
-                                     {"label": [hostile_bytes(target)]})
+        notebook_params.notebook_parameters(notebook_params.discover_notebooks(notebooks)[1], config.Params(),
+                                          {"label": [hostile_bytes(target)]})
     assert not target.exists() and not (tmp_path / "results").exists()
 
 
@@ -137,7 +136,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
         shared = ["x"] * 10
         for _ in range(8):
             shared = [shared] * 10
-        pipeline.checked_values({"methods": shared}, [], {})
+        notebook_params.checked_values({"methods": shared}, [], {})
     assert yaml.safe_load("a: 1") == {"a": 1}
 
 
