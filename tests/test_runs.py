@@ -140,3 +140,19 @@ def test_damaged_history_lines_are_skipped_and_named(tmp_path, caplog):
     assert [r["epoch"] for r in records] == [1, 2] and len(shown) == 2
     assert f"warning: {tmp_path / 'history.jsonl'}: skipped 2 unreadable lines (2, 3)" in caplog.text
 
+
+
+def test_overwrite_clears_every_output_of_the_previous_run(tmp_path):
+    out = tmp_path / "run"
+    first = resolve(make_params({"run_name": "run", "epochs": 1}))
+    runs.prepare_run_dir(out, first)
+    outputs = [out / "checkpoints" / "seed_1" / "ce.pt", out / "evaluations" / "seed_1" / "ce.json",
+               out / "analyses" / "seed_1" / "ce.json", out / "features" / "seed_1" / "ce.npz", out / "metrics.json"]
+    for path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    with pytest.raises(CBDError, match="different parameters"):
+        runs.prepare_run_dir(out, resolve(make_params({"run_name": "run", "epochs": 2})))
+    runs.prepare_run_dir(out, resolve(make_params({"run_name": "run", "epochs": 2, "overwrite": True})))
+    assert [p for p in outputs if p.exists()] == []
+    assert yaml.safe_load((out / "params.yaml").read_text())["epochs"] == 2

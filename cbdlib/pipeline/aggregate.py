@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from .. import checkpoint as ckpt
@@ -252,17 +251,12 @@ def _prepare_aggregate_dir(out: Path) -> None:
     if (out / "params.yaml").exists() or (out / "checkpoints").exists():
         raise CBDError(f"{out} is a run folder; aggregate writes to a new folder")
     if (out / "metrics.json").exists():
-        previous = read_json(out / "metrics.json")
-        if "merged_from" not in previous:
+        if "merged_from" not in read_json(out / "metrics.json"):
             raise CBDError(f"{out} already holds a metrics.json that is not an aggregate; choose a new folder")
-        for folder in ("evaluations", "features", "figures"):
-            shutil.rmtree(out / folder, ignore_errors=True)
-        for path in [*out.glob("*_seed*.pt"), out / "history.jsonl", out / ANALYSIS_NOTEBOOK]:
+        runs.clear_run_dir(out)  # notes.md stays
+        for path in [*out.glob("*_seed*.pt"), out / ANALYSIS_NOTEBOOK]:
             path.unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CBDError(f"cannot create {out}: {exc.strerror or exc}") from None
+    runs.ensure_run_dir(out)
 
 
 def _load_run(run: Path, out: Path) -> dict:

@@ -174,7 +174,7 @@ def refuse_if_busy(out: str | os.PathLike) -> None:
 
 def clear_run_dir(out: Path) -> None:
     """Remove a previous run's outputs (overwrite: true)."""
-    for name in ("checkpoints", "evaluations", "features", "figures"):
+    for name in ("checkpoints", "evaluations", "analyses", "features", "figures"):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("params.yaml", "metrics.json", "per_class.csv", "history.jsonl", "summary.md", STAGE_TIMES,
                  NOTEBOOK_TIMES, PRECISION_FILE):
