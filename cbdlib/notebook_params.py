@@ -12,10 +12,8 @@ and takes everything else from the folder's ``params.yaml``.
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 import re
 from functools import lru_cache
@@ -218,15 +216,3 @@ def notebook_parameters(nb: Notebook, params: config.Params, extra: dict) -> dic
     for key, value in out.items():  # papermill writes these as source code: plain literals only
         check_plain(value, f"{nb.name}: parameter {key!r}")
     return out
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str):
-    """The logger ``name`` at WARNING for a while (papermill's INFO lines while ``cbdlib run`` executes)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

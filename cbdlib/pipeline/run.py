@@ -24,7 +24,6 @@ from ..notebook_params import (
     default_notebooks_dir,
     discover_notebooks,
     notebook_parameters,
-    quiet_logger,
 )
 from ..plain_values import check_plain
 from ..runs.records import load_metrics
@@ -139,12 +138,12 @@ def execute_notebook(nb: Notebook, run_dir: Path, parameters: dict) -> float:
     # end, so a full disk or a kill never leaves the executed notebook as broken JSON.
     partial = run_dir / f".partial_{nb.name}"
     partial.unlink(missing_ok=True)  # papermill opens it as it is: never write through a link left there
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # not a line per cell among the run's own
     t0 = time.perf_counter()
     try:
-        with quiet_logger("papermill"):
-            papermill.execute_notebook(str(nb.path), str(partial), parameters=parameters, kernel_name="python3",
-                                       cwd=str(nb.path.parent), progress_bar=False, log_output=False,
-                                       config=kernel_config())
+        papermill.execute_notebook(str(nb.path), str(partial), parameters=parameters, kernel_name="python3",
+                                   cwd=str(nb.path.parent), progress_bar=False, log_output=False,
+                                   config=kernel_config())
     except (PapermillExecutionError, DeadKernelError, CellTimeoutError, NoSuchKernel) as exc:
         _keep_executed(partial, output)
         if isinstance(exc, PapermillExecutionError):
