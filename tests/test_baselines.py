@@ -21,7 +21,7 @@ from cbdlib.engine.stages import first_best  # noqa: E402
 from cbdlib.evaluate import evaluate_checkpoint  # noqa: E402
 from cbdlib.models import ModelSpec, NCMClassifier, build_model  # noqa: E402
 from cbdlib.runs import checkpoint_path, evaluation_path  # noqa: E402
-from cbdlib.runs.records import tau_curves  # noqa: E402
+from cbdlib.runs.records import post_hoc_curves  # noqa: E402
 
 
 def labels_with_counts(counts, seed=0):
@@ -195,7 +195,7 @@ def test_ncm_and_tau_norm_checkpoints_reevaluate_identically(train_bn_run):
 
 def test_the_whole_tau_curve_is_recorded_and_plotted(train_bn_run, tmp_path):
     out, _ = train_bn_run
-    curves = tau_curves(out, [1, 2])
+    curves = post_hoc_curves(out, [1, 2], methods=["tau_norm"])["tau_norm"]
     assert list(curves) == [1]  # seed 2 was not run
     curve = curves[1]
     assert curve["tau"] == [round(0.1 * i, 1) for i in range(21)] and len(curve["val_acc"]) == 21

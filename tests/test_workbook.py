@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 from cbdlib import CBDError, pipeline, runs, workbook  # noqa: E402
 from cbdlib.config import field_names, load_params_file, make_params, params_dir, resolve  # noqa: E402
 from cbdlib.notebook_params import NOTEBOOK_FILES, injected_names  # noqa: E402
-from cbdlib.runs.records import load_features, tau_choices  # noqa: E402
+from cbdlib.runs.records import load_features  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -382,7 +382,7 @@ def test_the_smoke_run_shows_the_library_log_and_the_settings_used(smoke_run):
     assert "test top-1" in outputs_text(executed(run_dir, "03"))
     params = (run_dir / "params.yaml").read_text()
     assert "run_name: default" in params and "arch: resnet_tiny" in params
-    taus = tau_choices(run_dir, [1])
+    taus = workbook.post_hoc_choices(run_dir, [1], methods=["tau_norm"])
     assert len(taus) == 1 and 0.0 <= taus["tau"][0] <= 2.0
 
 

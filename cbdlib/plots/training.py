@@ -103,7 +103,7 @@ def tau_curve(curves_by_method, path=None):
     ``logit_adjust``), one line per seed, the chosen tau marked.
 
     ``curves_by_method`` is ``{method: {seed: {"tau": [...], "val_acc": [...], "chosen": tau}}}``
-    (as ``cbdlib.workbook.tau_curves`` reads each from a run folder); accuracies are fractions.
+    (as ``cbdlib.workbook.post_hoc_curves`` reads them from a run folder); accuracies are fractions.
     """
     plt = pyplot()
     methods = list(curves_by_method) or ["tau_norm"]

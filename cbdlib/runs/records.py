@@ -298,38 +298,30 @@ def history(run_dir: Path, stages=None, models=None) -> list[dict]:
 POST_HOC = ("tau_norm", "logit_adjust")  # the methods whose tau is chosen on validation
 
 
-def _post_hoc_records(run_dir: Path, seeds, method: str) -> dict[int, dict]:
-    """``{seed: evaluation record}`` of ``method`` for the seeds that have one."""
-    paths = {seed: evaluation_path(Path(run_dir), seed, method) for seed in seeds}
-    return {seed: read_json(path) for seed, path in paths.items() if path.exists()}
+def _post_hoc_records(run_dir: Path, seeds, methods) -> dict[str, dict[int, dict]]:
+    """``{method: {seed: evaluation record}}`` for the seeds that have one."""
+    paths = {m: {seed: evaluation_path(Path(run_dir), seed, m) for seed in seeds} for m in methods}
+    return {m: {seed: read_json(path) for seed, path in per_seed.items() if path.exists()}
+            for m, per_seed in paths.items()}
 
 
-def tau_choices(run_dir: Path, seeds, method: str = "tau_norm"):
-    """Per seed, the tau of ``tau_norm`` or ``logit_adjust`` chosen on the balanced validation set (a DataFrame)."""
+def post_hoc_choices(run_dir: Path, seeds, methods=POST_HOC):
+    """Per method and seed, the tau of ``tau_norm`` / ``logit_adjust`` chosen on the balanced validation
+    set (a DataFrame)."""
     import pandas as pd
 
     rows = [{"method": method, "seed": seed, "tau": record.get("tau"),
              "validation balanced accuracy (%)": round(100 * record.get("tau_val_balanced_acc", float("nan")), 1),
              "test top-1 (%)": round(100 * record["all"], 1)}
-            for seed, record in _post_hoc_records(run_dir, seeds, method).items()]
+            for method, per_seed in _post_hoc_records(run_dir, seeds, methods).items()
+            for seed, record in per_seed.items()]
     return pd.DataFrame(rows, columns=["method", "seed", "tau", "validation balanced accuracy (%)", "test top-1 (%)"])
 
 
-def tau_curves(run_dir: Path, seeds, method: str = "tau_norm") -> dict:
-    """Per seed, the validation curve of ``tau_norm`` or ``logit_adjust`` over its tau grid:
-    ``{seed: {"tau": [...], "val_acc": [...], "chosen": tau}}``; seeds whose evaluation predates the
-    recorded curve are left out."""
-    return {seed: {"tau": record["tau_grid"], "val_acc": record["tau_val_curve"], "chosen": record["tau"]}
-            for seed, record in _post_hoc_records(run_dir, seeds, method).items() if "tau_val_curve" in record}
-
-
-def post_hoc_choices(run_dir: Path, seeds):
-    """``tau_choices`` of tau-norm and logit adjustment, one table."""
-    import pandas as pd
-
-    return pd.concat([tau_choices(run_dir, seeds, method) for method in POST_HOC], ignore_index=True)
-
-
-def post_hoc_curves(run_dir: Path, seeds) -> dict:
-    """``{method: tau_curves(...)}`` of tau-norm and logit adjustment (for ``plots.tau_curve``)."""
-    return {method: tau_curves(run_dir, seeds, method) for method in POST_HOC}
+def post_hoc_curves(run_dir: Path, seeds, methods=POST_HOC) -> dict:
+    """Per method and seed, the validation curve over the tau grid (for ``plots.tau_curve``):
+    ``{method: {seed: {"tau": [...], "val_acc": [...], "chosen": tau}}}``; seeds whose evaluation
+    predates the recorded curve are left out."""
+    return {method: {seed: {"tau": r["tau_grid"], "val_acc": r["tau_val_curve"], "chosen": r["tau"]}
+                     for seed, r in per_seed.items() if "tau_val_curve" in r}
+            for method, per_seed in _post_hoc_records(run_dir, seeds, methods).items()}
