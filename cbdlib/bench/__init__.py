@@ -181,12 +181,12 @@ def run_benchmark(device_name: str, size: str | None = None) -> dict:
 
     choice = auto_choice(arch)
     precision, use_compile = choice.precision, compiles(choice)
-    from ..runs import device_description, git_commit
+    from ..runs import provenance
 
-    result = {"device": device_description(device), "torch": torch.__version__, "git_commit": git_commit(),
-              "size": size, "arch": arch, "batch_size": batch, "train_images": int(len(data.train_labels)),
-              "precision": precision, "precision_choice": choice.record(), "compile": use_compile,
-              "threads": torch.get_num_threads(), "channels_last": use_channels_last(device)}
+    result = {**provenance(device), "size": size, "arch": arch, "batch_size": batch,
+              "train_images": int(len(data.train_labels)), "precision": precision,
+              "precision_choice": choice.record(), "compile": use_compile, "threads": torch.get_num_threads(),
+              "channels_last": use_channels_last(device)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         main = measure_arch(arch, data, batch, profile["naive_steps"], device, precision, use_compile, tmp)

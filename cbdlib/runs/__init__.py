@@ -21,9 +21,7 @@ from .folder import (
     RESUMABLE_KEYS,
     STAGE_TIMES,
     clear_run_dir,
-    device_description,
     ensure_run_dir,
-    git_commit,
     has_results,
     lock_token,
     prepare_run_dir,
@@ -52,10 +50,9 @@ from .records import (
 )
 
 __all__ = [
-    "append_history", "build_metrics", "checkpoint_path", "clear_run_dir", "device_description",
-    "ensure_run_dir", "evaluation_path", "features_path", "git_commit", "has_results", "load_evaluations",
-    "lock_token", "LOCK_TOKEN_ENV", "NOTEBOOK_TIMES", "parse_history_lines", "per_class_csv", "PRECISION_FILE",
-    "prepare_run_dir", "provenance", "read_history", "read_params_yaml", "refuse_if_busy", "results_root",
-    "RESUMABLE_KEYS", "run_dir_for", "run_lock", "save_evaluation", "save_features", "STAGE_TIMES", "timed",
-    "wall_times", "write_metrics"
+    "append_history", "build_metrics", "checkpoint_path", "clear_run_dir", "ensure_run_dir", "evaluation_path",
+    "features_path", "has_results", "load_evaluations", "lock_token", "LOCK_TOKEN_ENV", "NOTEBOOK_TIMES",
+    "parse_history_lines", "per_class_csv", "PRECISION_FILE", "prepare_run_dir", "provenance", "read_history",
+    "read_params_yaml", "refuse_if_busy", "results_root", "RESUMABLE_KEYS", "run_dir_for", "run_lock",
+    "save_evaluation", "save_features", "STAGE_TIMES", "timed", "wall_times", "write_metrics",
 ]

@@ -275,16 +275,12 @@ def git_commit() -> str:
     return "unknown"
 
 
-def device_description(device) -> str:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def provenance(device) -> dict:
+    """What produced a number: the device (a GPU's name, or the CPU and its cores), torch, the commit,
+    cbdlib and Python (metrics.json, bench records)."""
     import torch
 
-    return {"device": device_description(device), "torch": torch.__version__, "git_commit": git_commit(),
-            "cbdlib": __version__, "python": platform.python_version()}
+    described = (f"cuda ({torch.cuda.get_device_name(device)})" if getattr(device, "type", str(device)) == "cuda"
+                 else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return {"device": described, "torch": torch.__version__, "git_commit": git_commit(), "cbdlib": __version__,
+            "python": platform.python_version()}
