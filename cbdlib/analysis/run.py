@@ -130,10 +130,11 @@ def _agreement(out: Path, seed: int, evaluations: dict, outputs, data) -> list[s
 # --------------------------------------------------------------------------- into metrics.json
 
 
-def load_analyses(out: Path) -> dict[str, dict[int, dict]]:
-    """``{name: {seed: record}}`` of every per-seed analysis file of a run folder."""
+def load_analyses(*run_dirs: Path) -> dict[str, dict[int, dict]]:
+    """``{name: {seed: record}}`` of every per-seed analysis file of one run folder, or of several
+    (an aggregate's inputs: their seeds are distinct)."""
     found: dict[str, dict[int, dict]] = {}
-    for path in sorted(Path(out).glob("analyses/seed_*/*.json")):
+    for path in [p for out in run_dirs for p in sorted(Path(out).glob("analyses/seed_*/*.json"))]:
         try:
             seed = int(path.parent.name.split("_", 1)[1])
             found.setdefault(path.stem, {})[seed] = json.loads(path.read_text())

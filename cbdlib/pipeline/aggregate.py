@@ -64,7 +64,10 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
                                "aggregate merges runs of different training seeds")
             owner[seed] = entry["path"]
 
-    merged = _by_seed(entry["evaluations"] for entry in loaded)
+    merged: dict[str, dict[int, dict]] = {}
+    for entry in loaded:
+        for method, per_seed in entry["evaluations"].items():
+            merged.setdefault(method, {}).update(per_seed)
     short = _short_coverage(loaded, merged, sorted(owner), partial)
     prov = {key: "; ".join(dict.fromkeys(str(entry["metrics"].get(key, "unknown")) for entry in loaded))
             for key in ("device", "torch", "git_commit", "precision")}
@@ -72,7 +75,7 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
     metrics = runs.build_metrics(merged, dataset=m0["dataset"], imbalance_ratio=m0["imbalance_ratio"],
                                  class_counts=m0["class_counts"], splits=m0["splits"], seeds=sorted(owner),
                                  prov=prov)
-    analyses = _by_seed(load_analyses(entry["path"]) for entry in loaded)
+    analyses = load_analyses(*(entry["path"] for entry in loaded))
     add_analyses(metrics, merged, analyses)
     # Sources by run name (the folders themselves existed on the machine that ran them), with each
     # input's precision, parameters and data, so that this folder can itself be checked when merged again.
@@ -128,15 +131,6 @@ def aggregate_runs(run_dirs: list, out: str | os.PathLike, partial: bool = False
 NOTES = "notes.md"                        # hand-written reading, kept across re-aggregation
 ANALYSIS_NOTEBOOK = NOTEBOOK_FILES["04"]
 NOTEBOOKS_MAX_BYTES = 5 * 2**20           # executed notebooks above this are stripped (figures stay in figures/)
-
-
-def _by_seed(per_run) -> dict[str, dict[int, dict]]:
-    """Several runs' ``{name: {seed: record}}`` in one (their seeds are distinct)."""
-    out: dict[str, dict[int, dict]] = {}
-    for records in per_run:
-        for name, per_seed in records.items():
-            out.setdefault(name, {}).update(per_seed)
-    return out
 
 
 def _merge_history(loaded: list, out: Path) -> None:

@@ -115,15 +115,11 @@ HISTORY_TYPES = {"model": (str,), "stage": (str,), "seed": (int,), "epoch": (int
 
 
 def _well_typed(record: dict) -> bool:
-    for key, types in HISTORY_TYPES.items():
-        value = record.get(key)
-        if value is None:
-            if key in ("model", "seed", "epoch"):  # what identifies the record
-                return False
-            continue
-        if isinstance(value, bool) or not isinstance(value, types):
-            return False
-    return True
+    """Every field of ``HISTORY_TYPES`` null or of its type, and those that identify the record given."""
+    values = {key: record.get(key) for key in HISTORY_TYPES}
+    return all(values[key] is not None for key in ("model", "seed", "epoch")) and all(
+        value is None or (isinstance(value, HISTORY_TYPES[key]) and not isinstance(value, bool))
+        for key, value in values.items())
 
 
 def parse_history_lines(lines: list[bytes]) -> tuple[list[dict], list[int]]:
