@@ -1,17 +1,6 @@
-"""Run folders: parameters, provenance, per-method evaluations, ``metrics.json`` and ``per_class.csv``.
-
-Layout of ``<run_name>/``::
-
-    params.yaml                       the effective parameters (smoke applied, lr stated)
-    checkpoints/seed_<s>/<method>.pt  one per trained model and training seed
-    evaluations/seed_<s>/<method>.json  test metrics (+ confusion) per model and seed
-    features/seed_<s>/<method>.npz    test features for t-SNE (a sample)
-    history.jsonl                     one line per model and epoch
-    metrics.json, per_class.csv       merged over seeds (mean and std)
-    figures/*.png, *.ipynb, summary.md
-
-``folder``: where a run lives and whether it starts, resumes or is refused, its lock, its wall time
-summed over invocations and its provenance; ``records``: what it records, written and read back.
+"""Run folders, whose layout and rules results/README.md gives. ``folder``: where a run lives and
+whether it starts, resumes or is refused, its lock, its wall time summed over invocations and its
+provenance; ``records``: what it records, written and read back.
 """
 
 from .folder import (
