@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import CBDError
-from .methods import DECOUPLED_BASELINES, ONE_STAGE_BASELINES, STUDENTS, TEACHER_KINDS, teacher_name
+from .methods import BASELINES, STUDENTS, TEACHER_KINDS, teacher_name
 from .param_rules import ParameterError, check_rule, default_lt_subset
 from .plain_values import check_plain, load_yaml
 from .text import did_you_mean
@@ -200,7 +200,7 @@ def teacher_names(teachers: list) -> tuple[str, ...]:
 
 
 def all_method_names(teachers: list) -> list[str]:
-    return [*teacher_names(teachers), "teacher_ensemble", *ONE_STAGE_BASELINES, *DECOUPLED_BASELINES, *STUDENTS]
+    return [*teacher_names(teachers), "teacher_ensemble", *BASELINES, *STUDENTS]
 
 
 def load_params_file(path: str | os.PathLike) -> dict:

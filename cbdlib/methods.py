@@ -53,6 +53,7 @@ BASELINES_NOTE = (
     "test, in LDAM-DRW's code)."
 )
 
+
 def teacher_name(kind: str, seed: int) -> str:
     """The method name of a teacher: ``("aug", 2)`` -> ``teacher_aug_2`` (``parse_teacher_name`` reads it)."""
     return f"teacher_{kind}_{seed}"

@@ -117,8 +117,9 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
     path = notebook_path("04")
     nb = Notebook(path, declared_in(path))
     values = collect_params(namespace, nb.declared)
+    schema_keys = set(field_names())
     for key, value in values.items():  # schema keys as the schema checks them, its own as cbdlib run does
-        if key in field_names():
+        if key in schema_keys:
             check_rule(key, check_value(key, value))
         else:
             check_own_type(nb, key, value)
