@@ -7,6 +7,9 @@ from __future__ import annotations
 import re
 from typing import Mapping, Optional
 
+from .errors import CBDError
+from .text import did_you_mean
+
 # Trained from scratch: ce, ce_cb, Balanced Softmax (Ren et al.), and with deferred re-weighting
 # (Cao et al.): cross-entropy (ce_drw) and the LDAM loss (ldam_drw).
 ONE_STAGE_BASELINES = ("ce", "ce_cb", "balanced_softmax", "ce_drw", "ldam_drw")
@@ -125,3 +128,11 @@ def is_method_name(name) -> bool:
     if not isinstance(name, str):
         return False
     return name in (*BASELINES, "teacher_ensemble", *STUDENTS) or is_teacher(name)
+
+
+def check_method_name(name) -> None:
+    """Refuse a name that ``is_method_name`` does not accept, with the names that are."""
+    known = (*BASELINES, "teacher_ensemble", *STUDENTS)
+    if not is_method_name(name):
+        raise CBDError(f"unknown method {name!r}{did_you_mean(name, known)}; methods: {', '.join(known)}, "
+                       f"teacher_<vanilla|aug>_<seed>")

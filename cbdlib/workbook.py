@@ -4,8 +4,9 @@ A notebook's ``parameters`` cell holds literals; the next cell calls ``setup(glo
 (``analysis_setup`` in notebook 04), which refuses a parameter papermill injected but the notebook does
 not declare, checks the declared ones against the one schema (``config.make_params``), resolves them
 into ``Settings`` and finds the run folder ``$CBD_RESULTS_DIR/<run_name>/`` from the package, so that
-papermill, nbval and JupyterLab agree. The other functions read a run folder back for the analysis
-notebooks. Everything here raises ``CBDError`` with a one-line message for bad input.
+papermill, nbval and JupyterLab agree. What notebook 04 reads of a finished run is
+``analysis/views.py``'s, handed on from here. Everything raises ``CBDError`` with a one-line message
+for bad input.
 """
 from __future__ import annotations
 
@@ -17,20 +18,25 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from . import runs
+from .analysis.views import (  # noqa: F401  (notebook 04 reads a finished run through these)
+    available,
+    has_features,
+    key_methods,
+    paired_features,
+    post_hoc_choices,
+    post_hoc_curves,
+    reading,
+    restrict,
+    save_table,
+    split_summary,
+    student_and_baseline,
+    teacher_names,
+    tsne_teacher,
+)
 from .config import SMOKE_MAX_PER_CLASS, Settings, check_value, field_names, make_params, resolve, smoke_enabled
-from .data.stats import split_size_lines
 from .errors import CBDError
 from .io import refuse_links
-from .methods import (
-    BASELINES,
-    DECOUPLED_BASELINES,
-    STUDENTS,
-    best_baseline,
-    is_method_name,
-    is_teacher,
-    stands_on,
-    teacher_sort_key,
-)
+from .methods import DECOUPLED_BASELINES, STUDENTS, best_baseline, check_method_name, is_teacher, stands_on  # noqa: F401
 from .notebook_outputs import check_outputs, expected_outputs, mark_started  # noqa: F401
 from .notebook_params import (
     Notebook,
@@ -44,18 +50,7 @@ from .notebook_params import (
 )
 from .param_rules import check_rule
 from .plots import imbalance_explorer  # noqa: F401  (notebook 01 calls it from here)
-from .runs.records import (  # noqa: F401
-    class_names,
-    evaluation,
-    has_features,
-    history,
-    load_metrics,
-    paired_features,
-    post_hoc_choices,
-    post_hoc_curves,
-    tsne_teacher,
-)
-from .text import did_you_mean
+from .runs.records import class_names, evaluation, history, load_metrics  # noqa: F401
 
 TSNE_SMOKE_POINTS = 200   # t-SNE points at most under smoke (notebook 04)
 
@@ -133,7 +128,7 @@ def analysis_setup(namespace: Mapping[str, Any]) -> tuple[AnalysisOptions, Path]
         raise CBDError(f"parameter 'tsne_points' must be an integer >= 10, got {points!r}")
     methods = values.get("methods")
     for name in methods or ():
-        _check_method_name(name)
+        check_method_name(name)
     smoke = smoke_enabled(values.get("smoke"))
     options = AnalysisOptions(
         run_name=values.get("run_name", "default"), methods=methods, tsne_method_teacher=teacher,
@@ -288,95 +283,3 @@ def require_stage_one(settings: Settings, run_dir: Path) -> None:
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise CBDError(f"{run_dir} lacks the trained {shown}: {how}")
-
-
-def teacher_names(metrics: Mapping) -> list[str]:
-    """The individual teachers present in ``metrics`` (vanilla first, then by seed)."""
-    return sorted((m for m in metrics.get("methods", {}) if is_teacher(m)), key=teacher_sort_key)
-
-
-# --------------------------------------------------------------------------- reading a run back
-
-
-def _check_method_name(name: Any) -> None:
-    known = (*BASELINES, "teacher_ensemble", *STUDENTS)
-    if not is_method_name(name):
-        raise CBDError(f"unknown method {name!r}{did_you_mean(name, known)}; methods: {', '.join(known)}, "
-                       f"teacher_<vanilla|aug>_<seed>")
-
-
-def restrict(metrics: Mapping, methods=None) -> dict:
-    """A copy of ``metrics`` holding only ``methods`` (in that order; None: all present).
-
-    A known method absent from the run is left out with a printed note; an unknown name
-    is an error.
-    """
-    keep = list(metrics.get("methods", {}))
-    if methods is not None:
-        for name in methods:
-            _check_method_name(name)
-        absent = [m for m in methods if m not in keep]
-        if absent:
-            print(f"note: not in this run, left out: {', '.join(absent)}")
-        keep = [m for m in dict.fromkeys(methods) if m in keep]
-    out = dict(metrics)
-    out["methods"] = {m: metrics["methods"][m] for m in keep}
-    out["std"] = {m: metrics.get("std", {}).get(m, {}) for m in keep}
-    for analysis in ("probes", "probes_std", "ece", "ece_std"):  # the analyses of the methods kept
-        if analysis in metrics:
-            out[analysis] = {m: v for m, v in metrics[analysis].items() if m in keep}
-    return out
-
-
-def available(metrics: Mapping, method: str, what: str) -> bool:
-    """Whether ``method`` is in the run; if not, print a one-line note saying what is skipped."""
-    if method in metrics.get("methods", {}):
-        return True
-    print(f"note: {method} is not in this run, so {what} is skipped")
-    return False
-
-
-def split_summary(metrics: Mapping) -> str:
-    """How many classes fall in each split (always printed next to split accuracies)."""
-    return (f"{len(metrics['class_counts'])} classes; " + "; ".join(split_size_lines(metrics["splits"]))
-            + f"; seeds {metrics['seeds']}")
-
-
-def student_and_baseline(metrics: Mapping, student: str = "cbd_ens") -> Optional[tuple[str, str]]:
-    """``(student, best baseline)`` to compare, or None with a printed note when either is absent."""
-    if not available(metrics, student, "its comparison with the best baseline"):
-        return None
-    baseline = best_baseline(metrics)
-    if baseline is None:
-        print("note: no single-model baseline in this run, so the comparison is skipped")
-        return None
-    return student, baseline
-
-
-def key_methods(metrics: Mapping, most: int = 6) -> list[str]:
-    """Methods for a readable overlay: all when few, else ce, the best baseline, the teacher
-    ensemble, CBD and CBD-ENS (those present)."""
-    names = list(metrics["methods"])
-    if len(names) <= most:
-        return names
-    picks = ["ce", best_baseline(metrics), "teacher_ensemble", "cbd", "cbd_ens"]
-    return [m for m in dict.fromkeys(picks) if m in metrics["methods"]] or names[:most]
-
-
-def reading(run_dir: Path, metrics: Mapping):
-    """The computed reading of ``summary.md`` (headline, comparisons, analyses) as Markdown."""
-    from IPython.display import Markdown
-
-    from .analysis.reading import reading_lines
-
-    lines = reading_lines(metrics, runs.load_evaluations(Path(run_dir)))
-    return Markdown("\n".join(lines) if lines else "Nothing to compare: the run has a single method.")
-
-
-def save_table(table, path: Path) -> Path:
-    """Write a DataFrame as CSV (parent folders created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path)
-    return path
-

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cbdlib import CBDError, plots, workbook  # noqa: E402
+from cbdlib.analysis.views import post_hoc_curves  # noqa: E402
 from cbdlib.checkpoint import load_model  # noqa: E402
 from cbdlib.config import load_params_file, make_params, params_dir, resolve  # noqa: E402
 from cbdlib.data import long_tail_counts  # noqa: E402
@@ -21,7 +22,6 @@ from cbdlib.engine.stages import first_best  # noqa: E402
 from cbdlib.evaluate import evaluate_checkpoint  # noqa: E402
 from cbdlib.models import ModelSpec, NCMClassifier, build_model  # noqa: E402
 from cbdlib.runs import checkpoint_path, evaluation_path  # noqa: E402
-from cbdlib.runs.records import post_hoc_curves  # noqa: E402
 
 
 def labels_with_counts(counts, seed=0):

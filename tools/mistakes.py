@@ -113,7 +113,7 @@ MISTAKES = {
         ("present = [v for v in values if v is not None]", "present = [0.0 if v is None else v for v in values]"),
     ], ["tests/test_metrics.py::test_a_split_without_classes_stays_null_in_mean_and_std",
         "tests/test_metrics.py::test_cbdlib_aggregate_over_three_runs_writes_the_mean_and_std_of_the_seeds"]),
-    "notebook-04-tsne-silently-skipped": ("cbdlib/runs/records.py", [
+    "notebook-04-tsne-silently-skipped": ("cbdlib/analysis/views.py", [
         ("    if features_path(Path(run_dir), seed, method).exists():\n        return True\n    print(",
          "    if False:\n        return True\n    print("),
     ], ["tests/test_workbook.py::test_the_smoke_run_fills_the_run_folder"]),

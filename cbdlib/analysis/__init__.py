@@ -1,4 +1,5 @@
-"""Analyses of a finished run, kept out of ``methods``: feature probes, calibration, teacher agreement."""
+"""Analyses of a finished run, kept out of ``methods``: feature probes, calibration, teacher agreement;
+and what notebook 04 shows of a finished run (``views``)."""
 from .agreement import ensemble_gain, pairwise_agreement, student_cosine
 from .calibration import ECE_BINS, ECE_DEFINITION, calibration_record, expected_calibration_error, reliability_bins
 from .probes import PROBE_SETTINGS, linear_probe_logits, ncm_probe_logits, probe_record

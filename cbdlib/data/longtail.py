@@ -124,10 +124,15 @@ def split_pool(
     notes = {"val_overlap_images": int(overlap), "val_overlap_classes": overlap_classes,
              "val_reserved_first": bool(reserve_first)}
     if overlap:
-        log.warning("warning: %d validation images of class(es) %s are also training images (their subset takes "
-                    "the images val_per_class=%d would hold out); what is chosen on validation (tau) sees them",
-                    overlap, overlap_classes, val_per_class)
+        log.warning("warning: %s", overlap_warning(overlap, overlap_classes, val_per_class))
     return np.concatenate(train), np.concatenate(val), notes
+
+
+def overlap_warning(images: int, classes: list, val_per_class: int) -> str:
+    """The warning, in the log and in ``summary.md``, when validation images are also training images."""
+    return (f"{images} validation images of class(es) {classes} are also training images (their subset takes the "
+            f"images val_per_class={val_per_class} would hold out), so what is chosen on validation (the tau of "
+            f"tau_norm and logit_adjust) partly sees training images")
 
 
 def cap_per_class(labels: np.ndarray, num_classes: int, max_per_class: int, seed: int = 0) -> np.ndarray:

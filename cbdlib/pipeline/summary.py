@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import config, runs
 from ..config import yaml_scalar
+from ..data.longtail import overlap_warning
 from ..data.stats import split_size_lines
 from ..engine.precision import choice_lines
 from ..io import file_lock, write_text
@@ -117,10 +118,7 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out += ["- " + line for line in split_size_lines(metrics.get("splits", {}))]
         overlap = metrics.get("val_overlap")
         if overlap:
-            out.append(f"- **warning: {overlap['images']} validation images are also training images** (class(es) "
-                       f"{', '.join(map(str, overlap['classes']))}: their subset takes the images that "
-                       f"`val_per_class: {overlap['val_per_class']}` would hold out), so what is chosen on the "
-                       "validation set (the tau of `tau_norm` and `logit_adjust`) partly sees training images")
+            out.append(f"- **warning: {overlap_warning(**overlap)}**")
         out.append("")
 
         seeds = metrics.get("seeds", [])

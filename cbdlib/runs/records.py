@@ -1,6 +1,6 @@
 """What a run folder records, each record written and read back here: evaluations per model and
 seed, ``metrics.json`` and ``per_class.csv``, ``history.jsonl``, the saved test features, and the
-readers the notebooks and the analysis use (class names, tau's validation curves)."""
+class names. What notebook 04 makes of them is ``analysis/views.py``'s."""
 from __future__ import annotations
 
 import contextlib
@@ -10,13 +10,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 import numpy as np
 
 from ..errors import CBDError, one_line
 from ..io import append_line, write_bytes, write_json, write_text
-from ..methods import is_teacher, method_order, teacher_sort_key
+from ..methods import method_order
 from ..metrics import aggregate_records, check_finite, validate_metrics
 
 log = logging.getLogger("cbdlib.runs")
@@ -249,75 +249,7 @@ def load_features(run_dir: Path, seed: int, method: str) -> dict:
         return {key: data[key] for key in ("features", "labels", "indices")}
 
 
-def has_features(run_dir: Path, seed: int, method: str) -> bool:
-    """Whether test features of ``method`` were saved; prints a note when they were not."""
-    if features_path(Path(run_dir), seed, method).exists():
-        return True
-    print(f"note: no saved features of {method} (seed {seed}) in this run, so its t-SNE is skipped")
-    return False
-
-
-def paired_features(run_dir: Path, seed: int, method_a: str, method_b: str):
-    """Features of two models on the same test images: ``(features_a, features_b, labels)``."""
-    a, b = load_features(run_dir, seed, method_a), load_features(run_dir, seed, method_b)
-    common, ia, ib = np.intersect1d(a["indices"], b["indices"], return_indices=True)
-    if len(common) == 0:
-        raise CBDError(f"{method_a} and {method_b} have no test image in common in their saved features")
-    return a["features"][ia], b["features"][ib], a["labels"][ia]
-
-
-def tsne_teacher(run_dir: Path, seed: int, requested: Optional[str] = None) -> Optional[str]:
-    """The model whose features notebook 04 embeds next to CBD-ENS's.
-
-    ``requested`` when its features were saved; else the vanilla teacher with the lowest seed
-    among the saved ones, else any saved teacher (with a note); None (with a note) when none is saved.
-    """
-    folder = features_path(Path(run_dir), seed, "x").parent
-    saved = sorted((p.stem for p in folder.glob("teacher_*.npz") if is_teacher(p.stem)), key=teacher_sort_key)
-    if requested is not None:
-        if features_path(Path(run_dir), seed, requested).exists():
-            return requested
-        if saved:
-            print(f"note: no saved features of {requested}; using {saved[0]}")
-    if saved:
-        return saved[0]
-    print("note: no teacher features saved in this run, so the t-SNE is skipped")
-    return None
-
-
 def history(run_dir: Path, stages=None, models=None) -> list[dict]:
     """Per-epoch records of ``history.jsonl``, optionally only some stages / models."""
     return [r for r in read_history(Path(run_dir))
             if (stages is None or r.get("stage") in stages) and (models is None or r.get("model") in models)]
-
-
-POST_HOC = ("tau_norm", "logit_adjust")  # the methods whose tau is chosen on validation
-
-
-def _post_hoc_records(run_dir: Path, seeds, methods) -> dict[str, dict[int, dict]]:
-    """``{method: {seed: evaluation record}}`` for the seeds that have one."""
-    paths = {m: {seed: evaluation_path(Path(run_dir), seed, m) for seed in seeds} for m in methods}
-    return {m: {seed: read_json(path) for seed, path in per_seed.items() if path.exists()}
-            for m, per_seed in paths.items()}
-
-
-def post_hoc_choices(run_dir: Path, seeds, methods=POST_HOC):
-    """Per method and seed, the tau of ``tau_norm`` / ``logit_adjust`` chosen on the balanced validation
-    set (a DataFrame)."""
-    import pandas as pd
-
-    rows = [{"method": method, "seed": seed, "tau": record.get("tau"),
-             "validation balanced accuracy (%)": round(100 * record.get("tau_val_balanced_acc", float("nan")), 1),
-             "test top-1 (%)": round(100 * record["all"], 1)}
-            for method, per_seed in _post_hoc_records(run_dir, seeds, methods).items()
-            for seed, record in per_seed.items()]
-    return pd.DataFrame(rows, columns=["method", "seed", "tau", "validation balanced accuracy (%)", "test top-1 (%)"])
-
-
-def post_hoc_curves(run_dir: Path, seeds, methods=POST_HOC) -> dict:
-    """Per method and seed, the validation curve over the tau grid (for ``plots.tau_curve``):
-    ``{method: {seed: {"tau": [...], "val_acc": [...], "chosen": tau}}}``; seeds whose evaluation
-    predates the recorded curve are left out."""
-    return {method: {seed: {"tau": r["tau_grid"], "val_acc": r["tau_val_curve"], "chosen": r["tau"]}
-                     for seed, r in per_seed.items() if "tau_val_curve" in r}
-            for method, per_seed in _post_hoc_records(run_dir, seeds, methods).items()}

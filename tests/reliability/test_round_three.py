@@ -409,4 +409,4 @@ def test_validation_images_that_are_also_training_images_are_a_warning_in_the_su
     metrics = Experiment(settings, tmp_path / "overlap", quiet=True).run("one_stage")
     assert metrics["val_overlap"] == {"images": 2, "classes": [0], "val_per_class": 2}
     text = summary_markdown(tmp_path / "overlap", metrics)
-    assert "**warning: " in text and "validation images are also training images" in text
+    assert "**warning: 2 validation images of class(es) [0] are also training images" in text
