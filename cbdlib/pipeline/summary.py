@@ -118,7 +118,8 @@ def summary_markdown(run_dir: str | os.PathLike, metrics: dict | None, *, params
         out += ["- " + line for line in split_size_lines(metrics.get("splits", {}))]
         overlap = metrics.get("val_overlap")
         if overlap:
-            out.append(f"- **warning: {overlap_warning(**overlap)}**")
+            warning = overlap_warning(overlap.get("images"), overlap.get("classes"), overlap.get("val_per_class"))
+            out.append(f"- **warning: {warning}**")
         out.append("")
 
         seeds = metrics.get("seeds", [])
