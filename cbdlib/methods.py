@@ -19,6 +19,8 @@ DECOUPLED_BASELINES = ("crt", "lws", "tau_norm", "ncm", "logit_adjust")
 # Single-model baselines: what CBD is compared against (teachers and their ensemble are not baselines).
 BASELINES = ONE_STAGE_BASELINES + DECOUPLED_BASELINES
 STUDENTS = ("cbd", "cbd_ens")
+# Every method with a fixed name (the individual teachers are ``teacher_<kind>_<seed>``).
+NAMED_METHODS = (*BASELINES, "teacher_ensemble", *STUDENTS)
 TEACHER_KINDS = ("vanilla", "aug")   # crop + flip | + colour jitter and grayscale
 TEACHER_NAME = re.compile(r"^teacher_(vanilla|aug)_(\d+)$")
 # The stage whose run makes each method (every teacher_<kind>_<seed>: "teachers").
@@ -127,12 +129,11 @@ def is_method_name(name) -> bool:
     ``teacher_<kind>_<seed>``. Options that name methods (and become file names) accept these only."""
     if not isinstance(name, str):
         return False
-    return name in (*BASELINES, "teacher_ensemble", *STUDENTS) or is_teacher(name)
+    return name in NAMED_METHODS or is_teacher(name)
 
 
 def check_method_name(name) -> None:
     """Refuse a name that ``is_method_name`` does not accept, with the names that are."""
-    known = (*BASELINES, "teacher_ensemble", *STUDENTS)
     if not is_method_name(name):
-        raise CBDError(f"unknown method {name!r}{did_you_mean(name, known)}; methods: {', '.join(known)}, "
-                       f"teacher_<vanilla|aug>_<seed>")
+        raise CBDError(f"unknown method {name!r}{did_you_mean(name, NAMED_METHODS)}; methods: "
+                       f"{', '.join(NAMED_METHODS)}, teacher_<vanilla|aug>_<seed>")

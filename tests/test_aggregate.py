@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+import yaml
 from reliability_helpers import error_line, fake_run, run_main
 from shared_runs import copy_run
 
@@ -169,6 +170,20 @@ def test_aggregate_refuses_an_unfinished_run_or_says_what_each_mean_covers(tmp_p
     assert metrics["partial"] == {"cbd": [1]}
     assert "warning: partial merge: cbd is the mean of 1 of 2 seeds (1)" in caplog.text
     assert "**partial merge** (`--partial`): `cbd` is the mean of 1 of 2 seeds (1)" in (out / "summary.md").read_text()
+
+
+def test_a_run_made_before_a_schema_field_existed_merges_with_one_that_states_its_default(tmp_path):
+    old = fake_run(tmp_path, "seed1", [1], ["ce"], ["ce"])
+    new = fake_run(tmp_path, "seed2", [2], ["ce"], ["ce"])
+    stored = yaml.safe_load((old / "params.yaml").read_text())
+    del stored["zero_init_residual"]  # as in a params.yaml written before the field was added
+    (old / "params.yaml").write_text(yaml.safe_dump(stored))
+    out = pipeline.aggregate_runs([old, new], tmp_path / "merged", notebook=False)
+    assert json.loads((out / "metrics.json").read_text())["seeds"] == [1, 2]
+    stored["epochs"] = 7  # a real difference is still refused
+    (old / "params.yaml").write_text(yaml.safe_dump(stored))
+    with pytest.raises(CBDError, match=r"different parameters \(epochs: 7 vs 200\)"):
+        pipeline.aggregate_runs([old, new], tmp_path / "again", notebook=False)
 
 
 def test_aggregate_names_a_damaged_evaluation(tmp_path):

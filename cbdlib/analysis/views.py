@@ -13,7 +13,7 @@ import numpy as np
 from ..data.stats import split_size_lines
 from ..errors import CBDError
 from ..methods import best_baseline, check_method_name, is_teacher, teacher_sort_key
-from ..runs.records import evaluation_path, features_path, load_evaluations, load_features, read_json
+from ..runs.records import evaluation_path, features_dir, features_path, load_evaluations, load_features, read_json
 from .reading import reading_lines
 
 
@@ -121,7 +121,7 @@ def tsne_teacher(run_dir: Path, seed: int, requested: Optional[str] = None) -> O
     ``requested`` when its features were saved; else the vanilla teacher with the lowest seed
     among the saved ones, else any saved teacher (with a note); None (with a note) when none is saved.
     """
-    folder = features_path(Path(run_dir), seed, "x").parent
+    folder = features_dir(Path(run_dir), seed)
     saved = sorted((p.stem for p in folder.glob("teacher_*.npz") if is_teacher(p.stem)), key=teacher_sort_key)
     if requested is not None:
         if features_path(Path(run_dir), seed, requested).exists():

@@ -142,7 +142,7 @@ def _merge_history(loaded: list, out: Path) -> None:
 
 def _copy_features(run: Path, out: Path, seed: int) -> None:
     """The saved test features of ``seed`` (notebook 04 embeds them with t-SNE)."""
-    folder = runs.features_path(run, seed, "x").parent
+    folder = runs.features_dir(run, seed)
     for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
         write_bytes(runs.features_path(out, seed, path.stem), path.read_bytes())
 
@@ -295,10 +295,8 @@ def _refuse_other_experiment(first: dict, other: dict) -> None:
         if entry["params"] is None:
             raise CBDError(f"cannot merge {entry['path']}: it records no parameters (no params.yaml, nor an "
                            f"aggregate's merged_from), so it cannot be checked to be the same experiment")
-    differ = sorted(k for k in set(first["params"]) | set(other["params"])
-                    if k not in MERGEABLE_KEYS and first["params"].get(k) != other["params"].get(k))
-    if differ:
-        detail = ", ".join(f"{k}: {first['params'].get(k)!r} vs {other['params'].get(k)!r}" for k in differ[:4])
+    detail = runs.parameter_differences(first["params"], other["params"], MERGEABLE_KEYS, "vs")
+    if detail:
         raise CBDError(f"cannot merge {first['path']} and {other['path']}: different parameters ({detail})")
 
 

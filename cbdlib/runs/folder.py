@@ -99,13 +99,23 @@ def _refusal(out: Path, wanted: dict) -> CBDError | None:
         return damaged
     if stored is None:
         return CBDError(f"{out} holds results but no params.yaml; set overwrite: true to replace them")
-    stored = {**dataclasses.asdict(Params()), **stored}  # fields added to the schema later count at their defaults
-    differences = sorted(k for k in (set(stored) | set(wanted)) - RESUMABLE_KEYS if stored.get(k) != wanted.get(k))
-    if not differences:
+    detail = parameter_differences(stored, wanted, RESUMABLE_KEYS, "->")
+    if detail is None:
         return None
-    detail = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in differences[:4])
     return CBDError(f"{out} holds a run with different parameters ({detail}); use another run_name or set "
                     f"overwrite: true to replace it")
+
+
+def parameter_differences(a: dict, b: dict, ignored, arrow: str) -> str | None:
+    """The first four keys (not ``ignored``) whose values differ between two runs' parameters, as
+    ``key: a <arrow> b``; None when they are the same experiment. A field added to the schema after
+    a run was made counts at its default."""
+    defaults = dataclasses.asdict(Params())
+    a, b = {**defaults, **a}, {**defaults, **b}
+    differences = sorted(k for k in (set(a) | set(b)) - set(ignored) if a.get(k) != b.get(k))
+    if not differences:
+        return None
+    return ", ".join(f"{k}: {a.get(k)!r} {arrow} {b.get(k)!r}" for k in differences[:4])
 
 
 _HELD_LOCKS: dict[Path, str] = {}  # lock path -> its token: the lock is re-entrant within a process

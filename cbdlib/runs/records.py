@@ -30,8 +30,12 @@ def checkpoint_path(out: Path, seed: int, method: str) -> Path:
     return out / "checkpoints" / f"seed_{seed}" / f"{method}.pt"
 
 
+def features_dir(out: Path, seed: int) -> Path:
+    return out / "features" / f"seed_{seed}"
+
+
 def features_path(out: Path, seed: int, method: str) -> Path:
-    return out / "features" / f"seed_{seed}" / f"{method}.npz"
+    return features_dir(out, seed) / f"{method}.npz"
 
 
 def save_evaluation(out: Path, seed: int, method: str, record: dict) -> None:
