@@ -2,6 +2,7 @@
 per-model lines, and the engine's plan of a real run."""
 import io
 import json
+import os
 
 import pytest
 
@@ -64,6 +65,18 @@ def test_a_torn_last_line_waits_for_the_rest_of_it(planned_run):
         f.write(line[20:])
     follower.poll()
     assert follower.done_units() == 10
+
+
+def test_a_rewritten_plan_is_read_again(planned_run):
+    run_dir, plan = planned_run
+    follower = RunFollower(run_dir, "lines", stream=io.StringIO())
+    follower.poll()
+    assert follower.total_units() == pytest.approx(4 * 10 + 2 * 10 * (1 + 4 * FORWARD_COST))
+    write_plan(run_dir, plan[:1])  # a rerun that trains fewer models (overwrite, or other methods)
+    stamp = (run_dir / "plan.json").stat().st_mtime_ns + 10**9
+    os.utime(run_dir / "plan.json", ns=(stamp, stamp))
+    follower.poll()
+    assert follower.total_units() == pytest.approx(4 * 10)
 
 
 def test_models_finished_before_a_resume_are_not_reported_again(planned_run):

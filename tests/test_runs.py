@@ -147,7 +147,8 @@ def test_overwrite_clears_every_output_of_the_previous_run(tmp_path):
     first = resolve(make_params({"run_name": "run", "epochs": 1}))
     runs.prepare_run_dir(out, first)
     outputs = [out / "checkpoints" / "seed_1" / "ce.pt", out / "evaluations" / "seed_1" / "ce.json",
-               out / "analyses" / "seed_1" / "ce.json", out / "features" / "seed_1" / "ce.npz", out / "metrics.json"]
+               out / "analyses" / "seed_1" / "ce.json", out / "features" / "seed_1" / "ce.npz", out / "metrics.json",
+               out / "plan.json"]
     for path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")

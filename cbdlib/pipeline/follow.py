@@ -10,11 +10,18 @@ import threading
 import time
 from pathlib import Path
 
-from ..progress import PlannedModel, read_plan
+from ..progress import PLAN_FILE, PlannedModel, read_plan
 from ..runs import parse_history_lines
 from ..text import format_seconds
 
 log = logging.getLogger("cbdlib")
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 class RunFollower:
@@ -30,6 +37,7 @@ class RunFollower:
         self.interval = interval
         self.stream = stream or sys.stderr
         self.plan: list[PlannedModel] | None = None
+        self._plan_stamp: int | None = None  # plan.json's modification time when last read
         self.epochs_done: dict[tuple, int] = {}  # (model, seed, stage) -> its last epoch in the history
         self.model_seconds: dict[tuple, float] = {}
         self.reported: set[tuple] = set()  # the finished models already printed (or before this invocation)
@@ -42,7 +50,9 @@ class RunFollower:
 
     # bookkeeping, separate from the thread so that tests can drive it step by step
     def poll(self) -> None:
-        self.plan = self.plan or read_plan(self.run_dir)
+        stamp = _mtime(self.run_dir / PLAN_FILE)
+        if stamp != self._plan_stamp:  # written by the first notebook that trains, rewritten by a rerun's
+            self.plan, self._plan_stamp = read_plan(self.run_dir), stamp
         for record in self._new_records():
             key = (record.get("model"), record.get("seed"), record.get("stage"))
             epoch = int(record.get("epoch") or 0)

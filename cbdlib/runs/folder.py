@@ -22,6 +22,7 @@ from ..errors import CBDError, one_line
 from ..io import open_no_follow, refuse_links, write_json, write_text
 from ..param_rules import check_rule
 from ..plain_values import load_yaml
+from ..progress import PLAN_FILE
 
 log = logging.getLogger("cbdlib.runs")
 
@@ -187,7 +188,7 @@ def clear_run_dir(out: Path) -> None:
     for name in ("checkpoints", "evaluations", "analyses", "features", "figures"):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("params.yaml", "metrics.json", "per_class.csv", "history.jsonl", "summary.md", STAGE_TIMES,
-                 NOTEBOOK_TIMES, PRECISION_FILE):
+                 NOTEBOOK_TIMES, PRECISION_FILE, PLAN_FILE):
         (out / name).unlink(missing_ok=True)
 
 
