@@ -152,7 +152,6 @@ class IndexSampler:
         self._n = int(labels_t.numel())
 
         counts = torch.bincount(labels_t, minlength=num_classes)
-        self.class_counts = counts.clone()
         # Images sorted by class: class c occupies order[start[c] : start[c] + count[c]].
         order = torch.argsort(labels_t, stable=True)
         start = torch.cumsum(counts, 0) - counts
@@ -281,10 +280,6 @@ class StrategySampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Select which epoch the next iteration yields."""
         self.epoch = IndexSampler._check_epoch(epoch)
-
-    def class_probabilities(self) -> torch.Tensor:
-        """Target class distribution, the same every epoch."""
-        return self.index_sampler.class_probabilities()
 
     def __iter__(self) -> Iterator[int]:
         # One bulk transfer + tolist is far cheaper than per-element .item()

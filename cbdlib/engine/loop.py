@@ -207,6 +207,7 @@ def model_loss(job: Job, terms: ClassTerms, precision: str, teachers=(), teacher
         teacher_forward = TeacherFeatures(list(teachers), grouped=False)
 
     def loss_of(epoch: int, step: int, x, labels, features, logits):
+        logits = logits.float()  # once: the loss and the statistics read the same float32 logits
         teacher_features = teacher_logits = None
         if job.loss == "cbd":
             with torch.no_grad(), autocast(x.device, precision):
@@ -216,7 +217,7 @@ def model_loss(job: Job, terms: ClassTerms, precision: str, teachers=(), teacher
         loss, ce, distill = job_loss(job, features, logits, labels, terms, teacher_features, teacher_logits, epoch)
         if hooks.active():
             loss = hooks.after_loss(hooks.Step(job, epoch, step, labels, teachers), loss)
-        return loss, step_stats(loss, ce, distill, logits.float(), labels)
+        return loss, step_stats(loss, ce, distill, logits, labels)
 
     return loss_of
 
