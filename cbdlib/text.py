@@ -10,6 +10,12 @@ def did_you_mean(name, known, n: int = 2) -> str:
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
+def first_few(items, most: int = 4) -> str:
+    """``a, b, c, d and 3 more``: a long list named in a one-line message."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
 def format_seconds(seconds: float) -> str:
     """``12.3 s``, ``4 min 05 s``, ``1 h 02 min``."""
     if seconds < 60:

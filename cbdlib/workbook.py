@@ -51,6 +51,7 @@ from .notebook_params import (
 from .param_rules import check_rule
 from .plots import imbalance_explorer  # noqa: F401  (notebook 01 calls it from here)
 from .runs.records import class_names, evaluation, history, load_metrics  # noqa: F401
+from .text import first_few
 
 TSNE_SMOKE_POINTS = 200   # t-SNE points at most under smoke (notebook 04)
 
@@ -281,5 +282,4 @@ def require_stage_one(settings: Settings, run_dir: Path) -> None:
         raise CBDError(f"no run folder {run_dir} yet: {how}")
     missing = stage_one_missing(settings, run_dir)
     if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise CBDError(f"{run_dir} lacks the trained {shown}: {how}")
+        raise CBDError(f"{run_dir} lacks the trained {first_few(missing)}: {how}")

@@ -16,7 +16,7 @@ from ..metrics import validate_metrics
 from ..notebook_params import NOTEBOOK_FILES, default_notebooks_dir, discover_notebooks
 from ..param_rules import check_rule
 from ..runs.records import class_names, load_metrics, read_json
-from ..text import format_seconds
+from ..text import first_few, format_seconds
 from .run import execute_notebook, kernel_environment
 from .summary import display_path, summary_markdown
 
@@ -228,8 +228,8 @@ def _short_coverage(loaded: list, merged: dict, seeds: list, partial: bool) -> d
         missing = [f"{m} (seed {s})" for s in entry["seeds"] for m in expected
                    if s not in entry["evaluations"].get(m, {})]
         if missing and not partial:
-            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-            raise CBDError(f"cannot merge {entry['path']}: the run is unfinished (no evaluation of {shown}); {how}")
+            raise CBDError(f"cannot merge {entry['path']}: the run is unfinished (no evaluation of "
+                           f"{first_few(missing)}); {how}")
         short.update({m: [] for m in expected if m not in merged})  # a method that must be there but is in no run
     if short and not partial:
         method, covered = next(iter(short.items()))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..progress import PLAN_FILE, PlannedModel, read_plan
-from ..runs import parse_history_lines
+from ..runs import parse_history
 from ..text import format_seconds
 
 log = logging.getLogger("cbdlib")
@@ -69,7 +69,7 @@ class RunFollower:
             chunk = handle.read()
             whole = chunk[:chunk.rfind(b"\n") + 1]  # an unfinished last line waits for the next poll
             self._offset += len(whole)
-            return parse_history_lines(whole.split(b"\n"))[0]
+            return parse_history(whole)[0]
         return []
 
     def total_units(self) -> float:

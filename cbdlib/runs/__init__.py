@@ -32,7 +32,7 @@ from .records import (
     features_dir,
     features_path,
     load_evaluations,
-    parse_history_lines,
+    parse_history,
     read_history,
     save_evaluation,
     save_features,
@@ -42,8 +42,7 @@ from .records import (
 __all__ = [
     "append_history", "build_metrics", "checkpoint_path", "clear_run_dir", "ensure_run_dir", "evaluation_path",
     "features_dir", "features_path", "has_results", "load_evaluations", "lock_token", "LOCK_TOKEN_ENV",
-    "NOTEBOOK_TIMES", "parameter_differences", "parse_history_lines", "PRECISION_FILE", "prepare_run_dir",
-    "provenance", "read_history", "read_params_yaml", "refuse_if_busy", "results_root", "RESUMABLE_KEYS",
-    "run_dir_for", "run_lock", "save_evaluation", "save_features", "STAGE_TIMES", "timed", "wall_times",
-    "write_metrics",
+    "NOTEBOOK_TIMES", "parameter_differences", "parse_history", "PRECISION_FILE", "prepare_run_dir", "provenance",
+    "read_history", "read_params_yaml", "refuse_if_busy", "results_root", "RESUMABLE_KEYS", "run_dir_for", "run_lock",
+    "save_evaluation", "save_features", "STAGE_TIMES", "timed", "wall_times", "write_metrics",
 ]

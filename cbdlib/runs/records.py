@@ -18,6 +18,7 @@ from ..errors import CBDError, one_line
 from ..io import append_line, write_bytes, write_json, write_text
 from ..methods import method_order
 from ..metrics import aggregate_records, check_finite, validate_metrics
+from ..text import first_few
 
 log = logging.getLogger("cbdlib.runs")
 
@@ -126,11 +127,12 @@ def _well_typed(record: dict) -> bool:
         for key, value in values.items())
 
 
-def parse_history_lines(lines: list[bytes]) -> tuple[list[dict], list[int]]:
-    """The one parser of ``history.jsonl``: the well-typed records of ``lines`` and the (1-based)
-    numbers of the damaged ones; a line torn by a kill is skipped without being named."""
+def parse_history(data: bytes) -> tuple[list[dict], list[int]]:
+    """The one parser of ``history.jsonl``: the well-typed records in ``data`` (the file's bytes, or
+    the part of it read so far) and the (1-based) numbers of the damaged lines; a line torn by a kill
+    is skipped without being named."""
     records, bad = [], []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -152,11 +154,10 @@ def read_history(out: Path) -> list[dict]:
     path = Path(out) / "history.jsonl"
     if not path.exists():
         return []
-    records, bad = parse_history_lines(path.read_bytes().split(b"\n"))
+    records, bad = parse_history(path.read_bytes())
     if bad:
-        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         log.warning("warning: %s: skipped %d unreadable line%s (%s)", path, len(bad), "" if len(bad) == 1 else "s",
-                    shown)
+                    first_few(bad, 5))
     return list({_history_key(rec): rec for rec in records}.values())  # the last record of each key
 
 
@@ -180,8 +181,7 @@ def append_history(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     size, keys = _HISTORY_KEYS.get(str(path), (None, None))
     if size != _size(path):  # first use, or the file changed behind this process: read it again
-        lines = path.read_bytes().split(b"\n") if path.exists() else []
-        keys = {_history_key(r) for r in parse_history_lines(lines)[0]}
+        keys = {_history_key(r) for r in parse_history(path.read_bytes() if path.exists() else b"")[0]}
     key = _history_key(record)
     if key not in keys:
         append_line(path, json.dumps(record))
