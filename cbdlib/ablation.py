@@ -77,17 +77,18 @@ def run_ablation(run_dir: str | Path, epochs: int | None = None, seed: int | Non
             shutil.rmtree(out, ignore_errors=True)
         _refuse_other_students(out / "checkpoints" / f"seed_{seed}", epochs)
         exp = Experiment(settings, run_dir, quiet=quiet)
+        # The run's teachers loaded once (a missing one stops here, before any row trains); frozen, rows share them.
+        loaded = dict(zip(exp.teacher_names(), exp.frozen_teachers(exp.teacher_names(), seed)))
         rows, plans = [], []
         for label, changes in variants(settings):
             changes = dict(changes)
             names = changes.pop("teachers", exp.teacher_names())
-            teachers = exp.frozen_teachers(names, seed)
             slug = _slug(label)
             job = exp.student_job(f"ablation_{slug}", seed, names, epochs=epochs, **changes)
-            plans.append((label, names, teachers, changes.get("projection", settings.projection), job, slug))
-        for label, names, teachers, projection, job, slug in plans:
+            plans.append((label, names, changes.get("projection", settings.projection), job, slug))
+        for label, names, projection, job, slug in plans:
             model = init_model(job.spec, derive_seed("cbd_ens", seed))  # the same start for every row
-            model = exp.train(job, model, "ablation", teachers=teachers,
+            model = exp.train(job, model, "ablation", teachers=[loaded[name] for name in names],
                               checkpoint_path=out / "checkpoints" / f"seed_{seed}" / f"{slug}.pt",
                               history_path=out / "history.jsonl")
             record = accuracy_record(exp.predict(model, "test")[1], exp.data.test_labels, exp.splits)
