@@ -10,7 +10,7 @@ from .. import checkpoint as ckpt
 from .. import config, runs
 from ..analysis import add_analyses, analyse_folder, analysis_path, load_analyses, reading_lines
 from ..errors import CBDError
-from ..io import refuse_links, write_bytes, write_json, write_text
+from ..io import write_bytes, write_json, write_text
 from ..methods import is_method_name, method_label, method_order
 from ..metrics import validate_metrics
 from ..notebook_params import NOTEBOOK_FILES, default_notebooks_dir, discover_notebooks
@@ -241,7 +241,7 @@ def _short_coverage(loaded: list, merged: dict, seeds: list, partial: bool) -> d
 
 def _prepare_aggregate_dir(out: Path) -> None:
     """``out`` is new, empty, or a previous aggregate (all but its ``notes.md`` is replaced); never a run folder."""
-    refuse_links(out)
+    runs.ensure_run_dir(out)  # links refused before anything is read or cleared
     if (out / "params.yaml").exists() or (out / "checkpoints").exists():
         raise CBDError(f"{out} is a run folder; aggregate writes to a new folder")
     if (out / "metrics.json").exists():
@@ -250,7 +250,6 @@ def _prepare_aggregate_dir(out: Path) -> None:
         runs.clear_run_dir(out)  # notes.md stays
         for path in [*out.glob("*_seed*.pt"), out / ANALYSIS_NOTEBOOK]:
             path.unlink(missing_ok=True)
-    runs.ensure_run_dir(out)
 
 
 def _load_run(run: Path, out: Path) -> dict:
